@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval model wrapper, perplexity, speed benchmarks and plots."""

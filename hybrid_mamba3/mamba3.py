@@ -1,0 +1,294 @@
+"""The Mamba-3 mixer: parameters, init and function of the official `mamba_ssm` Mamba3 module.
+
+A state dict moves between this module and `mamba_ssm.modules.mamba3.Mamba3` unchanged. The scan
+runs on the best available op: our Triton kernels on CUDA, the chunked torch op elsewhere, or the
+official kernels when asked for (`backend="official"`, needs mamba-ssm on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import read_mamba_state, write_mamba_state
+from .kernels import Mamba3State, mamba3_chunked, mamba3_step
+from .norms import GatedRMSNorm, KeepFP32Mixin
+
+A_ACTIVATIONS = ("softplus", "heavy_tail")
+BACKENDS = ("auto", "torch", "triton", "official")
+
+
+def a_activation_fn(name: str, u: torch.Tensor) -> torch.Tensor:
+    """act(dd_A) with A = -act: softplus (mamba-ssm 2.3.2.post1) or the heavy tail of the later code."""
+    if name == "softplus":
+        return F.softplus(u)
+    return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))
+
+
+def _triton_ops():
+    try:
+        from .kernels.triton_chunked import mamba3_chunked_triton, triton_available
+        from .kernels.triton_step import mamba3_step_triton
+    except ImportError:
+        return None
+    return (mamba3_chunked_triton, mamba3_step_triton) if triton_available() else None
+
+
+class Mamba3(KeepFP32Mixin, nn.Module):
+    """Mamba-3 mixer, MIMO of rank `mimo_rank` (`is_mimo=True`) or SISO.
+
+    Takes the official constructor's keyword arguments. `forward(u)` maps (batch, seqlen, d_model) to
+    the same shape; the extras are keyword-only: `past_key_values` (a transformers cache built from a
+    hybrid config), `attention_mask` (2D, left padding), `cu_seqlens` (packed sequences, batch 1),
+    `initial_state` / `return_final_state` (a `Mamba3State`, for use without a cache).
+    """
+
+    _fp32_params = ("dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "D")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        rope_fraction: float = 0.5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_floor: float = 1e-4,
+        is_outproj_norm: bool = False,
+        is_mimo: bool = False,
+        mimo_rank: int = 4,
+        chunk_size: int = 64,
+        dropout: float = 0.0,
+        layer_idx: int | None = None,
+        n_layer: int | None = None,
+        device=None,
+        dtype=None,
+        a_activation: str = "softplus",
+        backend: str = "auto",
+        **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            warnings.warn(f"Mamba3 ignores unknown arguments {sorted(kwargs)}", stacklevel=2)
+        d_inner = int(expand * d_model)
+        if d_inner % headdim:
+            raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim {headdim}: "
+                             "choose expand/headdim so that it is")
+        if rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction must be 0.5 or 1.0 (as in the official layer), got {rope_fraction}")
+        if is_mimo and (not isinstance(mimo_rank, int) or mimo_rank < 1):
+            raise ValueError(f"mimo_rank must be an integer >= 1, got {mimo_rank!r}")
+        nheads = d_inner // headdim
+        if ngroups < 1 or nheads % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({nheads})")
+        if a_activation not in A_ACTIVATIONS:
+            raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        split = int(d_state * rope_fraction)
+        split -= split % 2
+        if split // 2 < 1:
+            raise ValueError(f"d_state {d_state} with rope_fraction {rope_fraction} leaves no rotary angle")
+
+        self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
+        self.d_inner, self.nheads, self.num_bc_heads = d_inner, nheads, ngroups
+        self.chunk_size, self.layer_idx, self.A_floor = chunk_size, layer_idx, A_floor
+        self.is_outproj_norm, self.is_mimo = is_outproj_norm, is_mimo
+        self.mimo_rank = mimo_rank if is_mimo else 1
+        self.rotary_dim_divisor = int(2 / rope_fraction)
+        self.num_rope_angles = split // 2
+        self.a_activation, self.backend = a_activation, backend
+        self.last_backend: str | None = None
+
+        R, H, N, P = self.mimo_rank, nheads, d_state, headdim
+        d_in_proj = 2 * d_inner + 2 * N * ngroups * R + 3 * H + self.num_rope_angles
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, device=device, dtype=dtype)
+        f32 = dict(device=device, dtype=torch.float32)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.dt_bias = nn.Parameter(torch.empty(H, **f32))
+        self.dt_bias._no_weight_decay = True
+        self.B_bias = nn.Parameter(torch.empty(H, R, N, **f32))
+        self.C_bias = nn.Parameter(torch.empty(H, R, N, **f32))
+        self.B_norm = GatedRMSNorm(N, eps=1e-5, device=device)
+        self.C_norm = GatedRMSNorm(N, eps=1e-5, device=device)
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.empty(H, R, P, **f32))
+            self.mimo_z = nn.Parameter(torch.empty(H, R, P, **f32))
+            self.mimo_o = nn.Parameter(torch.empty(H, R, P, **f32))
+        self.D = nn.Parameter(torch.empty(H, **f32))
+        self.D._no_weight_decay = True
+        if is_outproj_norm:
+            self.norm = GatedRMSNorm(d_inner, eps=1e-5, group_size=headdim, norm_before_gate=True, device=device)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False, device=device, dtype=dtype)
+        self.reset_mamba_parameters()
+
+    def reset_mamba_parameters(self, copy=None) -> None:
+        """The official init of the Mamba-3-specific parameters (projections and norms are left alone).
+
+        dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at dt_init_floor; B/C biases
+        and D ones; MIMO x/z/o 1/R, 1, 1/R. `copy(param, value)` lets transformers' init guards decide.
+        """
+        copy = copy or (lambda t, other: t.copy_(other))
+        H, R = self.nheads, self.mimo_rank
+        dev = self.dt_bias.device
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(H, device=dev) * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+            copy(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            for p, value in ((self.B_bias, 1.0), (self.C_bias, 1.0), (self.D, 1.0)):
+                copy(p, torch.full_like(p, value))
+            if self.is_mimo:
+                for p, value in ((self.mimo_x, 1.0 / R), (self.mimo_z, 1.0), (self.mimo_o, 1.0 / R)):
+                    copy(p, torch.full_like(p, value))
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        kind = f"MIMO R={self.mimo_rank}" if self.is_mimo else "SISO"
+        return (f"d_model={self.d_model}, d_state={self.d_state}, heads={self.nheads}x{self.headdim}, {kind}, "
+                f"angles={self.num_rope_angles}, ngroups={self.num_bc_heads}, backend={self.backend}")
+
+    def _project(self, u: torch.Tensor) -> dict:
+        """in_proj and the per-token activations, for (..., d_model) inputs."""
+        H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
+        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
+            self.in_proj(u), [self.d_inner, self.d_inner, N * G * R, N * G * R, H, H, H, self.num_rope_angles],
+            dim=-1)
+        lead = u.shape[:-1]
+        up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+        A = (-a_activation_fn(self.a_activation, up(dd_A))).clamp(max=-self.A_floor)
+        dt = F.softplus(up(dd_dt) + self.dt_bias)
+        return dict(
+            q=self.C_norm(C.unflatten(-1, (R, G, N))), k=self.B_norm(B.unflatten(-1, (R, G, N))),
+            v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=A * dt, dt=dt, trap=trap,
+            angles=up(angles), lead=lead)
+
+    def _op_kwargs(self, z: torch.Tensor) -> dict:
+        mimo = self.is_mimo
+        return dict(
+            mimo_x=self.mimo_x if mimo else None, mimo_z=self.mimo_z if mimo else None,
+            mimo_o=(self.mimo_o if mimo else torch.ones_like(self.D)[:, None, None].expand(-1, 1, self.headdim))
+            if not self.is_outproj_norm else None,
+            D=self.D, z=None if self.is_outproj_norm else z, rope_pairwise=not mimo)
+
+    def _finish(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Out-projection norm (when configured), rank contraction and out_proj."""
+        if self.is_outproj_norm:  # y: (..., R, H, P), gate per rank before the contraction
+            zr = z.to(torch.promote_types(z.dtype, torch.float32)).unsqueeze(-3) * (self.mimo_z.transpose(0, 1) if self.is_mimo else 1.0)
+            y = self.norm(y.to(zr.dtype).flatten(-2), zr.expand(*y.shape).flatten(-2)).unflatten(-1, (self.nheads, -1))
+            y = (y * self.mimo_o.transpose(0, 1)).sum(-3) if self.is_mimo else y.squeeze(-3)
+        return self.out_proj(y.flatten(-2).to(dtype))
+
+    def _select_backend(self, device: torch.device) -> str:
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+            return "torch"
+        if self.backend in ("auto", "triton"):
+            if _triton_ops() is not None and device.type == "cuda":
+                return "triton"
+            if self.backend == "triton":
+                raise RuntimeError("backend='triton' needs CUDA and the triton package; use backend='torch' or 'auto'")
+            return "torch"
+        return "official"
+
+    @staticmethod
+    def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """(B, L) bool mask of real tokens for this call, or None when nothing is masked.
+
+        Only left padding can be honoured exactly (a padded position leaves the state untouched and
+        the first real token has no previous term, exactly as at the start of a sequence).
+        """
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"Mamba-3 layers take a 2D (batch, seq) padding mask, got a {attention_mask.dim()}D mask: custom "
+                "4D attention masks cannot be honoured by a recurrent layer; pass the 2D mask (or cu_seqlens for "
+                "packed sequences)")
+        m = attention_mask.bool()
+        if bool((m[:, :-1] & ~m[:, 1:]).any()):
+            raise ValueError(
+                "Mamba-3 layers support left padding only (a padding token after a real token would silently "
+                "change the recurrent state): pad on the left (tokenizer.padding_side = 'left') or pack sequences "
+                "with cu_seqlens")
+        m = m[:, -length:]
+        return None if bool(m.all()) else m
+
+    # ------------------------------------------------------------------ forward / step
+    def forward(self, u: torch.Tensor, *, past_key_values=None, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
+                return_final_state: bool = False, **kwargs):
+        if u.dim() != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.get("cu_seq_lens_q")  # transformers' packed-sequence (flattening collator) kwarg
+        state = initial_state
+        if past_key_values is not None:
+            if self.layer_idx is None:
+                raise ValueError("a Mamba3 layer used with a cache needs layer_idx")
+            cached = read_mamba_state(past_key_values, self.layer_idx)
+            state = cached if cached is not None else state
+        mask = self._padding_mask(attention_mask, u.shape[1])
+        if mask is not None and cu_seqlens is not None:
+            raise ValueError("pass either an attention_mask with padding or cu_seqlens, not both")
+
+        if state is not None and u.shape[1] == 1 and mask is None and cu_seqlens is None:
+            out, new_state = self.step(u[:, 0], state)
+            out = out[:, None]
+        else:
+            out, new_state = self._scan(u, state, mask, cu_seqlens, need_state=return_final_state or
+                                        past_key_values is not None)
+        if past_key_values is not None:
+            write_mamba_state(past_key_values, self.layer_idx, new_state)
+        return (out, new_state) if return_final_state else out
+
+    def _scan(self, u, state, mask, cu_seqlens, need_state):
+        p = self._project(u)
+        dt, adt, v = p["dt"], p["adt"], p["v"]
+        if mask is not None:  # padded tokens: no decay, no input, no angle advance
+            dt, adt = dt * mask[..., None], adt * mask[..., None]
+            v = v * mask[..., None, None].to(v.dtype)
+        backend = self._select_backend(u.device)
+        if backend == "official" and state is not None:
+            backend = self._select_backend_default(u.device)  # the official kernels take no initial state
+        self.last_backend = backend
+        args = (p["q"], p["k"], v, adt, dt, p["trap"], self.C_bias, self.B_bias, p["angles"])
+        kw = dict(self._op_kwargs(p["z"]), chunk_size=self.chunk_size, initial_state=state,
+                  return_final_state=need_state, cu_seqlens=cu_seqlens)
+        if backend == "official":
+            from .official import official_scan
+            y, new_state = official_scan(self, *args, **kw)
+        elif backend == "triton":
+            y, new_state = _triton_ops()[0](*args, **kw)
+        else:
+            y, new_state = mamba3_chunked(*args, **kw)
+        return self._finish(y, p["z"], u.dtype), new_state
+
+    def _select_backend_default(self, device: torch.device) -> str:
+        return "triton" if device.type == "cuda" and _triton_ops() is not None else "torch"
+
+    def step(self, u: torch.Tensor, state: Mamba3State) -> tuple[torch.Tensor, Mamba3State]:
+        """One token per sequence: u (batch, d_model) -> (batch, d_model), and the new state."""
+        if u.dim() != 2 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba3.step expects (batch, {self.d_model}), got {tuple(u.shape)}")
+        p = self._project(u)
+        use_triton = self._select_backend_default(u.device) == "triton" and self.backend != "torch"
+        self.last_backend = "triton" if use_triton else "torch"
+        fn = _triton_ops()[1] if use_triton else mamba3_step
+        y, new_state = fn(p["q"], p["k"], p["v"], p["adt"], p["dt"], p["trap"], self.C_bias, self.B_bias,
+                          p["angles"], state, **self._op_kwargs(p["z"]))
+        if not self.is_outproj_norm:
+            return self.out_proj(y.flatten(-2).to(u.dtype)), new_state
+        return self._finish(y, p["z"], u.dtype), new_state
+
+    def allocate_state(self, batch_size: int, device=None) -> Mamba3State:
+        """A zero state (what a sequence starts from)."""
+        return Mamba3State.zeros(batch_size, self.nheads, self.headdim, self.d_state, self.mimo_rank,
+                                 self.num_rope_angles, device=device or self.in_proj.weight.device)

@@ -1,0 +1,178 @@
+"""`HybridMamba3Model` / `HybridMamba3ForCausalLM`: Llama with a registry-chosen mixer per layer.
+
+Embeddings, RMSNorms, MLPs and rotary embedding are Llama's own modules, and kept attention layers
+are transformers' `LlamaAttention` under the attribute `self_attn`, so a Llama state dict maps key
+for key. Attention mixers get the causal mask from `create_causal_mask`; recurrent mixers get the 2D
+padding mask. Caching goes through transformers' `DynamicCache(config=...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_hybrid_mamba3 import HybridMamba3Config
+from .mamba3 import Mamba3
+from .registry import get_mixer
+from .remote_code import REMOTE_AUTO_MAP
+
+
+class HybridMamba3DecoderLayer(GradientCheckpointingLayer):
+    """norm -> mixer -> residual -> norm -> MLP -> residual, the mixer chosen by `config.mixers[i]`."""
+
+    def __init__(self, config: HybridMamba3Config, layer_idx: int):
+        super().__init__()
+        self.spec = get_mixer(config.mixers[layer_idx])
+        setattr(self, self.spec.attr, self.spec.build(config, layer_idx))
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.spec.attr)
+
+    def forward(self, hidden_states: torch.Tensor, causal_mask=None, padding_mask=None, position_embeddings=None,
+                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.spec.is_attention:
+            out = self.mixer(hidden_states, position_embeddings=position_embeddings, attention_mask=causal_mask,
+                             past_key_values=past_key_values, **kwargs)
+        else:
+            out = self.mixer(hidden_states, attention_mask=padding_mask, past_key_values=past_key_values, **kwargs)
+        hidden_states = residual + (out[0] if isinstance(out, tuple) else out)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class HybridMamba3PreTrainedModel(PreTrainedModel):
+    config_class = HybridMamba3Config
+    config: HybridMamba3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridMamba3DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    # Mamba-3 decay/bias/MIMO/norm parameters stay fp32 when loading in fp16 or bf16.
+    _keep_in_fp32_modules_strict = ["dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "mamba.D",
+                                    "B_norm", "C_norm", "mamba.norm"]
+    _can_record_outputs = {"hidden_states": HybridMamba3DecoderLayer, "attentions": LlamaAttention}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """safetensors + config, plus two small remote-code files so that
+        `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a process that never
+        imported hybrid_mamba3 (the package must be installed)."""
+        from .remote_code import write_remote_code
+        self.config.auto_map = dict(REMOTE_AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Mamba3):
+            module.reset_mamba_parameters(copy=init.copy_)
+
+
+class HybridMamba3Model(HybridMamba3PreTrainedModel):
+    def __init__(self, config: HybridMamba3Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(HybridMamba3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = _past_length(past_key_values)
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+        padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if attention_mask is not None and attention_mask.dim() != 2 and self.config.mamba_layers:
+            raise ValueError("Mamba-3 layers take a 2D (batch, seq) padding mask; custom 4D masks cannot be "
+                             "honoured by a recurrent layer (pack sequences with cu_seqlens instead)")
+        causal_mask = None
+        if any(get_mixer(m).is_attention for m in self.config.mixers):
+            causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask, past_key_values=past_key_values,
+                                             position_ids=position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(hidden_states, causal_mask=causal_mask, padding_mask=padding_mask,
+                                  position_embeddings=position_embeddings, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def _past_length(cache: Cache | None) -> int:
+    """Tokens already in the cache. A cache with no attention slot (an all-Mamba model) cannot say, and
+    needs not: positions only feed the rotary embedding of attention layers."""
+    if cache is None:
+        return 0
+    try:
+        return cache.get_seq_length()
+    except ValueError:
+        return 0
+
+
+class HybridMamba3ForCausalLM(HybridMamba3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: HybridMamba3Config):
+        super().__init__(config)
+        self.model = HybridMamba3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)

@@ -1,0 +1,127 @@
+"""Shared pieces of the Mamba-3 ops: the decode state, input checks, the data-dependent rotation.
+
+Tensor conventions for every op in this package (B batch, L length, H heads, P headdim, G groups,
+R MIMO rank, N d_state, K rotary angles):
+
+    q, k        (B, L, R, G, N)  C and B after their RMSNorm, before bias and rotation
+    v           (B, L, H, P)     x
+    adt, dt     (B, L, H)        A*dt (<= 0) and dt, both after their activations
+    trap        (B, L, H)        trapezoid logits (lambda = sigmoid(trap))
+    q_bias/k_bias (H, R, N)      per-head, per-rank biases of C and B
+    angles      (B, L, K)        raw angle projection (theta advances by tanh(angles) * dt * pi)
+    mimo_x/z/o  (H, R, P) or None (None means all ones)
+    D           (H,) or None;  z (B, L, H, P) or None
+
+With mimo_o given the output is (B, L, H, P) (ranks contracted); with mimo_o None it is
+(B, L, R, H, P) (ranks kept, as the official kernel does for the out-projection norm path).
+The step takes the same tensors without the L dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+TWO_PI = 2.0 * math.pi
+
+
+class Mamba3State(NamedTuple):
+    """Decode state of one Mamba-3 layer for a batch of sequences.
+
+    angle (B, H, K): cumulative rotation angle, kept modulo 2*pi.
+    ssm   (B, H, P, N): the recurrent state.
+    k     (B, R, H, N): last position's rotated, biased B (the next step's trapezoid term needs it).
+    v     (B, H, P): last position's x (before the MIMO x projection, as in the official module).
+    """
+
+    angle: torch.Tensor
+    ssm: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @staticmethod
+    def zeros(batch: int, nheads: int, headdim: int, d_state: int, mimo_rank: int, num_angles: int,
+              device=None, dtype: torch.dtype = torch.float32) -> "Mamba3State":
+        return Mamba3State(
+            torch.zeros(batch, nheads, num_angles, device=device, dtype=dtype),
+            torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=dtype),
+            torch.zeros(batch, mimo_rank, nheads, d_state, device=device, dtype=dtype),
+            torch.zeros(batch, nheads, headdim, device=device, dtype=dtype),
+        )
+
+    def to(self, dtype: torch.dtype) -> "Mamba3State":
+        return Mamba3State(*(t.to(dtype) for t in self))
+
+    def select(self, index: torch.Tensor | slice | int) -> "Mamba3State":
+        return Mamba3State(*(t[index] for t in self))
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 if any input is fp64 (reference runs), else fp32: the ops never accumulate in 16 bits."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def rotate(x: torch.Tensor, theta: torch.Tensor, pairwise: bool) -> torch.Tensor:
+    """Rotate the last dim of x (size N) by angles theta (last dim K, broadcast over the rest).
+
+    pairwise=True pairs dims (2i, 2i+1) for i < K (the official SISO layout); pairwise=False pairs
+    dim i with i + N/2 for i < K (the official MIMO layout). Dims outside the K pairs pass through.
+    """
+    n, nk = x.shape[-1], theta.shape[-1]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    if pairwise:
+        pairs = x[..., : 2 * nk].unflatten(-1, (nk, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((rot, x[..., 2 * nk:]), dim=-1)
+    half = n // 2
+    a, b = x[..., :nk], x[..., half: half + nk]
+    return torch.cat((a * cos - b * sin, x[..., nk:half], a * sin + b * cos, x[..., half + nk:]), dim=-1)
+
+
+def check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                 rope_pairwise: bool, per_token: bool) -> None:
+    """Shape checks with messages that say what to change. per_token: the step's (no L dim) layout."""
+    lead = 1 if per_token else 2
+    if q.dim() != lead + 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be {'(B, R, G, N)' if per_token else '(B, L, R, G, N)'}; "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    R, G, N = q.shape[lead:]
+    H, P = v.shape[lead:]
+    if v.shape[:lead] != q.shape[:lead]:
+        raise ValueError(f"v {tuple(v.shape)} and q {tuple(q.shape)} disagree on the leading (batch/length) dims")
+    if H % G:
+        raise ValueError(f"nheads ({H}) must be a multiple of ngroups ({G})")
+    for name, t in (("adt", adt), ("dt", dt), ("trap", trap)):
+        if t.shape != v.shape[:lead] + (H,):
+            raise ValueError(f"{name} must be {tuple(v.shape[:lead]) + (H,)}, got {tuple(t.shape)}")
+    for name, t in (("q_bias", q_bias), ("k_bias", k_bias)):
+        if t.shape != (H, R, N):
+            raise ValueError(f"{name} must be (H, R, N) = {(H, R, N)}, got {tuple(t.shape)}")
+    nk = angles.shape[-1]
+    if angles.shape[:-1] != v.shape[:lead]:
+        raise ValueError(f"angles must be {tuple(v.shape[:lead]) + ('K',)}, got {tuple(angles.shape)}")
+    limit = N // 2
+    if nk < 1 or nk > limit:
+        raise ValueError(f"number of rotary angles must be in [1, d_state/2 = {limit}], got {nk}")
+    for name, t in (("mimo_x", mimo_x), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
+        if t is not None and t.shape != (H, R, P):
+            raise ValueError(f"{name} must be (H, R, P) = {(H, R, P)}, got {tuple(t.shape)}")
+    if D is not None and D.shape != (H,):
+        raise ValueError(f"D must be ({H},), got {tuple(D.shape)}")
+    if z is not None and z.shape != v.shape:
+        raise ValueError(f"z must have the shape of v {tuple(v.shape)}, got {tuple(z.shape)}")
+
+
+def heads_from_groups(x: torch.Tensor, nheads: int, group_dim: int) -> torch.Tensor:
+    """Broadcast B/C groups to heads: head h reads group h // (H / G), as in the official kernels."""
+    return x.repeat_interleave(nheads // x.shape[group_dim], dim=group_dim)
+
+
+def mimo_or_ones(w: torch.Tensor | None, rank: int, nheads: int, headdim: int, like: torch.Tensor) -> torch.Tensor:
+    """(R, H, P) view of a MIMO projection, ones when absent (SISO)."""
+    if w is None:
+        return torch.ones(rank, nheads, headdim, dtype=like.dtype, device=like.device)
+    return w.to(like.dtype).transpose(0, 1)

@@ -1,0 +1,28 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_op_inputs(B=2, L=37, R=4, G=1, N=16, H=4, P=8, K=4, dtype=torch.float64, mimo=True, gate=True, skip=True,
+                   requires_grad=False, gen=None):
+    """Random, non-trivial op inputs (no zeros, decays spread over a realistic range)."""
+    def f(*s, scale=1.0):
+        return (torch.randn(*s, dtype=dtype, generator=gen) * scale).requires_grad_(requires_grad)
+    dt = F.softplus(torch.randn(B, L, H, dtype=dtype, generator=gen) - 1.0)
+    A = -F.softplus(torch.randn(B, L, H, dtype=dtype, generator=gen))
+    adt, dt = (A * dt).requires_grad_(requires_grad), dt.requires_grad_(requires_grad)
+    args = (f(B, L, R, G, N), f(B, L, R, G, N), f(B, L, H, P), adt, dt, f(B, L, H), f(H, R, N, scale=0.5),
+            f(H, R, N, scale=0.5), f(B, L, K))
+    opts = dict(mimo_x=f(H, R, P) if mimo else None, mimo_z=f(H, R, P) if mimo and gate else None,
+                mimo_o=f(H, R, P) if mimo else None, D=f(H) if skip else None, z=f(B, L, H, P) if gate else None)
+    return args, opts
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max-norm relative error of a against reference b."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
