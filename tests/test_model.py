@@ -218,3 +218,13 @@ def test_package_exports_and_auto_registration():
     from transformers import AutoConfig
     assert AutoConfig.for_model("hybrid_mamba3").__class__ is HybridMamba3Config
     assert {"attention", "mamba3"} <= set(hm.mixer_names())
+
+
+def test_beam_search_with_cache_equals_without_and_outputs_are_recorded():
+    model = hybrid((1, 3)).double()
+    ids = torch.randint(3, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 5
