@@ -1,0 +1,124 @@
+"""The oracle: the official `Mamba3` module of mamba-ssm 2.3.2.post1, loaded for comparison tests.
+
+On the device the package comes from `.whl/oracle.tar.xz` (tests/device/install_oracle.sh unpacks it to
+/tmp/oracle_site): the sdist's python files, its CUDA extension not built. The package `__init__` imports that
+extension, so `mamba_ssm` is put in sys.modules as an empty stand-in package and only the submodules we need
+are imported (the Mamba3 module, its Triton/TileLang kernels, InferenceParams). Nothing here is mamba-ssm code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+
+import pytest
+
+ORACLE_SITE = os.environ.get("HM3_ORACLE_SITE", "/tmp/oracle_site")
+
+
+def import_oracle(module: str):
+    """`mamba_ssm.<module>` through a stand-in package object (the real `__init__` is never run)."""
+    if "mamba_ssm" not in sys.modules:
+        if os.path.isdir(os.path.join(ORACLE_SITE, "mamba_ssm")) and ORACLE_SITE not in sys.path:
+            sys.path.insert(0, ORACLE_SITE)
+        spec = importlib.util.find_spec("mamba_ssm")  # locates the package without executing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("mamba_ssm not found (run tests/device/install_oracle.sh, or set HM3_ORACLE_SITE)")
+        stub = types.ModuleType("mamba_ssm")
+        stub.__path__ = list(spec.submodule_search_locations)
+        stub.__version__ = "2.3.2.post1"
+        sys.modules["mamba_ssm"] = stub
+    return importlib.import_module(f"mamba_ssm.{module}")
+
+
+def _trim_autotune(mod) -> None:
+    """Cut the official Triton kernels' autotuning to 1-2 configs (num_warps 4, <= 2 stages).
+
+    Its SISO forward autotunes 27 configs for every new key (~5 minutes on a fresh machine, more than one device
+    call may take); the configs change speed, not the arithmetic being compared. HM3_ORACLE_FULL_AUTOTUNE=1 keeps all.
+    """
+    if os.environ.get("HM3_ORACLE_FULL_AUTOTUNE") == "1":
+        return
+    from triton.runtime.autotuner import Autotuner
+    for obj in vars(mod).values():
+        if isinstance(obj, Autotuner) and len(obj.configs) > 2:
+            keep = [c for c in obj.configs if c.num_warps == 4 and c.num_stages <= 2
+                    and getattr(c, "maxnreg", None) is None]
+            obj.configs = keep or obj.configs[:2]
+
+
+def load_official_mamba3(mimo: bool = False):
+    """The official `Mamba3` class, or pytest.skip with the reason. mimo=True also needs its TileLang kernels."""
+    try:
+        t0 = time.perf_counter()
+        mod = import_oracle("modules.mamba3")
+        for name in ("ops.triton.mamba3.mamba3_siso_fwd", "ops.triton.mamba3.mamba3_mimo_utils",
+                     "ops.triton.mamba3.angle_dt"):
+            _trim_autotune(import_oracle(name))
+        record_timing("oracle_import_s", time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - any failure to import means: no oracle here
+        pytest.skip(f"official mamba-ssm Mamba3 not importable: {type(e).__name__}: {e}")
+    if mimo and mod.mamba3_mimo_combined is None:
+        try:
+            import_oracle("ops.tilelang.mamba3.mamba3_mimo")
+            why = "unknown"
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        pytest.skip(f"official MIMO (TileLang) kernels not importable: {why}")
+    return mod.Mamba3
+
+
+def official_step_available() -> bool:
+    """Whether the official decode step (CuTe DSL: nvidia-cutlass-dsl, quack-kernels) can run."""
+    try:
+        return import_oracle("modules.mamba3").mamba3_step_fn is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def inference_params(max_seqlen: int, max_batch_size: int):
+    """mamba_ssm.utils.generation.InferenceParams; a plain stand-in with the fields Mamba3 reads if that fails."""
+    try:
+        return import_oracle("utils.generation").InferenceParams(max_seqlen=max_seqlen, max_batch_size=max_batch_size)
+    except Exception:  # noqa: BLE001 - e.g. a transformers version it does not import under
+        return types.SimpleNamespace(max_seqlen=max_seqlen, max_batch_size=max_batch_size, seqlen_offset=0,
+                                     batch_size_offset=0, key_value_memory_dict={}, lengths_per_sample=None)
+
+
+# ---------------------------------------------------------------- figures for the issue note
+_REPORT: dict = {"comparisons": [], "timings": {}, "notes": []}
+
+
+def _write_report() -> None:
+    out = os.environ.get("HM3_REPORT_DIR")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "oracle_report.json"), "w") as f:
+            json.dump(_REPORT, f, indent=1)
+
+
+def record(config: str, what: str, max_rel: float, mean_rel: float | None = None, **extra) -> None:
+    """One compared figure; written (whole report rewritten) to $HM3_REPORT_DIR/oracle_report.json at once."""
+    row = dict(config=config, what=what, max_rel_err=max_rel, mean_rel_err=mean_rel, **extra)
+    _REPORT["comparisons"].append(row)
+    print(f"[oracle] {config:<34} {what:<38} max_rel={max_rel:.3e}"
+          + (f" mean_rel={mean_rel:.3e}" if mean_rel is not None else "")
+          + "".join(f" {k}={v}" for k, v in extra.items()))
+    _write_report()
+
+
+def note(text: str) -> None:
+    if text not in _REPORT["notes"]:
+        _REPORT["notes"].append(text)
+        print(f"[oracle] note: {text}")
+        _write_report()
+
+
+def record_timing(name: str, seconds: float) -> None:
+    _REPORT["timings"].setdefault(name, round(seconds, 3))
+    _write_report()
