@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import TWO_PI, Mamba3State, check_inputs, compute_dtype, heads_from_groups, mimo_or_ones, rotate
+from .common import (TWO_PI, Mamba3State, check_inputs, compute_dtype, heads_from_groups, mimo_or_ones, rotate,
+                     varlen_layout)
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +60,39 @@ def _cumulative_angles(angles: torch.Tensor, dt: torch.Tensor, init: torch.Tenso
     return theta.reshape(B, nc * chunk, H, K)[:, :L]
 
 
+def trapezoid_weights(dt: torch.Tensor, trap: torch.Tensor, lengths: torch.Tensor | None):
+    """(gamma, nxt, w), each (B, L, H): gamma_s = lambda_s dt_s weighs the current input, nxt_s =
+    (1 - lambda_s) dt_s is beta_s without its alpha, and w_s = gamma_s + nxt_{s+1} is the total weight
+    of input s in the state (zero next-term at each sequence's last position)."""
+    lam = torch.sigmoid(trap)
+    gamma = lam * dt
+    nxt = (1 - lam) * dt
+    shifted = F.pad(nxt[:, 1:], (0, 0, 0, 1))  # last position: no next token yet
+    if lengths is not None:  # padded varlen rows: no next token after each row's last real one
+        pos = torch.arange(dt.shape[1], device=dt.device)
+        shifted = shifted.masked_fill((pos[None, :] >= (lengths[:, None] - 1))[..., None], 0)
+    return gamma, nxt, gamma + shifted
+
+
+def entering_state(init: Mamba3State | None, nxt: torch.Tensor, mx: torch.Tensor, shape, dtype, device):
+    """The state the first chunk starts from: the given ssm state plus the trapezoid's previous-input
+    term of the first new token (its alpha is applied by the first decay), zeros without a state."""
+    if init is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    mx_prev = init.v[:, None] * mx  # (B, R, H, P)
+    return init.ssm + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", mx_prev, init.k)
+
+
+def final_state(theta: torch.Tensor, ssm: torch.Tensor, kr_last: torch.Tensor, v: torch.Tensor,
+                lengths: torch.Tensor | None, dtype) -> Mamba3State:
+    """Gather each row's last real position into a Mamba3State (kr_last: callable rows, last -> (B, R, H, N))."""
+    B, L = v.shape[:2]
+    last = (lengths - 1) if lengths is not None else torch.full((B,), L - 1, device=v.device)
+    last = last.clamp(min=0)
+    rows = torch.arange(B, device=v.device)
+    return Mamba3State(torch.remainder(theta[rows, last], TWO_PI), ssm, kr_last(rows, last), v.to(dtype)[rows, last])
+
+
 def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
                      rope_pairwise, chunk, initial_state, lengths):
     B, L, R, G, N = q.shape
@@ -77,14 +111,7 @@ def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     mx = mimo_or_ones(mimo_x, R, H, P, qh)
     vr = v.to(cdt)[:, :, None] * mx  # (B, L, R, H, P)
 
-    lam = torch.sigmoid(trap.to(cdt))
-    gamma = lam * dt_
-    nxt = (1 - lam) * dt_  # beta_{s} / alpha_{s}, used one position earlier
-    shifted = F.pad(nxt[:, 1:], (0, 0, 0, 1))  # last position: no next token yet
-    if lengths is not None:  # padded varlen rows: no next token after each row's last real one
-        pos = torch.arange(L, device=q.device)
-        shifted = shifted.masked_fill((pos[None, :] >= (lengths[:, None] - 1))[..., None], 0)
-    w = gamma + shifted
+    gamma, nxt, w = trapezoid_weights(dt_, trap.to(cdt), lengths)
 
     def chunks(x, inner):  # (B, L, [R,] H, X) -> (B, H, nc, C*R or C, X)
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, Lp - L))
@@ -110,11 +137,7 @@ def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     to_end = torch.exp(a_cs[..., -1:] - a_cs) * wf  # weight of position s in its chunk's final state
     kw = kf * to_end.repeat_interleave(R, dim=-1)[..., None]
     states = vf.transpose(-1, -2) @ kw  # (B, H, nc, P, N)
-    if init is not None:
-        mx_prev = init.v[:, None] * mx  # (B, R, H, P)
-        s0 = init.ssm + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", mx_prev, init.k)
-    else:
-        s0 = torch.zeros(B, H, P, N, dtype=cdt, device=q.device)
+    s0 = entering_state(init, nxt, mx, (B, H, P, N), cdt, q.device)
     all_states = torch.cat((s0[:, :, None], states), dim=2)
     chunk_decay = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))  # (B, H, nc+1, nc+1)
     passed = torch.einsum("bhij,bhjpn->bhipn", chunk_decay, all_states)
@@ -129,10 +152,7 @@ def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     if mimo_o is not None:
         o = (o * mimo_o.to(cdt).transpose(0, 1)).sum(2)
 
-    last = (lengths - 1) if lengths is not None else torch.full((B,), L - 1, device=q.device)
-    last = last.clamp(min=0)
-    rows = torch.arange(B, device=q.device)
-    final = Mamba3State(torch.remainder(theta[rows, last], TWO_PI), final_ssm, kr[rows, last], v.to(cdt)[rows, last])
+    final = final_state(theta, final_ssm, lambda rows, last: kr[rows, last], v, lengths, cdt)
     return o.to(v.dtype), final
 
 
@@ -165,25 +185,7 @@ def mamba3_chunked(
         return y, (fin if return_final_state else None)
 
     # Packed sequences: scatter into a zero-padded batch (zero dt and v make padding a no-op), run, gather.
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens the batch dim must be 1 (sequences packed along L), got {q.shape[0]}")
-    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-    if cu.dim() != 1 or cu[0] != 0 or cu[-1] != q.shape[1] or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {q.shape[1]}, got {cu.tolist()}")
-    lengths = cu[1:] - cu[:-1]
-    S, maxlen = lengths.numel(), max(int(lengths.max()), 1)
-    if initial_state is not None and initial_state.ssm.shape[0] != S:
-        raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, cu_seqlens holds {S} sequences")
-    pos = torch.arange(maxlen, device=q.device)
-    valid = pos[None, :] < lengths[:, None]  # (S, maxlen)
-    src = (cu[:-1, None] + pos[None, :]).clamp(max=q.shape[1] - 1)
-
-    def pad(x):
-        if x is None:
-            return None
-        g = x[0][src]
-        return g.masked_fill(~valid.view(S, maxlen, *([1] * (g.dim() - 2))), 0)
-
+    lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
     y, fin = _chunked_batched(pad(q), pad(k), pad(v), pad(adt), pad(dt), pad(trap), *args, pad(angles), *opts,
                               pad(z), rope_pairwise, chunk_size, initial_state, lengths)
     return y[valid][None], (fin if return_final_state else None)

@@ -125,3 +125,33 @@ def mimo_or_ones(w: torch.Tensor | None, rank: int, nheads: int, headdim: int, l
     if w is None:
         return torch.ones(rank, nheads, headdim, dtype=like.dtype, device=like.device)
     return w.to(like.dtype).transpose(0, 1)
+
+
+def varlen_layout(cu_seqlens: torch.Tensor, q: torch.Tensor, initial_state: "Mamba3State | None"):
+    """Packed sequences (batch 1, boundaries cu_seqlens) -> a zero-padded batch, one row per sequence.
+
+    Returns (lengths (S,), valid (S, maxlen) bool, pad) where pad(x) turns a packed (1, T, ...) tensor
+    into (S, maxlen, ...) with zeros past each length (zero dt and v make padding a no-op) and
+    y[valid][None] packs a padded result back.
+    """
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch dim must be 1 (sequences packed along L), got {q.shape[0]}")
+    total = q.shape[1]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    S, maxlen = lengths.numel(), max(int(lengths.max()), 1)
+    if initial_state is not None and initial_state.ssm.shape[0] != S:
+        raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, cu_seqlens holds {S} sequences")
+    pos = torch.arange(maxlen, device=q.device)
+    valid = pos[None, :] < lengths[:, None]
+    src = (cu[:-1, None] + pos[None, :]).clamp(max=max(total - 1, 0))
+
+    def pad(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        g = x[0][src]
+        return g.masked_fill(~valid.view(S, maxlen, *([1] * (g.dim() - 2))), 0)
+
+    return lengths, valid, pad

@@ -1,6 +1,15 @@
-import pytest
+import os
+
 import torch
-import torch.nn.functional as F
+
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/test_triton_interpret.py). The switch
+# must be on before triton is first imported (transformers imports it), or triton's own library functions
+# are built for compilation and cannot be interpreted; so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,306 @@
+"""Chunked Mamba-3 (MIMO rank R, SISO as R = 1) forward in Triton: the CUDA path of the layer.
+
+Same function and tensor layout as `mamba3_chunked` (see `common`). Three kernels, all parallel over
+batch x heads, two of them also over chunks, so one long sequence still fills the GPU:
+
+1. `_chunk_state_kernel`  (B*H, chunks): each chunk's own state sum_{s,r} to_end_s (mx_r v_s) kr_{s,r}^T.
+2. `_state_pass_kernel`   (B*H, P*N blocks): walk the chunks, decaying and adding; the chunk states are
+   overwritten in place by the state entering each chunk (no second P x N x chunks buffer).
+3. `_chunk_output_kernel` (B*H, chunks): per query rank, the entering state's contribution plus the
+   intra-chunk decayed (q.k) v products over all key ranks; D skip, z gate and the rank contraction
+   with mimo_o in the epilogue, so only (B, L, H, P) is written.
+
+B/C bias and the data-dependent rotation are applied inside the kernels from the (B, L, R, G, N)
+inputs (never materialised per head, which would be H/G times larger). The per-token scalars (cumulative
+angles, trapezoid weights, chunk decays) are computed in torch with the same helpers as the chunked op.
+The kernel chunk length is the kernel's own (the function does not depend on it).
+
+Gradients: the backward recomputes through the chunked torch op under autograd (exact, but slow and
+memory-hungry); a Triton backward is the next step (see the issue notes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .chunked import _cumulative_angles, entering_state, final_state, mamba3_chunked, trapezoid_weights
+from .common import Mamba3State, check_inputs, heads_from_groups, mimo_or_ones, rotate, varlen_layout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install has no triton; triton_available() says so
+    triton = None
+
+
+def triton_available() -> bool:
+    """True when triton is importable and there is a GPU (or the interpreter is switched on)."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def kernel_chunk(rank: int) -> int:
+    """Chunk length of the kernels: C x R rows in the intra-chunk product, at least 16 (tl.dot's minimum)."""
+    return max(16, min(64, 128 // rank))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotation_tables(theta_ptr, offs_l, lmask, stride_l, offs_n, K, N, HALF: tl.constexpr,
+                         PAIRWISE: tl.constexpr):
+        """cos/sin per (position, state dim) so that rot(x) = x * cos + x[swap] * sin."""
+        if PAIRWISE:
+            ai = offs_n // 2
+            sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
+        else:
+            ai = offs_n % HALF
+            sign = tl.where(offs_n < HALF, -1.0, 1.0)
+        valid = (ai < K) & (offs_n < N)
+        th = tl.load(theta_ptr + offs_l[:, None] * stride_l + ai[None, :],
+                     mask=lmask[:, None] & valid[None, :], other=0.0)
+        cos = tl.where(valid[None, :], tl.cos(th), 1.0)
+        sin = tl.where(valid[None, :], sign[None, :] * tl.sin(th), 0.0)
+        return cos, sin
+
+    @triton.jit
+    def _swap_index(offs_n, N, HALF: tl.constexpr, PAIRWISE: tl.constexpr):
+        if PAIRWISE:
+            return offs_n ^ 1
+        return (offs_n + HALF) % N
+
+    @triton.jit
+    def _load_rotated(base, offs_l, lmask, stride_l, offs_n, offs_sw, nmask, bias_ptr, cos, sin):
+        """(C, BN) tile of bias-added, rotated q or k rows (fp32); rows outside the sequence are zero."""
+        m = lmask[:, None] & nmask[None, :]
+        x = tl.load(base + offs_l[:, None] * stride_l + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
+        xs = tl.load(base + offs_l[:, None] * stride_l + offs_sw[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        bs = tl.load(bias_ptr + offs_sw, mask=nmask, other=0.0).to(tl.float32)
+        out = (x + b[None, :]) * cos + (xs + bs[None, :]) * sin
+        return tl.where(m, out, 0.0)
+
+    @triton.jit
+    def _chunk_state_kernel(k_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, a_ptr, w_ptr, states_ptr,
+                            L, H, G, K, N, P, nc,
+                            R: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                            HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+        pid_bh, c = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        g = h // (H // G)
+        offs_l = c * C + tl.arange(0, C)
+        lmask = offs_l < L
+        offs_n, offs_p = tl.arange(0, BN), tl.arange(0, BP)
+        nmask, pmask = offs_n < N, offs_p < P
+        offs_sw = _swap_index(offs_n, N, HALF, PAIRWISE)
+
+        a = tl.load(a_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        acs = tl.cumsum(a, 0)
+        to_end = tl.exp(tl.sum(a, 0) - acs) * w
+        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_n, K, N, HALF,
+                                    PAIRWISE)
+        v = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :],
+                    mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+        v = v * to_end[:, None]
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for r in tl.static_range(R):
+            kr = _load_rotated(k_ptr + b * L * R * G * N + r * G * N + g * N, offs_l, lmask, R * G * N,
+                               offs_n, offs_sw, nmask, kb_ptr + (h * R + r) * N, cos, sin)
+            mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+            acc += tl.dot(tl.trans(v * mx[None, :]).to(DOT), kr.to(DOT), input_precision=PREC)
+        tl.store(states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :], acc,
+                 mask=pmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _state_pass_kernel(states_ptr, s0_ptr, atot_ptr, final_ptr, nc, PN, BLOCK: tl.constexpr):
+        pid_bh, blk = tl.program_id(0), tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < PN
+        run = tl.load(s0_ptr + pid_bh * PN + offs, mask=m, other=0.0)
+        for c in range(nc):
+            ptr = states_ptr + (pid_bh * nc + c) * PN + offs
+            own = tl.load(ptr, mask=m, other=0.0)
+            tl.store(ptr, run, mask=m)
+            run = run * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)) + own
+        tl.store(final_ptr + pid_bh * PN + offs, run, mask=m)
+
+    @triton.jit
+    def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
+                             a_ptr, gam_ptr, w_ptr, states_ptr, out_ptr,
+                             L, H, G, K, N, P, nc,
+                             R: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                             HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                             CONTRACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+        pid_bh, c = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        g = h // (H // G)
+        offs_l = c * C + tl.arange(0, C)
+        lmask = offs_l < L
+        offs_n, offs_p = tl.arange(0, BN), tl.arange(0, BP)
+        nmask, pmask = offs_n < N, offs_p < P
+        offs_sw = _swap_index(offs_n, N, HALF, PAIRWISE)
+        lp = lmask[:, None] & pmask[None, :]
+
+        a = tl.load(a_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        gam = tl.load(gam_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        acs = tl.cumsum(a, 0)
+        # Decay mask: t > s: exp(acs_t - acs_s) w_s; t == s: gamma_t (the current input's weight); t < s: 0.
+        ts = offs_l[:, None] - offs_l[None, :]
+        diff = tl.minimum(acs[:, None] - acs[None, :], 0.0)
+        mask = tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
+        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_n, K, N, HALF,
+                                    PAIRWISE)
+        v = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
+                    other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
+                        other=0.0).to(tl.float32)
+        if HAS_D:
+            dskip = tl.load(d_ptr + h).to(tl.float32)
+        entering = tl.load(states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
+                           mask=pmask[:, None] & nmask[None, :], other=0.0)
+        entering_t = tl.trans(entering).to(DOT)  # (BN, BP)
+        q_base = q_ptr + b * L * R * G * N + g * N
+        k_base = k_ptr + b * L * R * G * N + g * N
+        y = tl.zeros((C, BP), dtype=tl.float32)
+        for r in tl.static_range(R):
+            qr = _load_rotated(q_base + r * G * N, offs_l, lmask, R * G * N, offs_n, offs_sw, nmask,
+                               qb_ptr + (h * R + r) * N, cos, sin).to(DOT)
+            o = tl.dot(qr, entering_t, input_precision=PREC) * tl.exp(acs)[:, None]
+            for r2 in tl.static_range(R):
+                kr = _load_rotated(k_base + r2 * G * N, offs_l, lmask, R * G * N, offs_n, offs_sw, nmask,
+                                   kb_ptr + (h * R + r2) * N, cos, sin).to(DOT)
+                s = tl.dot(qr, tl.trans(kr), input_precision=PREC) * mask
+                mx2 = tl.load(mx_ptr + (h * R + r2) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+                o += tl.dot(s.to(DOT), (v * mx2[None, :]).to(DOT), input_precision=PREC)
+            if HAS_D:
+                mxr = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+                o += dskip * v * mxr[None, :]
+            if HAS_Z:
+                mz = tl.load(mz_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+                zz = z * mz[None, :]
+                o = o * zz * tl.sigmoid(zz)
+            if CONTRACT:
+                mo = tl.load(mo_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+                y += o * mo[None, :]
+            else:
+                tl.store(out_ptr + ((b * L + offs_l[:, None]) * R + r) * H * P + h * P + offs_p[None, :], o, mask=lp)
+        if CONTRACT:
+            tl.store(out_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], y, mask=lp)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
+                     initial_state, lengths):
+    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32)."""
+    B, L, R, G, N = q.shape
+    H, P = v.shape[2:]
+    K = angles.shape[-1]
+    dev, f32 = q.device, torch.float32
+    C = kernel_chunk(R)
+    nc = max(1, -(-L // C))
+    init = initial_state.to(f32) if initial_state is not None else None
+    dt_, adt_ = dt.to(f32).contiguous(), adt.to(f32).contiguous()
+    theta = _cumulative_angles(angles.to(f32), dt_, None if init is None else init.angle, C).contiguous()
+    gam, nxt, w = (t.contiguous() for t in trapezoid_weights(dt_, trap.to(f32), lengths))
+    ones = torch.ones(H, R, P, device=dev, dtype=f32)
+    mx = mimo_x.to(f32).contiguous() if mimo_x is not None else ones
+    mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
+    mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
+    s0 = entering_state(init, nxt, mx.transpose(0, 1), (B, H, P, N), f32, dev).contiguous()
+    atot = F.pad(adt_, (0, 0, 0, nc * C - L)).view(B, nc, C, H).sum(2).permute(0, 2, 1).contiguous()
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    qb, kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
+    zc = z.contiguous() if z is not None else v
+    Dc = D.to(f32).contiguous() if D is not None else dt_
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
+    meta = dict(R=R, C=C, BN=_pow2(N), BP=_pow2(P), HALF=N // 2, PAIRWISE=rope_pairwise, DOT=dot,
+                PREC="tf32" if low else "ieee")
+
+    states = torch.empty(B, H, nc, P, N, device=dev, dtype=f32)
+    _chunk_state_kernel[(B * H, nc)](k, kb, theta, v, mx, adt_, w, states, L, H, G, K, N, P, nc, **meta)
+    final_ssm = torch.empty(B, H, P, N, device=dev, dtype=f32)
+    block = min(1024, triton.next_power_of_2(P * N))
+    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](states, s0, atot, final_ssm, nc, P * N, BLOCK=block)
+    contract = mimo_o is not None
+    out = torch.empty((B, L, H, P) if contract else (B, L, R, H, P), device=dev, dtype=v.dtype)
+    _chunk_output_kernel[(B * H, nc)](q, k, qb, kb, theta, v, mx, mz, mo, Dc, zc, adt_, gam, w, states, out,
+                                      L, H, G, K, N, P, nc, HAS_D=D is not None, HAS_Z=z is not None,
+                                      CONTRACT=contract, **meta)
+
+    def kr_last(rows, last):
+        kh = heads_from_groups(k[rows, last].to(f32), H, 2) + kb.transpose(0, 1)
+        return rotate(kh, theta[rows, last][:, None], rope_pairwise)
+
+    return out, final_state(theta, final_ssm, kr_last, v, lengths, f32)
+
+
+class _Mamba3Triton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, opts, initial_state, cu_seqlens, *tensors):
+        q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z = tensors
+        rope_pairwise = opts
+        with torch.no_grad():
+            if cu_seqlens is None:
+                y, fin = _forward_batched(*tensors, rope_pairwise, initial_state, None)
+            else:
+                lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
+                y, fin = _forward_batched(pad(q), pad(k), pad(v), pad(adt), pad(dt), pad(trap), q_bias, k_bias,
+                                          pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z), rope_pairwise,
+                                          initial_state, lengths)
+                y = y[valid][None]
+        ctx.opts, ctx.initial_state, ctx.cu_seqlens = opts, initial_state, cu_seqlens
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(*fin)
+        return (y, *fin)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        # Recompute through the chunked torch op (exact gradients; the Triton backward replaces this).
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
+            y, _ = mamba3_chunked(*inputs[:9], mimo_x=inputs[9], mimo_z=inputs[10], mimo_o=inputs[11], D=inputs[12],
+                                  z=inputs[13], rope_pairwise=ctx.opts, chunk_size=64,
+                                  initial_state=ctx.initial_state, cu_seqlens=ctx.cu_seqlens)
+            wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+            grads = torch.autograd.grad(y, [t for _, t in wrt], dy.to(y.dtype), allow_unused=True)
+        out = [None] * len(inputs)
+        for (i, _), gr in zip(wrt, grads):
+            out[i] = gr
+        return (None, None, None, *out)
+
+
+def mamba3_chunked_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, adt: torch.Tensor, dt: torch.Tensor, trap: torch.Tensor,
+    q_bias: torch.Tensor, k_bias: torch.Tensor, angles: torch.Tensor, *,
+    mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
+    chunk_size: int | None = None, initial_state: Mamba3State | None = None, return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Mamba3State | None]:
+    """Triton Mamba-3 scan, same contract as `mamba3_chunked` (chunk_size is accepted and ignored: the
+    kernels pick their own). Inputs in bf16/fp16/fp32; state and accumulation in fp32; the final state
+    is fp32. fp32 inputs use exact fp32 matmuls (for tests); 16-bit inputs use tensor cores."""
+    check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
+                 per_token=False)
+    if triton is None:
+        raise RuntimeError("mamba3_chunked_triton needs the triton package (pip install 'hybrid-mamba3[gpu]')")
+    if q.dtype == torch.float64:
+        raise TypeError("the Triton op computes in fp32; use mamba3_chunked / mamba3_reference for float64")
+    if q.shape[-1] % 2:
+        raise ValueError(f"d_state must be even for the rotation, got {q.shape[-1]}")
+    if initial_state is not None and cu_seqlens is None and initial_state.ssm.shape[0] != q.shape[0]:
+        raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
+    y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, cu_seqlens, *tensors)
+    return y, (Mamba3State(*fin) if return_final_state else None)

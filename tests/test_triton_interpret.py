@@ -1,0 +1,122 @@
+"""The Triton kernels run under TRITON_INTERPRET=1 on the CPU, at tiny sizes, against the fp64 reference.
+
+The interpreter executes the same kernel source with numpy, so indexing, masking, the in-kernel bias and
+rotation, the chunk-state passing and the epilogue are all checked in CI without a GPU. fp32 inputs make
+the kernels use exact fp32 dot products; 3e-6 relative error (vs 1e-5 for the torch chunked op) leaves
+~10x headroom over the ~3e-7 measured and still catches any wrong term.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it first when run under pytest
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import make_op_inputs, rel_err  # noqa: E402
+
+from hybrid_mamba3.kernels import Mamba3State, mamba3_reference, mamba3_step  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1" or torch.cuda.is_available():
+    pytest.skip("interpreter tests are for CPU machines (on a GPU, tests/test_triton_gpu.py runs)",
+                allow_module_level=True)
+from hybrid_mamba3.kernels.triton_chunked import kernel_chunk, mamba3_chunked_triton  # noqa: E402
+from hybrid_mamba3.kernels.triton_step import mamba3_step_triton  # noqa: E402
+
+TOL = 3e-6
+SIZES = dict(N=16, H=4, P=16)  # tl.dot needs every matmul dim >= 16
+
+
+def _f32(args, opts):
+    cast = lambda t: None if t is None else t.detach().float()  # noqa: E731
+    return [cast(a) for a in args], {k: cast(v) for k, v in opts.items()}
+
+
+def _state(B, R, K, H=4, P=16, N=16):
+    return Mamba3State(torch.rand(B, H, K, dtype=torch.float64) * 6, torch.randn(B, H, P, N, dtype=torch.float64),
+                       torch.randn(B, R, H, N, dtype=torch.float64), torch.randn(B, H, P, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("R,G,K,pw,L,mimo,gate,skip,init", [
+    (4, 1, 4, False, 37, True, True, True, True),     # MIMO R4, rope 0.5, initial state, length not a chunk multiple
+    (2, 2, 8, False, 70, True, False, True, False),  # MIMO R2, rope 1.0, ngroups 2, no gate, several chunks
+    (1, 2, 4, True, 41, False, True, False, True),   # SISO (pairwise rotation), no D
+    (8, 1, 8, False, 19, True, True, True, False),   # R8: kernel chunk 16
+])
+def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
+    args, opts = make_op_inputs(B=2, L=L, R=R, G=G, K=K, mimo=mimo, gate=gate, skip=skip, **SIZES)
+    st = _state(2, R, K) if init else None
+    ref, ref_fin = mamba3_reference(*args, **opts, rope_pairwise=pw, initial_state=st, return_final_state=True)
+    a32, o32 = _f32(args, opts)
+    y, fin = mamba3_chunked_triton(*a32, **o32, rope_pairwise=pw, return_final_state=True,
+                                   initial_state=st.to(torch.float32) if init else None)
+    assert y.dtype == torch.float32 and rel_err(y, ref) < TOL
+    for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
+        assert rel_err(a, b) < TOL, name
+    if L > kernel_chunk(R):
+        assert L % kernel_chunk(R)  # the grid above covers partial last chunks
+
+
+def test_per_rank_output():
+    args, opts = make_op_inputs(B=1, L=20, R=2, **SIZES)
+    opts["mimo_o"] = None
+    ref, _ = mamba3_reference(*args, **opts)
+    y, _ = mamba3_chunked_triton(*_f32(args, opts)[0], **_f32(args, opts)[1])
+    assert y.shape == (1, 20, 2, 4, 16) and rel_err(y, ref) < TOL
+
+
+def test_varlen_equals_separate_calls():
+    lens = [5, 23, 1, 18]
+    args, opts = make_op_inputs(B=1, L=sum(lens), R=2, K=4, **SIZES)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    st = _state(len(lens), 2, 4)
+    ref, ref_fin = mamba3_reference(*args, **opts, cu_seqlens=cu, initial_state=st, return_final_state=True)
+    a32, o32 = _f32(args, opts)
+    y, fin = mamba3_chunked_triton(*a32, **o32, cu_seqlens=cu, initial_state=st.to(torch.float32),
+                                   return_final_state=True)
+    assert rel_err(y, ref) < TOL
+    for a, b in zip(fin, ref_fin):
+        assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("R,G,K,pw,mimo", [(4, 1, 4, False, True), (1, 2, 8, True, False)])
+def test_step_matches_reference_step(R, G, K, pw, mimo):
+    args, opts = make_op_inputs(B=3, L=1, R=R, G=G, K=K, mimo=mimo, **SIZES)
+    args = [a if i in (6, 7) else a[:, 0] for i, a in enumerate(args)]  # drop L (biases have none)
+    opts["z"] = opts["z"][:, 0]
+    st = _state(3, R, K)
+    ref, ref_st = mamba3_step(*args, st, **opts, rope_pairwise=pw)
+    a32, o32 = _f32(args, opts)
+    st32 = st.to(torch.float32)
+    y, new = mamba3_step_triton(*a32, st32, **o32, rope_pairwise=pw)
+    assert rel_err(y, ref) < TOL
+    for name, a, b in zip(Mamba3State._fields, new, ref_st):
+        assert rel_err(a, b) < TOL, name
+    assert new.ssm.data_ptr() == st32.ssm.data_ptr()  # the (P, N) state is updated in place
+
+
+def test_steps_continue_a_triton_scan():
+    """Prefill with the chunked kernel, decode with the step kernel == one reference pass."""
+    args, opts = make_op_inputs(B=2, L=24, R=2, K=4, **SIZES)
+    ref, _ = mamba3_reference(*args, **opts)
+    a32, o32 = _f32(args, opts)
+    cut = lambda t, s: t if t is None or t.dim() < 3 or t.shape[0] != 2 else t[:, s]  # noqa: E731
+    pre = slice(0, 20)
+    y0, st = mamba3_chunked_triton(*[cut(a, pre) if i not in (6, 7) else a for i, a in enumerate(a32)],
+                                   **{k: cut(v, pre) if k == "z" else v for k, v in o32.items()},
+                                   return_final_state=True)
+    ys = [y0]
+    for t in range(20, 24):
+        y, st = mamba3_step_triton(*[a if i in (6, 7) else a[:, t] for i, a in enumerate(a32)], st,
+                                   **{k: v[:, t] if k == "z" else v for k, v in o32.items()})
+        ys.append(y[:, None])
+    assert rel_err(torch.cat(ys, 1), ref) < TOL
+
+
+def test_bad_inputs():
+    args, opts = make_op_inputs(B=1, L=4, R=1, **SIZES)
+    with pytest.raises(TypeError, match="float64"):
+        mamba3_chunked_triton(*args, **opts)
+    a32, o32 = _f32(args, opts)
+    with pytest.raises(ValueError, match="q_bias"):
+        mamba3_chunked_triton(*a32[:6], a32[6][:, :, :8], *a32[7:], **o32)
