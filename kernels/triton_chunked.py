@@ -41,78 +41,87 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _rank_pad(rank: int) -> int:
+    return 1 << (rank - 1).bit_length()
+
+
 def kernel_chunk(rank: int) -> int:
-    """Chunk length of the kernels: C x R rows in the intra-chunk product, at least 16 (tl.dot's minimum)."""
-    return max(16, min(64, 128 // rank))
+    """Chunk length C of the kernels: C x R' rows (R' = R padded to a power of two) in the intra-chunk
+    product, 64..128 rows (tensor-core sized, and a (rows x rows) fp32 tile still fits in registers)."""
+    return max(16, min(64, 128 // _rank_pad(rank)))
 
 
 if triton is not None:
 
     @triton.jit
-    def _rotation_tables(theta_ptr, offs_l, lmask, stride_l, offs_n, K, N, HALF: tl.constexpr,
-                         PAIRWISE: tl.constexpr):
-        """cos/sin per (position, state dim) so that rot(x) = x * cos + x[swap] * sin."""
+    def _half_columns(HALF: tl.constexpr, BH: tl.constexpr, PAIRWISE: tl.constexpr):
+        """The rotation pairs state dims (ia_j, ib_j), j < N/2: (j, j + N/2) for the MIMO layout, (2j, 2j+1)
+        for the SISO one. Everything is computed on the two halves, so no lane ever needs another's value."""
+        offs_j = tl.arange(0, BH)
         if PAIRWISE:
-            ai = offs_n // 2
-            sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
-        else:
-            ai = offs_n % HALF
-            sign = tl.where(offs_n < HALF, -1.0, 1.0)
-        valid = (ai < K) & (offs_n < N)
-        th = tl.load(theta_ptr + offs_l[:, None] * stride_l + ai[None, :],
-                     mask=lmask[:, None] & valid[None, :], other=0.0)
-        cos = tl.where(valid[None, :], tl.cos(th), 1.0)
-        sin = tl.where(valid[None, :], sign[None, :] * tl.sin(th), 0.0)
-        return cos, sin
+            return offs_j, offs_j < HALF, 2 * offs_j, 2 * offs_j + 1
+        return offs_j, offs_j < HALF, offs_j, offs_j + HALF
 
     @triton.jit
-    def _swap_index(offs_n, N, HALF: tl.constexpr, PAIRWISE: tl.constexpr):
-        if PAIRWISE:
-            return offs_n ^ 1
-        return (offs_n + HALF) % N
+    def _rotation_tables(theta_ptr, offs_l, lmask, stride_l, offs_j, K):
+        """cos/sin of each row's angle for pair j (angle 0, the identity, for the pairs j >= K)."""
+        th = tl.load(theta_ptr + offs_l[:, None] * stride_l + offs_j[None, :],
+                     mask=lmask[:, None] & (offs_j < K)[None, :], other=0.0)
+        return tl.cos(th), tl.sin(th)
 
     @triton.jit
-    def _load_rotated(base, offs_l, lmask, stride_l, offs_n, offs_sw, nmask, bias_ptr, cos, sin):
-        """(C, BN) tile of bias-added, rotated q or k rows (fp32); rows outside the sequence are zero."""
-        m = lmask[:, None] & nmask[None, :]
-        x = tl.load(base + offs_l[:, None] * stride_l + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
-        xs = tl.load(base + offs_l[:, None] * stride_l + offs_sw[None, :], mask=m, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        bs = tl.load(bias_ptr + offs_sw, mask=nmask, other=0.0).to(tl.float32)
-        out = (x + b[None, :]) * cos + (xs + bs[None, :]) * sin
-        return tl.where(m, out, 0.0)
+    def _load_rotated(base, row_off, lmask, ia, ib, jm, bias_row, cos, sin):
+        """Bias-added, rotated q or k rows as two (rows, BH) fp32 halves; zero outside the sequence.
+        row_off: element offset of each row; bias_row: pointer to each row's bias vector."""
+        m = lmask[:, None] & jm[None, :]
+        xa = (tl.load(base + row_off[:, None] + ia[None, :], mask=m, other=0.0).to(tl.float32)
+              + tl.load(bias_row[:, None] + ia[None, :], mask=m, other=0.0))
+        xb = (tl.load(base + row_off[:, None] + ib[None, :], mask=m, other=0.0).to(tl.float32)
+              + tl.load(bias_row[:, None] + ib[None, :], mask=m, other=0.0))
+        return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
 
     @triton.jit
-    def _chunk_state_kernel(k_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, a_ptr, w_ptr, states_ptr,
+    def _rank_rows(c, L, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+        """The chunk's rows: row i is (position c*C + i // RP, rank i % RP), RP = R rounded up to a power of
+        two (rows of ranks >= R are masked off). Inputs laid out (B, L, R, ...) are then one strided tile,
+        and each intra-chunk product is a single C*RP-sized matmul."""
+        offs_i = tl.arange(0, CR)
+        offs_l = c * (CR // RP) + offs_i // RP
+        r_i = offs_i % RP
+        return r_i, offs_l, (offs_l < L) & (r_i < R)
+
+    @triton.jit
+    def _rows_v(v_ptr, offs_l, lmask, HP, offs_p, pmask, mx_row):
+        """(rows, BP) tile of mx_r * v_t (the rank-r input of each row), fp32."""
+        m = lmask[:, None] & pmask[None, :]
+        v = tl.load(v_ptr + offs_l[:, None] * HP + offs_p[None, :], mask=m, other=0.0).to(tl.float32)
+        return v * tl.load(mx_row[:, None] + offs_p[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _chunk_state_kernel(k_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
                             L, H, G, K, N, P, nc,
-                            R: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                             HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
-        offs_l = c * C + tl.arange(0, C)
-        lmask = offs_l < L
-        offs_n, offs_p = tl.arange(0, BN), tl.arange(0, BP)
-        nmask, pmask = offs_n < N, offs_p < P
-        offs_sw = _swap_index(offs_n, N, HALF, PAIRWISE)
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_p = tl.arange(0, BP)
+        pmask = offs_p < P
 
-        a = tl.load(a_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        acs = tl.cumsum(a, 0)
-        to_end = tl.exp(tl.sum(a, 0) - acs) * w
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_n, K, N, HALF,
-                                    PAIRWISE)
-        v = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :],
-                    mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        v = v * to_end[:, None]
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for r in tl.static_range(R):
-            kr = _load_rotated(k_ptr + b * L * R * G * N + r * G * N + g * N, offs_l, lmask, R * G * N,
-                               offs_n, offs_sw, nmask, kb_ptr + (h * R + r) * N, cos, sin)
-            mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(v * mx[None, :]).to(DOT), kr.to(DOT), input_precision=PREC)
-        tl.store(states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :], acc,
-                 mask=pmask[:, None] & nmask[None, :])
+        to_end = tl.exp(tl.load(atot_ptr + pid_bh * nc + c) - acs) * w
+        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
+                               kb_ptr + (h * R + r_i) * N, cos, sin)
+        vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
+        vt = tl.trans(vr * to_end[:, None]).to(DOT)
+        out = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+        m = pmask[:, None] & jm[None, :]
+        tl.store(out + ia[None, :], tl.dot(vt, ka.to(DOT), input_precision=PREC), mask=m)
+        tl.store(out + ib[None, :], tl.dot(vt, kb.to(DOT), input_precision=PREC), mask=m)
 
     @triton.jit
     def _state_pass_kernel(states_ptr, s0_ptr, atot_ptr, final_ptr, nc, PN, BLOCK: tl.constexpr):
@@ -120,77 +129,71 @@ if triton is not None:
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         m = offs < PN
         run = tl.load(s0_ptr + pid_bh * PN + offs, mask=m, other=0.0)
-        for c in range(nc):
-            ptr = states_ptr + (pid_bh * nc + c) * PN + offs
-            own = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, run, mask=m)
+        base = states_ptr + pid_bh * nc * PN + offs
+        own = tl.load(base, mask=m, other=0.0)
+        for c in range(nc):  # the next chunk's state is fetched before this one's is written (hides latency)
+            nxt = tl.load(base + (c + 1) * PN, mask=m & (offs * 0 + c + 1 < nc), other=0.0)
+            tl.store(base + c * PN, run, mask=m)
             run = run * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)) + own
+            own = nxt
         tl.store(final_ptr + pid_bh * PN + offs, run, mask=m)
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
-                             a_ptr, gam_ptr, w_ptr, states_ptr, out_ptr,
+                             acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr,
                              L, H, G, K, N, P, nc,
-                             R: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                             R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                              CONTRACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
-        offs_l = c * C + tl.arange(0, C)
-        lmask = offs_l < L
-        offs_n, offs_p = tl.arange(0, BN), tl.arange(0, BP)
-        nmask, pmask = offs_n < N, offs_p < P
-        offs_sw = _swap_index(offs_n, N, HALF, PAIRWISE)
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_p = tl.arange(0, BP)
+        pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
 
-        a = tl.load(a_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         gam = tl.load(gam_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        acs = tl.cumsum(a, 0)
-        # Decay mask: t > s: exp(acs_t - acs_s) w_s; t == s: gamma_t (the current input's weight); t < s: 0.
+        # Decay mask over rows (t, r) x (s, r'): t > s: exp(acs_t - acs_s) w_s; t == s: gamma_t; t < s: 0.
         ts = offs_l[:, None] - offs_l[None, :]
         diff = tl.minimum(acs[:, None] - acs[None, :], 0.0)
         mask = tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_n, K, N, HALF,
-                                    PAIRWISE)
-        v = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
-                    other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
-                        other=0.0).to(tl.float32)
+        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        row_off = (offs_l * R + r_i) * G * N
+        qa, qb = _load_rotated(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
+                               qb_ptr + (h * R + r_i) * N, cos, sin)
+        ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
+                               kb_ptr + (h * R + r_i) * N, cos, sin)
+        qa, qb, ka, kb = qa.to(DOT), qb.to(DOT), ka.to(DOT), kb.to(DOT)
+        vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
+        st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+        m = pmask[:, None] & jm[None, :]
+        ea = tl.load(st + ia[None, :], mask=m, other=0.0).to(DOT)
+        eb = tl.load(st + ib[None, :], mask=m, other=0.0).to(DOT)
+        o = tl.dot(qa, tl.trans(ea), input_precision=PREC)
+        o = tl.dot(qb, tl.trans(eb), o, input_precision=PREC) * tl.exp(acs)[:, None]
+        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+        s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC) * mask
+        o = tl.dot(s.to(DOT), vr.to(DOT), o, input_precision=PREC)
         if HAS_D:
-            dskip = tl.load(d_ptr + h).to(tl.float32)
-        entering = tl.load(states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
-                           mask=pmask[:, None] & nmask[None, :], other=0.0)
-        entering_t = tl.trans(entering).to(DOT)  # (BN, BP)
-        q_base = q_ptr + b * L * R * G * N + g * N
-        k_base = k_ptr + b * L * R * G * N + g * N
-        y = tl.zeros((C, BP), dtype=tl.float32)
-        for r in tl.static_range(R):
-            qr = _load_rotated(q_base + r * G * N, offs_l, lmask, R * G * N, offs_n, offs_sw, nmask,
-                               qb_ptr + (h * R + r) * N, cos, sin).to(DOT)
-            o = tl.dot(qr, entering_t, input_precision=PREC) * tl.exp(acs)[:, None]
-            for r2 in tl.static_range(R):
-                kr = _load_rotated(k_base + r2 * G * N, offs_l, lmask, R * G * N, offs_n, offs_sw, nmask,
-                                   kb_ptr + (h * R + r2) * N, cos, sin).to(DOT)
-                s = tl.dot(qr, tl.trans(kr), input_precision=PREC) * mask
-                mx2 = tl.load(mx_ptr + (h * R + r2) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-                o += tl.dot(s.to(DOT), (v * mx2[None, :]).to(DOT), input_precision=PREC)
-            if HAS_D:
-                mxr = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-                o += dskip * v * mxr[None, :]
-            if HAS_Z:
-                mz = tl.load(mz_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-                zz = z * mz[None, :]
-                o = o * zz * tl.sigmoid(zz)
-            if CONTRACT:
-                mo = tl.load(mo_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-                y += o * mo[None, :]
-            else:
-                tl.store(out_ptr + ((b * L + offs_l[:, None]) * R + r) * H * P + h * P + offs_p[None, :], o, mask=lp)
-        if CONTRACT:
-            tl.store(out_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], y, mask=lp)
+            o += tl.load(d_ptr + h).to(tl.float32) * vr
+        if HAS_Z:
+            zz = tl.load(z_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
+                         other=0.0).to(tl.float32)
+            zz = zz * tl.load(mz_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
+            o = o * zz * tl.sigmoid(zz)
+        if CONTRACT:  # y_t = sum_r mo_r o_(t, r): rows of one position are R consecutive rows
+            o = o * tl.load(mo_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
+            y = tl.sum(tl.reshape(o, (CR // RP, RP, BP)), axis=1)
+            offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
+            tl.store(out_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :], y,
+                     mask=(offs_t < L)[:, None] & pmask[None, :])
+        else:
+            tl.store(out_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :], o,
+                     mask=lp)
 
 
 def _pow2(n: int) -> int:
@@ -215,7 +218,9 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
     mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
     s0 = entering_state(init, nxt, mx.transpose(0, 1), (B, H, P, N), f32, dev).contiguous()
-    atot = F.pad(adt_, (0, 0, 0, nc * C - L)).view(B, nc, C, H).sum(2).permute(0, 2, 1).contiguous()
+    acs = F.pad(adt_, (0, 0, 0, nc * C - L)).view(B, nc, C, H).cumsum(2)  # decay within each chunk
+    atot = acs[:, :, -1].permute(0, 2, 1).contiguous()  # (B, H, nc): each chunk's total decay
+    acs = acs.view(B, nc * C, H)[:, :L].contiguous()
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     qb, kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
@@ -223,17 +228,17 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     Dc = D.to(f32).contiguous() if D is not None else dt_
     low = q.dtype in (torch.bfloat16, torch.float16)
     dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
-    meta = dict(R=R, C=C, BN=_pow2(N), BP=_pow2(P), HALF=N // 2, PAIRWISE=rope_pairwise, DOT=dot,
-                PREC="tf32" if low else "ieee")
+    meta = dict(R=R, RP=_rank_pad(R), CR=C * _rank_pad(R), BH=_pow2(N // 2), BP=_pow2(P), HALF=N // 2, PAIRWISE=rope_pairwise, DOT=dot,
+                PREC="tf32" if low else "ieee", num_warps=8 if C * _rank_pad(R) >= 128 else 4)
 
     states = torch.empty(B, H, nc, P, N, device=dev, dtype=f32)
-    _chunk_state_kernel[(B * H, nc)](k, kb, theta, v, mx, adt_, w, states, L, H, G, K, N, P, nc, **meta)
+    _chunk_state_kernel[(B * H, nc)](k, kb, theta, v, mx, acs, w, atot, states, L, H, G, K, N, P, nc, **meta)
     final_ssm = torch.empty(B, H, P, N, device=dev, dtype=f32)
-    block = min(1024, triton.next_power_of_2(P * N))
+    block = min(256, triton.next_power_of_2(P * N))
     _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](states, s0, atot, final_ssm, nc, P * N, BLOCK=block)
     contract = mimo_o is not None
     out = torch.empty((B, L, H, P) if contract else (B, L, R, H, P), device=dev, dtype=v.dtype)
-    _chunk_output_kernel[(B * H, nc)](q, k, qb, kb, theta, v, mx, mz, mo, Dc, zc, adt_, gam, w, states, out,
+    _chunk_output_kernel[(B * H, nc)](q, k, qb, kb, theta, v, mx, mz, mo, Dc, zc, acs, gam, w, states, out,
                                       L, H, G, K, N, P, nc, HAS_D=D is not None, HAS_Z=z is not None,
                                       CONTRACT=contract, **meta)
 

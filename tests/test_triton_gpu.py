@@ -47,6 +47,7 @@ GRID = [
     (1, 2, 64, True, False, True, True),
     (2, 1, 32, False, False, False, False),
     (8, 1, 64, False, True, True, True),
+    (3, 1, 32, False, True, True, False),  # ranks padded to 4 inside the kernels
 ]
 
 
@@ -106,14 +107,14 @@ def test_step_vs_reference_step(R, pw, B):
     opts["z"] = opts["z"][:, 0]
     st = Mamba3State(torch.rand(B, 16, 32, device="cuda") * 6, torch.randn(B, 16, 64, 128, device="cuda"),
                      torch.randn(B, R, 16, 128, device="cuda"), torch.randn(B, 16, 64, device="cuda"))
-    ref, ref_st = mamba3_step(*args, st, **opts, rope_pairwise=pw)
+    low = [a.bfloat16() if i not in (6, 7) else a for i, a in enumerate(args)]
+    ref, ref_st = mamba3_step(*[a.float() for a in low], st, **opts, rope_pairwise=pw)  # same (rounded) inputs
     _poison()
-    y, new = mamba3_step_triton(*[a.bfloat16() if i not in (6, 7) else a for i, a in enumerate(args)],
-                                Mamba3State(*(t.clone() for t in st)), **opts, rope_pairwise=pw)
+    y, new = mamba3_step_triton(*low, Mamba3State(*(t.clone() for t in st)), **opts, rope_pairwise=pw)
     assert rel_err(y, ref) < TOL
     # angles live on a circle (mod 2 pi): compare the wrapped difference, in radians
     wrapped = torch.remainder(new.angle - ref_st.angle + torch.pi, 2 * torch.pi) - torch.pi
-    assert wrapped.abs().max() < 1e-2
+    assert wrapped.abs().max() < 1e-4
     for name, a, b in list(zip(Mamba3State._fields, new, ref_st))[1:]:
         assert rel_err(a, b) < TOL, name
 

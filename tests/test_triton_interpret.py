@@ -42,6 +42,7 @@ def _state(B, R, K, H=4, P=16, N=16):
     (2, 2, 8, False, 70, True, False, True, False),  # MIMO R2, rope 1.0, ngroups 2, no gate, several chunks
     (1, 2, 4, True, 41, False, True, False, True),   # SISO (pairwise rotation), no D
     (8, 1, 8, False, 19, True, True, True, False),   # R8: kernel chunk 16
+    (3, 1, 4, False, 40, True, True, True, True),    # R3: ranks padded to 4 inside the kernels
 ])
 def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
     args, opts = make_op_inputs(B=2, L=L, R=R, G=G, K=K, mimo=mimo, gate=gate, skip=skip, **SIZES)
