@@ -102,12 +102,14 @@ def _write_report() -> None:
             json.dump(_REPORT, f, indent=1)
 
 
-def record(config: str, what: str, max_rel: float, mean_rel: float | None = None, **extra) -> None:
+def record(config: str, what: str, max_rel: float, mean_rel: float | None = None, max_abs: float | None = None,
+           **extra) -> None:
     """One compared figure; written (whole report rewritten) to $HM3_REPORT_DIR/oracle_report.json at once."""
-    row = dict(config=config, what=what, max_rel_err=max_rel, mean_rel_err=mean_rel, **extra)
+    row = dict(config=config, what=what, max_rel_err=max_rel, mean_rel_err=mean_rel, max_abs_err=max_abs, **extra)
     _REPORT["comparisons"].append(row)
     print(f"[oracle] {config:<34} {what:<38} max_rel={max_rel:.3e}"
           + (f" mean_rel={mean_rel:.3e}" if mean_rel is not None else "")
+          + (f" max_abs={max_abs:.3e}" if max_abs is not None else "")
           + "".join(f" {k}={v}" for k, v in extra.items()))
     _write_report()
 
