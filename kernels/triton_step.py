@@ -33,10 +33,10 @@ if triton is not None:
                      H, G, K, N, P,
                      R: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
                      PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr):
-        pid = tl.program_id(0)
+        pid, pblk = tl.program_id(0), tl.program_id(1)  # (sequence, head), block of headdim rows
         b, h = pid // H, pid % H
         g = h // (H // G)
-        offs_n, offs_p, offs_k = tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BK)
+        offs_n, offs_p, offs_k = tl.arange(0, BN), pblk * BP + tl.arange(0, BP), tl.arange(0, BK)
         nmask, pmask, kmask = offs_n < N, offs_p < P, offs_k < K
 
         dt = tl.load(dt_ptr + b * H + h).to(tl.float32)
@@ -56,7 +56,7 @@ if triton is not None:
             sign = tl.where(offs_n < HALF, -1.0, 1.0)
             sw = (offs_n + HALF) % N
         th_k = _advance(angle_ptr + pid * K, ang_ptr + b * K, offs_k, kmask, dt)
-        tl.store(angle_new_ptr + pid * K + offs_k, th_k, mask=kmask)
+        tl.store(angle_new_ptr + pid * K + offs_k, th_k, mask=kmask & (offs_k * 0 + pblk == 0))  # one program per head writes it
         valid = (ai < K) & nmask
         th = _advance(angle_ptr + pid * K, ang_ptr + b * K, ai, valid, dt)
         cos = tl.where(valid, tl.cos(th), 1.0)
@@ -73,7 +73,7 @@ if triton is not None:
             kr = ((tl.load(kbase + offs_n, mask=nmask, other=0.0).to(tl.float32) + tl.load(kb + offs_n, mask=nmask, other=0.0)) * cos
                   + (tl.load(kbase + sw, mask=nmask, other=0.0).to(tl.float32) + tl.load(kb + sw, mask=nmask, other=0.0)) * sin)
             kprev = tl.load(kprev_ptr + ((b * R + r) * H + h) * N + offs_n, mask=nmask, other=0.0)
-            tl.store(knew_ptr + ((b * R + r) * H + h) * N + offs_n, kr, mask=nmask)
+            tl.store(knew_ptr + ((b * R + r) * H + h) * N + offs_n, kr, mask=nmask & (offs_n * 0 + pblk == 0))
             mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
             upd += (beta * vprev * mx)[:, None] * kprev[None, :] + (gamma * v * mx)[:, None] * kr[None, :]
         ssm = alpha * tl.load(sp, mask=pn, other=0.0) + upd
@@ -133,11 +133,12 @@ def mamba3_step_triton(
     out = torch.empty((B, H, P) if contract else (B, R, H, P), device=q.device, dtype=v.dtype)
     vc = v.contiguous()
     angle_new, k_new = torch.empty_like(state.angle), torch.empty_like(state.k)
-    _step_kernel[(B * H,)](
+    bp = min(_pow2(P), 16)  # split headdim so batch 1 still launches enough programs
+    _step_kernel[(B * H, triton.cdiv(P, bp))](
         q.contiguous(), k.contiguous(), q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous(), vc,
         adt.contiguous(), dt.contiguous(), trap.contiguous(), angles.contiguous(), mx, mz, mo,
         D.to(f32).contiguous() if D is not None else mx, z.contiguous() if z is not None else vc,
         *state, angle_new, k_new, out, H, G, K, N, P,
-        R=R, BN=_pow2(N), BP=_pow2(P), BK=triton.next_power_of_2(K), HALF=N // 2, PAIRWISE=rope_pairwise,
+        R=R, BN=_pow2(N), BP=bp, BK=triton.next_power_of_2(K), HALF=N // 2, PAIRWISE=rope_pairwise,
         HAS_D=D is not None, HAS_Z=z is not None, CONTRACT=contract)
     return out, Mamba3State(angle_new, state.ssm, k_new, v.to(torch.float32))

@@ -85,12 +85,12 @@ def test_varlen_equals_separate_calls():
         assert rel_err(a, b) < TOL
 
 
-@pytest.mark.parametrize("R,G,K,pw,mimo", [(4, 1, 4, False, True), (1, 2, 8, True, False)])
-def test_step_matches_reference_step(R, G, K, pw, mimo):
-    args, opts = make_op_inputs(B=3, L=1, R=R, G=G, K=K, mimo=mimo, **SIZES)
+@pytest.mark.parametrize("R,G,K,pw,mimo,P", [(4, 1, 4, False, True, 16), (1, 2, 8, True, False, 48)])
+def test_step_matches_reference_step(R, G, K, pw, mimo, P):
+    args, opts = make_op_inputs(B=3, L=1, R=R, G=G, K=K, mimo=mimo, **dict(SIZES, P=P))  # P=48: 3 headdim blocks
     args = [a if i in (6, 7) else a[:, 0] for i, a in enumerate(args)]  # drop L (biases have none)
     opts["z"] = opts["z"][:, 0]
-    st = _state(3, R, K)
+    st = _state(3, R, K, P=P)
     ref, ref_st = mamba3_step(*args, st, **opts, rope_pairwise=pw)
     a32, o32 = _f32(args, opts)
     st32 = st.to(torch.float32)
