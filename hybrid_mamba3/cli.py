@@ -1,8 +1,10 @@
-"""`hybrid-mamba3` command line. Subcommands: `demo` (build a small hybrid and generate)."""
+"""`hybrid-mamba3` command line. Subcommands: `demo` (build a small hybrid and generate), `convert` (a Llama
+checkpoint into a hybrid, Mamba-3 layers initialised from attention)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Sequence
@@ -23,6 +25,68 @@ def parse_layers(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--mamba-layers takes a fraction (0.5), indices (1,5,9) or an A/M pattern (AAM), got {text!r}") from None
+
+
+def parse_convert_layers(text: str):
+    """Like parse_layers, plus 'auto:<fraction>' for the data-driven choice."""
+    if text.strip().lower().startswith("auto"):
+        return text.strip().lower()
+    return parse_layers(text)
+
+
+def read_calibration(paths: Sequence[str]) -> list[str]:
+    """Texts from files, or from every file under the given directories (sorted, so the order is fixed).
+    HTML files are reduced to their text."""
+    from pathlib import Path
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"calibration path {str(p)!r} does not exist")
+    from .evals.text import read_texts
+    texts = read_texts(files)
+    if not texts:
+        raise ValueError(f"no calibration text found in {list(paths)}")
+    return texts
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert import convert_llama, format_summary, save_hybrid
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    texts = read_calibration(args.calibration) if args.calibration else None
+    options = dict(chunk_size=args.chunk_size, rope_fraction=args.rope_fraction, a_activation=args.a_activation)
+    if args.siso:
+        options["is_mimo"] = False
+    else:
+        options["mimo_rank"] = args.mimo_rank
+    t0 = time.perf_counter()
+    model, report = convert_llama(args.source, mamba_layers=args.mamba_layers, placement=args.placement,
+                                  init=args.init, calibration_texts=texts, select=args.select, dtype=args.dtype,
+                                  calibration_seq_len=args.calibration_seq_len,
+                                  calibration_num_seqs=args.calibration_num_seqs, seed=args.seed,
+                                  progress=not args.no_progress, **options)
+    tokenizer = None
+    if not args.no_tokenizer:
+        from .convert import load_tokenizer
+        tokenizer = load_tokenizer(args.source)
+    t1 = time.perf_counter()
+    path = save_hybrid(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    report["times"]["save_s"] = round(time.perf_counter() - t1, 2)
+    report["times"]["cli_total_s"] = round(time.perf_counter() - t0, 2)
+    for target in [path / "conversion_report.json"] + ([Path(args.report)] if args.report else []):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=1, default=str))
+    print(format_summary(report))
+    print(f"saved to {path}{' (with tokenizer)' if tokenizer is not None else ''}; "
+          "load with AutoModelForCausalLM.from_pretrained (import hybrid_mamba3 first, or trust_remote_code=True)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -87,6 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--save", default=None, help="directory to save the hybrid to")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="convert a Llama/Mistral/Qwen2 checkpoint into a hybrid")
+    c.add_argument("source", help="Hugging Face model directory or .gguf file")
+    c.add_argument("out", help="output directory (written atomically)")
+    c.add_argument("--mamba-layers", type=parse_convert_layers, default=0.25,
+                   help="fraction (0.25), indices (1,5,9), A/M pattern (AAM), or auto:<fraction> to replace the "
+                        "layers that matter least on the calibration text; default 0.25")
+    c.add_argument("--placement", default="even", choices=["even", "first", "last"], help="for a fraction")
+    c.add_argument("--select", default="kl", choices=["kl", "layer_output"],
+                   help="auto: score by the model's output KL to the teacher, or by the layer's output change")
+    c.add_argument("--calibration", nargs="+", default=None, help="text files or directories (html is stripped)")
+    c.add_argument("--calibration-seq-len", type=int, default=256)
+    c.add_argument("--calibration-num-seqs", type=int, default=8)
+    c.add_argument("--init", default="attention", choices=["attention", "random"])
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved hybrid (auto: the source's); Mamba-3 decay/norm/MIMO params stay fp32")
+    c.add_argument("--mimo-rank", type=int, default=4)
+    c.add_argument("--siso", action="store_true", help="SISO Mamba-3 (no MIMO)")
+    c.add_argument("--rope-fraction", type=float, default=0.5, choices=[0.5, 1.0])
+    c.add_argument("--chunk-size", type=int, default=16)
+    c.add_argument("--a-activation", default="softplus", choices=["softplus", "heavy_tail"])
+    c.add_argument("--report", default=None, help="also write the report here (default: <out>/conversion_report.json)")
+    c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_convert)
     return p
 
 
