@@ -15,8 +15,7 @@ inputs (never materialised per head, which would be H/G times larger). The per-t
 angles, trapezoid weights, chunk decays) are computed in torch with the same helpers as the chunked op.
 The kernel chunk length is the kernel's own (the function does not depend on it).
 
-Gradients: the backward recomputes through the chunked torch op under autograd (exact, but slow and
-memory-hungry); a Triton backward is the next step (see the issue notes).
+Gradients: `triton_backward` (kernels in the same style; the per-token scalars go back through torch autograd).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .chunked import _cumulative_angles, entering_state, final_state, mamba3_chunked, trapezoid_weights
+from .chunked import _cumulative_angles, entering_state, final_state, trapezoid_weights
 from .common import Mamba3State, check_inputs, heads_from_groups, mimo_or_ones, rotate, varlen_layout
 
 try:
@@ -98,6 +97,17 @@ if triton is not None:
         return v * tl.load(mx_row[:, None] + offs_p[None, :], mask=m, other=0.0)
 
     @triton.jit
+    def _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask):
+        """The chunk's per-row scalars acs, gamma, w and its decay mask over rows (t, r) x (s, r'):
+        exp(acs_t - acs_s) w_s for t > s, gamma_t for t == s (all rank pairs), 0 for t < s."""
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        gam = tl.load(gam_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        ts = offs_l[:, None] - offs_l[None, :]
+        diff = tl.minimum(acs[:, None] - acs[None, :], 0.0)
+        return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
+
+    @triton.jit
     def _chunk_state_kernel(k_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
                             L, H, G, K, N, P, nc,
                             R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
@@ -154,13 +164,7 @@ if triton is not None:
         pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
 
-        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        gam = tl.load(gam_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        # Decay mask over rows (t, r) x (s, r'): t > s: exp(acs_t - acs_s) w_s; t == s: gamma_t; t < s: 0.
-        ts = offs_l[:, None] - offs_l[None, :]
-        diff = tl.minimum(acs[:, None] - acs[None, :], 0.0)
-        mask = tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
+        acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _load_rotated(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
@@ -200,89 +204,107 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
+def _scalars(adt, dt, trap, angles, mx, init, lengths, C: int):
+    """The per-token scalars of the kernels, in fp32 torch (differentiable: the backward replays this
+    under autograd to carry the kernels' gradients back to adt, dt, trap, angles and mimo_x):
+    theta (B, L, H, K), gamma and w (B, L, H), the state s0 entering the first chunk (B, H, P, N; None without an initial state), the
+    decay accumulated within each chunk of length C, acs (B, L, H), and each chunk's total, atot (B, H, nc)."""
+    B, L, H = dt.shape
+    nc = max(1, -(-L // C))
+    theta = _cumulative_angles(angles, dt, None if init is None else init.angle, C)
+    gam, nxt, w = trapezoid_weights(dt, trap, lengths)
+    s0 = None if init is None else entering_state(init, nxt, mx.transpose(0, 1), None, None, None)
+    acs = F.pad(adt, (0, 0, 0, nc * C - L)).view(B, nc, C, H).cumsum(2)
+    atot = acs[:, :, -1].permute(0, 2, 1)
+    acs = acs.view(B, nc * C, H)[:, :L]
+    return [t.contiguous() if t is not None else None for t in (theta, gam, w, s0, acs, atot)]
+
+
+class _Setup:
+    """Everything both directions need: shapes, fp32 views of the small tensors, launch meta-parameters."""
+
+    def __init__(self, q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
+                 init, lengths, C: int):
+        self.B, self.L, self.R, self.G, self.N = q.shape
+        self.H, self.P = v.shape[2:]
+        self.K = angles.shape[-1]
+        self.C, self.nc = C, max(1, -(-self.L // C))
+        dev, f32 = q.device, torch.float32
+        ones = torch.ones(self.H, self.R, self.P, device=dev, dtype=f32)
+        self.mx = mimo_x.to(f32).contiguous() if mimo_x is not None else ones
+        self.mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
+        self.mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
+        self.qb, self.kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
+        self.D = D.to(f32).contiguous() if D is not None else ones
+        self.has_d, self.has_z, self.contract = D is not None, z is not None, mimo_o is not None
+        self.init, self.lengths = init, lengths
+        low = q.dtype in (torch.bfloat16, torch.float16)
+        dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
+        rp = _rank_pad(self.R)
+        self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
+                         PAIRWISE=rope_pairwise, DOT=dot, PREC="tf32" if low else "ieee",
+                         num_warps=8 if C * rp >= 128 else 4)
+
+    def scalars(self, adt, dt, trap, angles, mx):
+        return _scalars(adt, dt, trap, angles, mx, self.init, self.lengths, self.C)
+
+
+def _entering_states(st: _Setup, k, v, theta, acs, w, atot, s0):
+    """States entering each chunk, (B, H, nc, P, N) fp32, and the final state (B, H, P, N)."""
+    B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
+    states = torch.empty(B, H, nc, P, N, device=k.device, dtype=torch.float32)
+    _chunk_state_kernel[(B * H, nc)](k, st.kb, theta, v, st.mx, acs, w, atot, states, st.L, H, st.G, st.K, N, P, nc,
+                                     **st.meta)
+    if s0 is None:
+        s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
+    final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
+    block = min(256, triton.next_power_of_2(P * N))
+    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](states, s0, atot, final, nc, P * N, BLOCK=block)
+    return states, final
+
+
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
                      initial_state, lengths):
     """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32)."""
-    B, L, R, G, N = q.shape
-    H, P = v.shape[2:]
-    K = angles.shape[-1]
-    dev, f32 = q.device, torch.float32
-    C = kernel_chunk(R)
-    nc = max(1, -(-L // C))
+    f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
-    dt_, adt_ = dt.to(f32).contiguous(), adt.to(f32).contiguous()
-    theta = _cumulative_angles(angles.to(f32), dt_, None if init is None else init.angle, C).contiguous()
-    gam, nxt, w = (t.contiguous() for t in trapezoid_weights(dt_, trap.to(f32), lengths))
-    ones = torch.ones(H, R, P, device=dev, dtype=f32)
-    mx = mimo_x.to(f32).contiguous() if mimo_x is not None else ones
-    mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
-    mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
-    s0 = entering_state(init, nxt, mx.transpose(0, 1), (B, H, P, N), f32, dev).contiguous()
-    acs = F.pad(adt_, (0, 0, 0, nc * C - L)).view(B, nc, C, H).cumsum(2)  # decay within each chunk
-    atot = acs[:, :, -1].permute(0, 2, 1).contiguous()  # (B, H, nc): each chunk's total decay
-    acs = acs.view(B, nc * C, H)[:, :L].contiguous()
-
+    st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise, init,
+                lengths, kernel_chunk(q.shape[2]))
+    theta, gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), angles.to(f32), st.mx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    qb, kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
-    zc = z.contiguous() if z is not None else v
-    Dc = D.to(f32).contiguous() if D is not None else dt_
-    low = q.dtype in (torch.bfloat16, torch.float16)
-    dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
-    meta = dict(R=R, RP=_rank_pad(R), CR=C * _rank_pad(R), BH=_pow2(N // 2), BP=_pow2(P), HALF=N // 2, PAIRWISE=rope_pairwise, DOT=dot,
-                PREC="tf32" if low else "ieee", num_warps=8 if C * _rank_pad(R) >= 128 else 4)
-
-    states = torch.empty(B, H, nc, P, N, device=dev, dtype=f32)
-    _chunk_state_kernel[(B * H, nc)](k, kb, theta, v, mx, acs, w, atot, states, L, H, G, K, N, P, nc, **meta)
-    final_ssm = torch.empty(B, H, P, N, device=dev, dtype=f32)
-    block = min(256, triton.next_power_of_2(P * N))
-    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](states, s0, atot, final_ssm, nc, P * N, BLOCK=block)
-    contract = mimo_o is not None
-    out = torch.empty((B, L, H, P) if contract else (B, L, R, H, P), device=dev, dtype=v.dtype)
-    _chunk_output_kernel[(B * H, nc)](q, k, qb, kb, theta, v, mx, mz, mo, Dc, zc, acs, gam, w, states, out,
-                                      L, H, G, K, N, P, nc, HAS_D=D is not None, HAS_Z=z is not None,
-                                      CONTRACT=contract, **meta)
+    states, final_ssm = _entering_states(st, k, v, theta, acs, w, atot, s0)
+    B, L, H, P = st.B, st.L, st.H, st.P
+    out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
+    _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, theta, v, st.mx, st.mz, st.mo, st.D,
+                                         z.contiguous() if z is not None else v, acs, gam, w, states, out,
+                                         L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d, HAS_Z=st.has_z,
+                                         CONTRACT=st.contract, **st.meta)
 
     def kr_last(rows, last):
-        kh = heads_from_groups(k[rows, last].to(f32), H, 2) + kb.transpose(0, 1)
+        kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
         return rotate(kh, theta[rows, last][:, None], rope_pairwise)
 
     return out, final_state(theta, final_ssm, kr_last, v, lengths, f32)
 
 
 class _Mamba3Triton(torch.autograd.Function):
+    """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
+
     @staticmethod
-    def forward(ctx, opts, initial_state, cu_seqlens, *tensors):
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z = tensors
-        rope_pairwise = opts
+    def forward(ctx, rope_pairwise, initial_state, lengths, *tensors):
         with torch.no_grad():
-            if cu_seqlens is None:
-                y, fin = _forward_batched(*tensors, rope_pairwise, initial_state, None)
-            else:
-                lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
-                y, fin = _forward_batched(pad(q), pad(k), pad(v), pad(adt), pad(dt), pad(trap), q_bias, k_bias,
-                                          pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z), rope_pairwise,
-                                          initial_state, lengths)
-                y = y[valid][None]
-        ctx.opts, ctx.initial_state, ctx.cu_seqlens = opts, initial_state, cu_seqlens
+            y, fin = _forward_batched(*tensors, rope_pairwise, initial_state, lengths)
+        ctx.rope_pairwise, ctx.initial_state, ctx.lengths = rope_pairwise, initial_state, lengths
         ctx.save_for_backward(*tensors)
         ctx.mark_non_differentiable(*fin)
         return (y, *fin)
 
     @staticmethod
     def backward(ctx, dy, *_):
-        # Recompute through the chunked torch op (exact gradients; the Triton backward replaces this).
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
-            y, _ = mamba3_chunked(*inputs[:9], mimo_x=inputs[9], mimo_z=inputs[10], mimo_o=inputs[11], D=inputs[12],
-                                  z=inputs[13], rope_pairwise=ctx.opts, chunk_size=64,
-                                  initial_state=ctx.initial_state, cu_seqlens=ctx.cu_seqlens)
-            wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and t.requires_grad]
-            grads = torch.autograd.grad(y, [t for _, t in wrt], dy.to(y.dtype), allow_unused=True)
-        out = [None] * len(inputs)
-        for (i, _), gr in zip(wrt, grads):
-            out[i] = gr
-        return (None, None, None, *out)
+        from .triton_backward import chunked_backward  # imports this module's kernels
+
+        grads = chunked_backward(dy, *ctx.saved_tensors, ctx.rope_pairwise, ctx.initial_state, ctx.lengths)
+        return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
 
 
 def mamba3_chunked_triton(
@@ -306,6 +328,12 @@ def mamba3_chunked_triton(
         raise ValueError(f"d_state must be even for the rotation, got {q.shape[-1]}")
     if initial_state is not None and cu_seqlens is None and initial_state.ssm.shape[0] != q.shape[0]:
         raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
-    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
-    y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, cu_seqlens, *tensors)
+    if cu_seqlens is None:
+        y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, None, q, k, v, adt, dt, trap, q_bias, k_bias,
+                                      angles, mimo_x, mimo_z, mimo_o, D, z)
+    else:
+        lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
+        y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, lengths, pad(q), pad(k), pad(v), pad(adt), pad(dt),
+                                      pad(trap), q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z))
+        y = y[valid][None]
     return y, (Mamba3State(*fin) if return_final_state else None)
