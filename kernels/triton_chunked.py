@@ -45,9 +45,10 @@ def _rank_pad(rank: int) -> int:
 
 
 def kernel_chunk(rank: int) -> int:
-    """Chunk length C of the kernels: C x R' rows (R' = R padded to a power of two) in the intra-chunk
-    product, 64..128 rows (tensor-core sized, and a (rows x rows) fp32 tile still fits in registers)."""
-    return max(16, min(64, 128 // _rank_pad(rank)))
+    """Chunk length C of the kernels: C x R' = 64 rows (R' = R padded to a power of two; 128 for R' = 8) in the
+    intra-chunk products. Tensor-core sized, and small enough that the kernels' tiles stay in registers:
+    at 128 rows they spill and the forward+backward at b8 x 2048 (R4, H100) is ~40% slower (evals/kernel_report.py)."""
+    return max(16, 64 // _rank_pad(rank))
 
 
 if triton is not None:
@@ -150,11 +151,11 @@ if triton is not None:
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
-                             acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr,
+                             acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr, opre_ptr,
                              L, H, G, K, N, P, nc,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                             CONTRACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                             CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -184,6 +185,9 @@ if triton is not None:
         o = tl.dot(s.to(DOT), vr.to(DOT), o, input_precision=PREC)
         if HAS_D:
             o += tl.load(d_ptr + h).to(tl.float32) * vr
+        if SAVE_O:  # the pre-gate output per row, for the backward (cheaper to keep than to recompute)
+            tl.store(opre_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
+                     o.to(opre_ptr.dtype.element_ty), mask=lp)
         if HAS_Z:
             zz = tl.load(z_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
                          other=0.0).to(tl.float32)
@@ -243,7 +247,7 @@ class _Setup:
         rp = _rank_pad(self.R)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
                          PAIRWISE=rope_pairwise, DOT=dot, PREC="tf32" if low else "ieee",
-                         num_warps=8 if C * rp >= 128 else 4)
+                         num_warps=8)  # 4 warps spill at these tile sizes (evals/kernel_report.py, H100)
 
     def scalars(self, adt, dt, trap, angles, mx):
         return _scalars(adt, dt, trap, angles, mx, self.init, self.lengths, self.C)
@@ -264,8 +268,9 @@ def _entering_states(st: _Setup, k, v, theta, acs, w, atot, s0):
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
-                     initial_state, lengths):
-    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32)."""
+                     initial_state, lengths, save_o: bool = False):
+    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32, and with
+    save_o the pre-gate output per row (B, L, R, H, P) in v's dtype, else None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise, init,
@@ -275,16 +280,17 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     states, final_ssm = _entering_states(st, k, v, theta, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
+    opre = torch.empty(B, L, st.R, H, P, device=q.device, dtype=v.dtype) if save_o else None
     _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, theta, v, st.mx, st.mz, st.mo, st.D,
                                          z.contiguous() if z is not None else v, acs, gam, w, states, out,
-                                         L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d, HAS_Z=st.has_z,
-                                         CONTRACT=st.contract, **st.meta)
+                                         opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d,
+                                         HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
 
     def kr_last(rows, last):
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
         return rotate(kh, theta[rows, last][:, None], rope_pairwise)
 
-    return out, final_state(theta, final_ssm, kr_last, v, lengths, f32)
+    return out, final_state(theta, final_ssm, kr_last, v, lengths, f32), opre
 
 
 class _Mamba3Triton(torch.autograd.Function):
@@ -293,9 +299,10 @@ class _Mamba3Triton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rope_pairwise, initial_state, lengths, *tensors):
         with torch.no_grad():
-            y, fin = _forward_batched(*tensors, rope_pairwise, initial_state, lengths)
+            y, fin, opre = _forward_batched(*tensors, rope_pairwise, initial_state, lengths,
+                                            save_o=any(ctx.needs_input_grad[3:]))
         ctx.rope_pairwise, ctx.initial_state, ctx.lengths = rope_pairwise, initial_state, lengths
-        ctx.save_for_backward(*tensors)
+        ctx.save_for_backward(opre, *tensors)
         ctx.mark_non_differentiable(*fin)
         return (y, *fin)
 
@@ -303,7 +310,8 @@ class _Mamba3Triton(torch.autograd.Function):
     def backward(ctx, dy, *_):
         from .triton_backward import chunked_backward  # imports this module's kernels
 
-        grads = chunked_backward(dy, *ctx.saved_tensors, ctx.rope_pairwise, ctx.initial_state, ctx.lengths)
+        opre, *tensors = ctx.saved_tensors
+        grads = chunked_backward(dy, opre, *tensors, ctx.rope_pairwise, ctx.initial_state, ctx.lengths)
         return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Per-kernel report of the Triton scan (a tuning aid, run on the device): for each kernel of one forward+backward
+call of `mamba3_chunked_triton`, its registers per thread, spilled registers, shared memory and GPU time
+(torch.profiler, median over --reps calls), for a grid of kernel chunk lengths and warp counts.
+
+    python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (the bench shape)
+
+Prints one table per variant and writes kernel_report.json. The variants override the kernels' chunk length
+and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def _inputs(B: int, L: int, R: int, H: int, P: int, N: int, K: int, seed: int = 0):
+    from conftest import make_op_inputs  # the tests' input generator: realistic ranges for dt, adt, trap, angles
+
+    g = torch.Generator().manual_seed(seed)
+    args, opts = make_op_inputs(B=B, L=L, R=R, G=1, N=N, H=H, P=P, K=K, dtype=torch.float32, mimo=R > 1, gate=True,
+                                skip=True, gen=g)
+    cast = lambda t: None if t is None else t.cuda().bfloat16().requires_grad_()  # noqa: E731
+    return [cast(a) for a in args], {k: cast(v) for k, v in opts.items()}
+
+
+_ORIG: dict = {}
+
+
+def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records: dict):
+    """Override the kernels' chunk length / warps and record each launched kernel's compile metadata."""
+    import triton
+
+    from hybrid_mamba3.kernels import triton_backward as tb
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
+    orig = _ORIG.setdefault("o", (tc.kernel_chunk, tb.backward_chunk, tc._Setup.__init__,
+                                  triton.runtime.jit.JITFunction.run))
+    tc.kernel_chunk, tb.backward_chunk = orig[:2]
+    if chunk is not None:
+        tc.kernel_chunk = lambda rank: chunk
+    if bwd_chunk is not None:
+        tb.backward_chunk = lambda rank: bwd_chunk
+    init, run = orig[2], orig[3]
+
+    def setup_init(self, *a, **kw):
+        init(self, *a, **kw)
+        if warps is not None:
+            self.meta["num_warps"] = warps
+
+    tc._Setup.__init__ = setup_init
+
+    def recording_run(self, *a, **kw):
+        k = run(self, *a, **kw)
+        if k is not None and hasattr(k, "n_regs"):
+            records[self.__name__] = dict(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared,
+                                          warps=k.metadata.num_warps)
+        return k
+
+    triton.runtime.jit.JITFunction.run = recording_run
+
+
+def _profile(fn, reps: int) -> dict[str, float]:
+    """Median GPU ms per kernel name over reps calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = collections.defaultdict(list)
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        tot = collections.Counter()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                tot[e.name] += e.device_time_total / 1e3
+        for k, v in tot.items():
+            per[k].append(v)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="8x2048", help="BxL")
+    ap.add_argument("--ranks", default="4,1")
+    ap.add_argument("--chunks", default="default", help="comma list of forward kernel chunk lengths, or 'default'")
+    ap.add_argument("--bwd-chunks", default="default", help="comma list of backward kernel chunk lengths")
+    ap.add_argument("--warps", default="default", help="comma list of num_warps, or 'default'")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args()
+    B, L = map(int, a.shape.split("x"))
+    H, P, N = 64, 64, 128
+    from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
+
+    results = []
+    grid = lambda arg: [None] if arg == "default" else [int(c) for c in arg.split(",")]  # noqa: E731
+    variants = [(c, bc, w) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)]
+    for R in map(int, a.ranks.split(",")):
+        args, opts = _inputs(B, L, R, H, P, N, N // 4)
+        dy = None
+        for chunk, bwd_chunk, w in variants:
+            records: dict = {}
+            _patch(chunk, bwd_chunk, w, records)
+
+            def call():
+                nonlocal dy
+                for t in [*args, *opts.values()]:
+                    if t is not None:
+                        t.grad = None
+                y, _ = mamba3_chunked_triton(*args, **opts)
+                dy = torch.randn_like(y) if dy is None else dy
+                y.backward(dy)
+
+            try:
+                call()
+                times = _profile(call, a.reps)
+            except Exception as e:  # an out-of-resources config is a result, not a crash
+                err = f"{type(e).__name__}: {e}"[:300]
+                results.append(dict(R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, error=err))
+                print(f"R={R} chunk={chunk} bwd_chunk={bwd_chunk} warps={w}: {results[-1]['error']}", flush=True)
+                continue
+            rows = []
+            for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+                short = next((k for k in records if k in name), None)
+                rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
+            total = sum(times.values())
+            results.append(dict(R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, total_ms=round(total, 3), kernels=rows))
+            print(f"\nR={R} chunk={chunk or 'default'} bwd_chunk={bwd_chunk or 'default'} warps={w or 'default'}: "
+                  f"total {total:.2f} ms")
+            print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
+            for r in rows[:14]:
+                print(f"{r['kernel']:60s} {r['ms']:8.3f} {r.get('regs', ''):>5} {r.get('spills', ''):>6} "
+                      f"{r.get('shared', ''):>7} {r.get('warps', ''):>5}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "kernel_report.json"), "w") as f:
+        json.dump(dict(shape=a.shape, gpu=torch.cuda.get_device_name(0), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
