@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from .triton_chunked import (_decay_mask, _entering_states, _half_columns, _load_rotated, _rank_rows,
-                             _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
+                             _rotation_tables, _rows_v, _Setup, kernel_chunk, rotation_table, tl,
+                             triton)
 
 if triton is not None:
 
@@ -72,7 +73,7 @@ if triton is not None:
         tl.store(part_ptr + head_off + offs_r[:, None] * 2 * BH + ib[None, :], _position_sum(ub, CR, RP, BH), mask=pm)
 
     @triton.jit
-    def _bwd_dout_kernel(q_ptr, qb_ptr, theta_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr,
+    def _bwd_dout_kernel(q_ptr, qb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr,
                          acs_ptr, states_ptr, dy_ptr,
                          do_ptr, de_ptr, dacs_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr,
                          L, H, G, K, N, P, nc,
@@ -129,13 +130,13 @@ if triton is not None:
         # The entering state's term o_i = exp(acs_t) q_i E^T: d acs and dE = (exp(acs) dO)^T Q.
         acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         eacs = tl.exp(acs)
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
                             qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
-        ea = tl.load(st + ia[None, :], mask=m, other=0.0).to(DOT)
-        eb = tl.load(st + ib[None, :], mask=m, other=0.0).to(DOT)
+        ea = tl.load(st + ia[None, :], mask=m, other=0.0)
+        eb = tl.load(st + ib[None, :], mask=m, other=0.0)
         oi = tl.dot(qa, tl.trans(ea), input_precision=PREC)
         oi = tl.dot(qb, tl.trans(eb), oi, input_precision=PREC)
         tl.store(dacs_ptr + (b * L + offs_t) * H + h, _rank_sum_1d(tl.sum(do16.to(tl.float32) * oi, axis=1) * eacs,
@@ -146,30 +147,31 @@ if triton is not None:
         tl.store(out + ib[None, :], tl.dot(doe, qb, input_precision=PREC), mask=m)
 
     @triton.jit
-    def _state_pass_bwd_kernel(dstates_ptr, states_ptr, atot_ptr, ds0_ptr, datot_ptr, nc, PN, NBLK,
+    def _state_pass_bwd_kernel(de_ptr, states_ptr, atot_ptr, ds0_ptr, datot_ptr, down_ptr, nc, PN, NBLK,
                                BLOCK: tl.constexpr):
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         m = offs < PN
-        dbase = dstates_ptr + pid_bh * nc * PN + offs
+        dbase = de_ptr + pid_bh * nc * PN + offs
         sbase = states_ptr + pid_bh * nc * PN + offs
+        obase = down_ptr + pid_bh * nc * PN + offs
         drun = tl.zeros([BLOCK], dtype=tl.float32)  # the final state carries no gradient
         de = tl.load(dbase + (nc - 1) * PN, mask=m, other=0.0)
-        run = tl.load(sbase + (nc - 1) * PN, mask=m, other=0.0)
+        run = tl.load(sbase + (nc - 1) * PN, mask=m, other=0.0).to(tl.float32)
         for i in range(nc):  # the previous chunk's tiles are fetched before this one's are written (hides latency)
             c = nc - 1 - i
             has_prev = m & (offs * 0 + c > 0)
             de_prev = tl.load(dbase + (c - 1) * PN, mask=has_prev, other=0.0)
-            run_prev = tl.load(sbase + (c - 1) * PN, mask=has_prev, other=0.0)
+            run_prev = tl.load(sbase + (c - 1) * PN, mask=has_prev, other=0.0).to(tl.float32)
             decay = tl.exp(tl.load(atot_ptr + pid_bh * nc + c))
-            tl.store(dbase + c * PN, drun, mask=m)  # d own_c = d run_c+1
+            tl.store(obase + c * PN, drun.to(down_ptr.dtype.element_ty), mask=m)  # d own_c = d run_c+1
             tl.store(datot_ptr + (pid_bh * NBLK + blk) * nc + c, tl.sum(drun * run, axis=0) * decay)
             drun = de + drun * decay
             de, run = de_prev, run_prev
         tl.store(ds0_ptr + pid_bh * PN + offs, drun, mask=m)
 
     @triton.jit
-    def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, states_ptr,
+    def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, states_ptr,
                        do_ptr, dq_ptr, dqb_ptr, dtheta_ptr,
                        L, H, G, K, N, P, nc,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
@@ -192,16 +194,16 @@ if triton is not None:
                        mx_ptr + (h * R + r_i) * P).to(DOT)
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         ds16 = (tl.dot(do16, tl.trans(vr16), input_precision=PREC) * mask).to(DOT)
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         row_off = (offs_l * R + r_i) * G * N
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                             kb_ptr + (h * R + r_i) * N, cos, sin, DOT)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
         eacs = tl.exp(acs)[:, None]
-        dqa = tl.dot(do16, tl.load(st + ia[None, :], mask=m, other=0.0).to(DOT), input_precision=PREC) * eacs
+        dqa = tl.dot(do16, tl.load(st + ia[None, :], mask=m, other=0.0), input_precision=PREC) * eacs
         dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
-        dqb = tl.dot(do16, tl.load(st + ib[None, :], mask=m, other=0.0).to(DOT), input_precision=PREC) * eacs
+        dqb = tl.dot(do16, tl.load(st + ib[None, :], mask=m, other=0.0), input_precision=PREC) * eacs
         dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                             qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
@@ -214,7 +216,7 @@ if triton is not None:
                          lmask[:, None] & jm[None, :], ia, ib, dqa, dqb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
     @triton.jit
-    def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, d_ptr,
+    def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, d_ptr,
                          acs_ptr, gam_ptr, w_ptr, atot_ptr, down_ptr, do_ptr,
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
                          L, H, G, K, N, P, nc,
@@ -235,7 +237,7 @@ if triton is not None:
         offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
         tmask = offs_t < L
 
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                             qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
@@ -266,8 +268,8 @@ if triton is not None:
         # The chunk's own state sum_i to_end_i v_i k_i^T, with gradient dOwn = (fa | fb).
         m = pmask[:, None] & jm[None, :]
         st = down_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
-        fa = tl.load(st + ia[None, :], mask=m, other=0.0).to(DOT)
-        fb = tl.load(st + ib[None, :], mask=m, other=0.0).to(DOT)
+        fa = tl.load(st + ia[None, :], mask=m, other=0.0)
+        fb = tl.load(st + ib[None, :], mask=m, other=0.0)
         back = tl.exp(tl.load(atot_ptr + pid_bh * nc + c) - acs)
         to_end = back * w
         kf = tl.dot(ka, tl.trans(fa), input_precision=PREC)
@@ -333,33 +335,36 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
-        th, ac, ww, at, gm = theta.detach(), acs.detach(), w.detach(), atot.detach(), gam.detach()
-        states, _ = _entering_states(st, k, v, th, ac, ww, at, None if s0 is None else s0.detach())
+        ac, ww, at, gm = acs.detach(), w.detach(), atot.detach(), gam.detach()
+        cs = rotation_table(theta.detach())
+        states, _ = _entering_states(st, k, v, cs, ac, ww, at, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
-        dstates = torch.empty_like(states)
+        de = empty(*states.shape)  # fp32: the reverse pass accumulates these
         dacs_a = empty(B, L, H)
         dz = empty(B, L, H, P) if st.has_z else dacs_a
         dmz, dmo = empty(B * H, nc, RP, P), empty(B * H, nc, RP, P)
         dD = empty(B * H, nc)
-        _bwd_dout_kernel[(B * H, nc)](q, st.qb, th, v, st.mx, st.mz, st.mo, st.D, zc, opre, ac, states, dy,
-                                      do, dstates, dacs_a, dz, dmz, dmo, dD, L, H, G, K, N, P, nc,
+        _bwd_dout_kernel[(B * H, nc)](q, st.qb, cs, v, st.mx, st.mz, st.mo, st.D, zc, opre, ac, states, dy,
+                                      do, de, dacs_a, dz, dmz, dmo, dD, L, H, G, K, N, P, nc,
                                       HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract, **meta)
         block = min(256, triton.next_power_of_2(P * N))
         nblk = triton.cdiv(P * N, block)
         ds0 = empty(B, H, P, N)
         datot_pass = empty(B * H, nblk, nc)
-        _state_pass_bwd_kernel[(B * H, nblk)](dstates, states, at, ds0, datot_pass, nc, P * N, nblk, BLOCK=block)
+        down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
+        _state_pass_bwd_kernel[(B * H, nblk)](de, states, at, ds0, datot_pass, down, nc, P * N, nblk, BLOCK=block)
+        del de
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
-        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, th, v, st.mx, ac, gm, ww, states, do, dq, dqb, dtheta,
+        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, states, do, dq, dqb, dtheta,
                                     L, H, G, K, N, P, nc, **meta)
         del states
         dv = empty(B, L, H, P)
         dmx = empty(B * H, nc, RP, P)
         dacs_b, dw, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
-        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, th, v, st.mx, st.D, ac, gm, ww, at, dstates, do,
+        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, dgam, datot, L, H, G, K, N, P, nc,
                                       HAS_D=st.has_d, **meta)
         datot = (datot + datot_pass.sum(1)).view(B, H, nc)

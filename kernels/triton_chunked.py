@@ -63,11 +63,12 @@ if triton is not None:
         return offs_j, offs_j < HALF, offs_j, offs_j + HALF
 
     @triton.jit
-    def _rotation_tables(theta_ptr, offs_l, lmask, stride_l, offs_j, K):
-        """cos/sin of each row's angle for pair j (angle 0, the identity, for the pairs j >= K)."""
-        th = tl.load(theta_ptr + offs_l[:, None] * stride_l + offs_j[None, :],
-                     mask=lmask[:, None] & (offs_j < K)[None, :], other=0.0)
-        return tl.cos(th), tl.sin(th)
+    def _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j):
+        """cos/sin of each row's angle for pair j (the identity for the pairs j >= K), from the (B, L, H, 2, K)
+        table `rotation_table` made once per call (cheaper to load than to recompute in every kernel)."""
+        m = lmask[:, None] & (offs_j < K)[None, :]
+        ptr = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_j[None, :]
+        return tl.load(ptr, mask=m, other=1.0), tl.load(ptr + K, mask=m, other=0.0)
 
     @triton.jit
     def _load_rotated(base, row_off, lmask, ia, ib, jm, bias_row, cos, sin):
@@ -109,7 +110,7 @@ if triton is not None:
         return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
 
     @triton.jit
-    def _chunk_state_kernel(k_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
+    def _chunk_state_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
                             L, H, G, K, N, P, nc,
                             R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                             HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -124,7 +125,7 @@ if triton is not None:
         acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         to_end = tl.exp(tl.load(atot_ptr + pid_bh * nc + c) - acs) * w
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
                                kb_ptr + (h * R + r_i) * N, cos, sin)
         vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
@@ -135,22 +136,23 @@ if triton is not None:
         tl.store(out + ib[None, :], tl.dot(vt, kb.to(DOT), input_precision=PREC), mask=m)
 
     @triton.jit
-    def _state_pass_kernel(states_ptr, s0_ptr, atot_ptr, final_ptr, nc, PN, BLOCK: tl.constexpr):
+    def _state_pass_kernel(own_ptr, s0_ptr, atot_ptr, final_ptr, enter_ptr, nc, PN, BLOCK: tl.constexpr):
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         m = offs < PN
         run = tl.load(s0_ptr + pid_bh * PN + offs, mask=m, other=0.0)
-        base = states_ptr + pid_bh * nc * PN + offs
+        base = own_ptr + pid_bh * nc * PN + offs
+        ebase = enter_ptr + pid_bh * nc * PN + offs
         own = tl.load(base, mask=m, other=0.0)
         for c in range(nc):  # the next chunk's state is fetched before this one's is written (hides latency)
             nxt = tl.load(base + (c + 1) * PN, mask=m & (offs * 0 + c + 1 < nc), other=0.0)
-            tl.store(base + c * PN, run, mask=m)
+            tl.store(ebase + c * PN, run.to(enter_ptr.dtype.element_ty), mask=m)
             run = run * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)) + own
             own = nxt
         tl.store(final_ptr + pid_bh * PN + offs, run, mask=m)
 
     @triton.jit
-    def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, theta_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
+    def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
                              acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr, opre_ptr,
                              L, H, G, K, N, P, nc,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
@@ -166,7 +168,7 @@ if triton is not None:
         lp = lmask[:, None] & pmask[None, :]
 
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
-        cos, sin = _rotation_tables(theta_ptr + b * L * H * K + h * K, offs_l, lmask, H * K, offs_j, K)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _load_rotated(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                                qb_ptr + (h * R + r_i) * N, cos, sin)
@@ -176,8 +178,8 @@ if triton is not None:
         vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
-        ea = tl.load(st + ia[None, :], mask=m, other=0.0).to(DOT)
-        eb = tl.load(st + ib[None, :], mask=m, other=0.0).to(DOT)
+        ea = tl.load(st + ia[None, :], mask=m, other=0.0)
+        eb = tl.load(st + ib[None, :], mask=m, other=0.0)
         o = tl.dot(qa, tl.trans(ea), input_precision=PREC)
         o = tl.dot(qb, tl.trans(eb), o, input_precision=PREC) * tl.exp(acs)[:, None]
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
@@ -244,6 +246,7 @@ class _Setup:
         self.init, self.lengths = init, lengths
         low = q.dtype in (torch.bfloat16, torch.float16)
         dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
+        self.operand_dtype = q.dtype if low else torch.float32
         rp = _rank_pad(self.R)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
                          PAIRWISE=rope_pairwise, DOT=dot, PREC="tf32" if low else "ieee",
@@ -253,18 +256,26 @@ class _Setup:
         return _scalars(adt, dt, trap, angles, mx, self.init, self.lengths, self.C)
 
 
-def _entering_states(st: _Setup, k, v, theta, acs, w, atot, s0):
-    """States entering each chunk, (B, H, nc, P, N) fp32, and the final state (B, H, P, N)."""
+def rotation_table(theta: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, K) angles -> (B, L, H, 2, K) fp32 cos | sin, the kernels' rotation input."""
+    return torch.stack((theta.cos(), theta.sin()), dim=3)
+
+
+def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
+    """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
+    operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the pass
+    itself runs in fp32)."""
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
-    states = torch.empty(B, H, nc, P, N, device=k.device, dtype=torch.float32)
-    _chunk_state_kernel[(B * H, nc)](k, st.kb, theta, v, st.mx, acs, w, atot, states, st.L, H, st.G, st.K, N, P, nc,
+    own = torch.empty(B, H, nc, P, N, device=k.device, dtype=torch.float32)
+    _chunk_state_kernel[(B * H, nc)](k, st.kb, cs, v, st.mx, acs, w, atot, own, st.L, H, st.G, st.K, N, P, nc,
                                      **st.meta)
     if s0 is None:
         s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
+    enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     block = min(256, triton.next_power_of_2(P * N))
-    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](states, s0, atot, final, nc, P * N, BLOCK=block)
-    return states, final
+    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](own, s0, atot, final, enter, nc, P * N, BLOCK=block)
+    return enter, final
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
@@ -277,11 +288,12 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
                 lengths, kernel_chunk(q.shape[2]))
     theta, gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), angles.to(f32), st.mx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    states, final_ssm = _entering_states(st, k, v, theta, acs, w, atot, s0)
+    cs = rotation_table(theta)
+    states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
     opre = torch.empty(B, L, st.R, H, P, device=q.device, dtype=v.dtype) if save_o else None
-    _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, theta, v, st.mx, st.mz, st.mo, st.D,
+    _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.mz, st.mo, st.D,
                                          z.contiguous() if z is not None else v, acs, gam, w, states, out,
                                          opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d,
                                          HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
