@@ -3,7 +3,7 @@
 call of `mamba3_chunked_triton`, its registers per thread, spilled registers, shared memory and GPU time
 (torch.profiler, median over --reps calls), for a grid of kernel chunk lengths and warp counts.
 
-    python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (the bench shape)
+    python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (--shapes for others)
 
 Prints one table per variant and writes kernel_report.json. The variants override the kernels' chunk length
 and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`.
@@ -89,7 +89,7 @@ def _profile(fn, reps: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="8x2048", help="BxL")
+    ap.add_argument("--shapes", default="8x2048", help="comma list of BxL")
     ap.add_argument("--ranks", default="4,1")
     ap.add_argument("--chunks", default="default", help="comma list of forward kernel chunk lengths, or 'default'")
     ap.add_argument("--bwd-chunks", default="default", help="comma list of backward kernel chunk lengths")
@@ -97,14 +97,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
-    B, L = map(int, a.shape.split("x"))
     H, P, N = 64, 64, 128
     from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
 
     results = []
     grid = lambda arg: [None] if arg == "default" else [int(c) for c in arg.split(",")]  # noqa: E731
     variants = [(c, bc, w) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)]
-    for R in map(int, a.ranks.split(",")):
+    for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
+        B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)
         dy = None
         for chunk, bwd_chunk, w in variants:
@@ -125,24 +125,25 @@ def main() -> None:
                 times = _profile(call, a.reps)
             except Exception as e:  # an out-of-resources config is a result, not a crash
                 err = f"{type(e).__name__}: {e}"[:300]
-                results.append(dict(R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, error=err))
-                print(f"R={R} chunk={chunk} bwd_chunk={bwd_chunk} warps={w}: {results[-1]['error']}", flush=True)
+                results.append(dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, error=err))
+                print(f"{shape} R={R} chunk={chunk} bwd_chunk={bwd_chunk} warps={w}: {err}", flush=True)
                 continue
             rows = []
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 short = next((k for k in records if k in name), None)
                 rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
             total = sum(times.values())
-            results.append(dict(R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, total_ms=round(total, 3), kernels=rows))
-            print(f"\nR={R} chunk={chunk or 'default'} bwd_chunk={bwd_chunk or 'default'} warps={w or 'default'}: "
-                  f"total {total:.2f} ms")
+            results.append(dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w,
+                                total_ms=round(total, 3), kernels=rows))
+            print(f"\n{shape} R={R} chunk={chunk or 'default'} bwd_chunk={bwd_chunk or 'default'} "
+                  f"warps={w or 'default'}: total {total:.2f} ms")
             print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
             for r in rows[:14]:
                 print(f"{r['kernel']:60s} {r['ms']:8.3f} {r.get('regs', ''):>5} {r.get('spills', ''):>6} "
                       f"{r.get('shared', ''):>7} {r.get('warps', ''):>5}", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernel_report.json"), "w") as f:
-        json.dump(dict(shape=a.shape, gpu=torch.cuda.get_device_name(0), results=results), f, indent=1)
+        json.dump(dict(gpu=torch.cuda.get_device_name(0), results=results), f, indent=1)
 
 
 if __name__ == "__main__":

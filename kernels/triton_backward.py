@@ -14,9 +14,10 @@ saving them); the forward keeps only the pre-gate output o per row:
    inter-chunk part of d acs.
 2. `_state_pass_bwd_kernel` (B*H, P*N blocks): walk the chunks backwards, d run_c = dE_c + exp(atot_c)
    d run_c+1, leaving in place the gradient of each chunk's own state (d run_c+1), plus d atot_c.
-3. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T.
+3. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T; d acs, d w, d gamma
+   from dA o S (the mask's entries).
 4. `_bwd_dkdv_kernel` (B*H, chunks): dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end
-   (K dOwn^T) + D dO; d acs, d w, d gamma, d atot from dA o S and the to_end weights.
+   (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
 dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
 partial sums for the biases).
@@ -172,11 +173,13 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, states_ptr,
-                       do_ptr, dq_ptr, dqb_ptr, dtheta_ptr,
+                       do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr,
                        L, H, G, K, N, P, nc,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                        HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-        """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side."""
+        """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
+        gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
+        (here rather than in the dK/dV kernel, whose tiles are the tighter fit)."""
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -193,11 +196,24 @@ if triton is not None:
         vr16 = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask,
                        mx_ptr + (h * R + r_i) * P).to(DOT)
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
-        ds16 = (tl.dot(do16, tl.trans(vr16), input_precision=PREC) * mask).to(DOT)
+        da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
         cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         row_off = (offs_l * R + r_i) * G * N
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                             kb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+        qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
+                            qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+        dm = da * tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
+        ts = offs_l[:, None] - offs_l[None, :]
+        lower = ts > 0
+        dmm = tl.where(lower, dm * mask, 0.0)
+        tok = (b * L + offs_t) * H + h
+        tl.store(dacs_ptr + tok, _rank_sum_1d(tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0), CR, RP), mask=tmask)
+        dw = tl.sum(tl.where(lower, dm * tl.exp(tl.minimum(acs[:, None] - acs[None, :], 0.0)), 0.0), axis=0)
+        tl.store(dw_ptr + tok, _rank_sum_1d(dw, CR, RP), mask=tmask)
+        tl.store(dgam_ptr + tok, _rank_sum_1d(tl.sum(tl.where(ts == 0, dm, 0.0), axis=1), CR, RP), mask=tmask)
+        ds16 = (da * mask).to(DOT)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
         eacs = tl.exp(acs)[:, None]
@@ -205,8 +221,6 @@ if triton is not None:
         dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
         dqb = tl.dot(do16, tl.load(st + ib[None, :], mask=m, other=0.0), input_precision=PREC) * eacs
         dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
-        qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
         # (ra, rb) = R(theta) (xa, xb): d theta = drb ra - dra rb; the k side adds its part in _bwd_dkdv_kernel.
         dth = _rank_sum(dqb * qa.to(tl.float32) - dqa * qb.to(tl.float32), CR, RP, BH)
         tl.store(dtheta_ptr + (b * L + offs_t[:, None]) * H * K + h * K + offs_j[None, :], dth,
@@ -218,14 +232,13 @@ if triton is not None:
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, d_ptr,
                          acs_ptr, gam_ptr, w_ptr, atot_ptr, down_ptr, do_ptr,
-                         dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
+                         dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
                          L, H, G, K, N, P, nc,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
-        """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the per-token
-        scalars' gradients (d acs, d w, d gamma, d atot) from dA o S and the to_end weights; the k side of
-        d theta."""
+        """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
+        the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -251,15 +264,7 @@ if triton is not None:
                        mx_ptr + (h * R + r_i) * P).to(DOT)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
 
-        # The mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s): their gradients.
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
-        dm = da * s
-        ts = offs_l[:, None] - offs_l[None, :]
-        lower = ts > 0
-        dmm = tl.where(lower, dm * mask, 0.0)
-        dacs = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
-        dw = tl.sum(tl.where(lower, dm * tl.exp(tl.minimum(acs[:, None] - acs[None, :], 0.0)), 0.0), axis=0)
-        dgam = tl.sum(tl.where(ts == 0, dm, 0.0), axis=1)
         ds16 = (da * mask).to(DOT)
         dv = tl.dot(tl.trans((s * mask).to(DOT)), do16, input_precision=PREC)
         dka = tl.dot(tl.trans(ds16), qa, input_precision=PREC)
@@ -281,9 +286,8 @@ if triton is not None:
         if HAS_D:
             dv += tl.load(d_ptr + h) * do16.to(tl.float32)
         tok = (b * L + offs_t) * H + h
-        tl.store(dacs_ptr + tok, _rank_sum_1d(dacs - to_end * dto, CR, RP), mask=tmask)
-        tl.store(dw_ptr + tok, _rank_sum_1d(dw + back * dto, CR, RP), mask=tmask)
-        tl.store(dgam_ptr + tok, _rank_sum_1d(dgam, CR, RP), mask=tmask)
+        tl.store(dacs_ptr + tok, _rank_sum_1d(-to_end * dto, CR, RP), mask=tmask)
+        tl.store(dw_ptr + tok, _rank_sum_1d(back * dto, CR, RP), mask=tmask)
         tl.store(datot_ptr + pid_bh * nc + c, tl.sum(to_end * dto, axis=0))
 
         th_ptr = dtheta_ptr + (b * L + offs_t[:, None]) * H * K + h * K + offs_j[None, :]
@@ -357,19 +361,20 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
+        dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, states, do, dq, dqb, dtheta,
-                                    L, H, G, K, N, P, nc, **meta)
+                                    dacs_c, dw_c, dgam, L, H, G, K, N, P, nc, **meta)
         del states
         dv = empty(B, L, H, P)
         dmx = empty(B * H, nc, RP, P)
-        dacs_b, dw, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
+        dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
-                                      dk, dkb, dv, dmx, dtheta, dacs_b, dw, dgam, datot, L, H, G, K, N, P, nc,
+                                      dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc,
                                       HAS_D=st.has_d, **meta)
         datot = (datot + datot_pass.sum(1)).view(B, H, nc)
 
-    outs, grads = [theta, gam, w, acs, atot], [dtheta, dgam, dw, dacs_a + dacs_b, datot]
+    outs, grads = [theta, gam, w, acs, atot], [dtheta, dgam, dw + dw_c, dacs_a + dacs_b + dacs_c, datot]
     if s0 is not None:
         outs.append(s0)
         grads.append(ds0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import _cumulative_angles, entering_state, final_state, trapezoid_weights
-from .common import Mamba3State, check_inputs, heads_from_groups, mimo_or_ones, rotate, varlen_layout
+from .common import Mamba3State, check_inputs, heads_from_groups, rotate, varlen_layout
 
 try:
     import triton
