@@ -79,13 +79,13 @@ if triton is not None:
                          do_ptr, de_ptr, dacs_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr,
                          L, H, G, K, N, P, nc,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                         HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                         HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                          CONTRACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
@@ -176,7 +176,7 @@ if triton is not None:
                        do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr,
                        L, H, G, K, N, P, nc,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                       HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                       HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
         (here rather than in the dK/dV kernel, whose tiles are the tighter fit)."""
@@ -184,7 +184,7 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
@@ -235,7 +235,7 @@ if triton is not None:
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
                          L, H, G, K, N, P, nc,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                         HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr,
+                         HALF: tl.constexpr, HAS_D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
@@ -243,7 +243,7 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
@@ -320,13 +320,13 @@ def _partial_sum(part: torch.Tensor, B: int, H: int, R: int, n: int) -> torch.Te
 
 
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                     rope_pairwise: bool, initial_state, lengths) -> list[torch.Tensor | None]:
+                     initial_state, lengths) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
     opre: the forward's pre-gate output per row (B, L, R, H, P)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
-    st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise, init,
-                lengths, backward_chunk(q.shape[2]))
+    st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
+                backward_chunk(q.shape[2]))
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
     with torch.enable_grad():

@@ -54,12 +54,11 @@ def kernel_chunk(rank: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _half_columns(HALF: tl.constexpr, BH: tl.constexpr, PAIRWISE: tl.constexpr):
-        """The rotation pairs state dims (ia_j, ib_j), j < N/2: (j, j + N/2) for the MIMO layout, (2j, 2j+1)
-        for the SISO one. Everything is computed on the two halves, so no lane ever needs another's value."""
+    def _half_columns(HALF: tl.constexpr, BH: tl.constexpr):
+        """The rotation pairs state dims (j, j + N/2), j < N/2 (the SISO layout's pairs (2j, 2j+1) are brought
+        to this one outside the kernels). Everything is computed on the two halves, so no lane ever needs
+        another's value."""
         offs_j = tl.arange(0, BH)
-        if PAIRWISE:
-            return offs_j, offs_j < HALF, 2 * offs_j, 2 * offs_j + 1
         return offs_j, offs_j < HALF, offs_j, offs_j + HALF
 
     @triton.jit
@@ -113,12 +112,12 @@ if triton is not None:
     def _chunk_state_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
                             L, H, G, K, N, P, nc,
                             R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                            HALF: tl.constexpr, PAIRWISE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
 
@@ -156,13 +155,13 @@ if triton is not None:
                              acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr, opre_ptr,
                              L, H, G, K, N, P, nc,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                             HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                             HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                              CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_j, jm, ia, ib = _half_columns(HALF, BH, PAIRWISE)
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         lp = lmask[:, None] & pmask[None, :]
@@ -229,8 +228,8 @@ def _scalars(adt, dt, trap, angles, mx, init, lengths, C: int):
 class _Setup:
     """Everything both directions need: shapes, fp32 views of the small tensors, launch meta-parameters."""
 
-    def __init__(self, q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
-                 init, lengths, C: int):
+    def __init__(self, q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
+                 C: int):
         self.B, self.L, self.R, self.G, self.N = q.shape
         self.H, self.P = v.shape[2:]
         self.K = angles.shape[-1]
@@ -249,7 +248,7 @@ class _Setup:
         self.operand_dtype = q.dtype if low else torch.float32
         rp = _rank_pad(self.R)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
-                         PAIRWISE=rope_pairwise, DOT=dot, PREC="tf32" if low else "ieee",
+                         DOT=dot, PREC="tf32" if low else "ieee",
                          num_warps=8)  # 4 warps spill at these tile sizes (evals/kernel_report.py, H100)
 
     def scalars(self, adt, dt, trap, angles, mx):
@@ -278,14 +277,14 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     return enter, final
 
 
-def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
-                     initial_state, lengths, save_o: bool = False):
+def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
+                     lengths, save_o: bool = False):
     """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32, and with
     save_o the pre-gate output per row (B, L, R, H, P) in v's dtype, else None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
-    st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise, init,
-                lengths, kernel_chunk(q.shape[2]))
+    st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
+                kernel_chunk(q.shape[2]))
     theta, gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), angles.to(f32), st.mx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cs = rotation_table(theta)
@@ -300,7 +299,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
 
     def kr_last(rows, last):
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
-        return rotate(kh, theta[rows, last][:, None], rope_pairwise)
+        return rotate(kh, theta[rows, last][:, None], False)
 
     return out, final_state(theta, final_ssm, kr_last, v, lengths, f32), opre
 
@@ -309,11 +308,11 @@ class _Mamba3Triton(torch.autograd.Function):
     """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
 
     @staticmethod
-    def forward(ctx, rope_pairwise, initial_state, lengths, *tensors):
+    def forward(ctx, initial_state, lengths, *tensors):
         with torch.no_grad():
-            y, fin, opre = _forward_batched(*tensors, rope_pairwise, initial_state, lengths,
-                                            save_o=any(ctx.needs_input_grad[3:]))
-        ctx.rope_pairwise, ctx.initial_state, ctx.lengths = rope_pairwise, initial_state, lengths
+            y, fin, opre = _forward_batched(*tensors, initial_state, lengths,
+                                            save_o=any(ctx.needs_input_grad[2:]))
+        ctx.initial_state, ctx.lengths = initial_state, lengths
         ctx.save_for_backward(opre, *tensors)
         ctx.mark_non_differentiable(*fin)
         return (y, *fin)
@@ -323,8 +322,8 @@ class _Mamba3Triton(torch.autograd.Function):
         from .triton_backward import chunked_backward  # imports this module's kernels
 
         opre, *tensors = ctx.saved_tensors
-        grads = chunked_backward(dy, opre, *tensors, ctx.rope_pairwise, ctx.initial_state, ctx.lengths)
-        return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
+        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths)
+        return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])))
 
 
 def mamba3_chunked_triton(
@@ -348,12 +347,31 @@ def mamba3_chunked_triton(
         raise ValueError(f"d_state must be even for the rotation, got {q.shape[-1]}")
     if initial_state is not None and cu_seqlens is None and initial_state.ssm.shape[0] != q.shape[0]:
         raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
+    if rope_pairwise:  # the kernels pair dims (j, j + N/2): bring the pairs (2j, 2j+1) there and back
+        init = initial_state
+        if init is not None:
+            init = init._replace(ssm=_halves(init.ssm), k=_halves(init.k))
+        y, fin = mamba3_chunked_triton(_halves(q), _halves(k), v, adt, dt, trap, _halves(q_bias), _halves(k_bias),
+                                       angles, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z,
+                                       initial_state=init, return_final_state=return_final_state,
+                                       cu_seqlens=cu_seqlens)
+        return y, (fin._replace(ssm=_pairs(fin.ssm), k=_pairs(fin.k)) if fin is not None else None)
     if cu_seqlens is None:
-        y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, None, q, k, v, adt, dt, trap, q_bias, k_bias,
-                                      angles, mimo_x, mimo_z, mimo_o, D, z)
+        y, *fin = _Mamba3Triton.apply(initial_state, None, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x,
+                                      mimo_z, mimo_o, D, z)
     else:
         lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
-        y, *fin = _Mamba3Triton.apply(rope_pairwise, initial_state, lengths, pad(q), pad(k), pad(v), pad(adt), pad(dt),
-                                      pad(trap), q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z))
+        y, *fin = _Mamba3Triton.apply(initial_state, lengths, pad(q), pad(k), pad(v), pad(adt), pad(dt), pad(trap),
+                                      q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z))
         y = y[valid][None]
     return y, (Mamba3State(*fin) if return_final_state else None)
+
+
+def _halves(x: torch.Tensor) -> torch.Tensor:
+    """Last dim (2j, 2j+1) pairs -> (j, j + N/2): even dims first, then odd (strided copies, cheap beside the scan)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_halves`."""
+    return torch.stack(x.chunk(2, dim=-1), dim=-1).flatten(-2)
