@@ -36,16 +36,20 @@ def _inputs(B: int, L: int, R: int, H: int, P: int, N: int, K: int, seed: int = 
 _ORIG: dict = {}
 
 
-def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records: dict):
-    """Override the kernels' chunk length / warps and record each launched kernel's compile metadata."""
+def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records: dict, kernel_opts: dict,
+           state_block: int | None):
+    """Override the kernels' chunk length / warps (all kernels) / launch options (per kernel name, e.g.
+    num_warps, maxnreg) / state-pass block, and record each launched kernel's compile metadata."""
     import triton
 
     from hybrid_mamba3.kernels import triton_backward as tb
     from hybrid_mamba3.kernels import triton_chunked as tc
 
     orig = _ORIG.setdefault("o", (tc.kernel_chunk, tb.backward_chunk, tc._Setup.__init__,
-                                  triton.runtime.jit.JITFunction.run))
-    tc.kernel_chunk, tb.backward_chunk = orig[:2]
+                                  triton.runtime.jit.JITFunction.run, tc.state_pass_launch))
+    tc.kernel_chunk, tb.backward_chunk, tc.state_pass_launch = orig[0], orig[1], orig[4]
+    if state_block is not None:
+        tc.state_pass_launch = lambda pn: (state_block, orig[4](pn)[1])
     if chunk is not None:
         tc.kernel_chunk = lambda rank: chunk
     if bwd_chunk is not None:
@@ -60,6 +64,7 @@ def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records:
     tc._Setup.__init__ = setup_init
 
     def recording_run(self, *a, **kw):
+        kw.update(kernel_opts.get(self.__name__, {}))
         k = run(self, *a, **kw)
         if k is not None and hasattr(k, "n_regs"):
             records[self.__name__] = dict(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared,
@@ -94,6 +99,10 @@ def main() -> None:
     ap.add_argument("--chunks", default="default", help="comma list of forward kernel chunk lengths, or 'default'")
     ap.add_argument("--bwd-chunks", default="default", help="comma list of backward kernel chunk lengths")
     ap.add_argument("--warps", default="default", help="comma list of num_warps, or 'default'")
+    ap.add_argument("--kernel-opts", default="{}",
+                    help='JSON list (or one object) of per-kernel launch options, one variant each, e.g. '
+                         '\'[{}, {"_bwd_dout_kernel": {"num_warps": 4}}]\'')
+    ap.add_argument("--state-blocks", default="default", help="comma list of state-pass elements per program")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
@@ -102,14 +111,18 @@ def main() -> None:
 
     results = []
     grid = lambda arg: [None] if arg == "default" else [int(c) for c in arg.split(",")]  # noqa: E731
-    variants = [(c, bc, w) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)]
+    kopts = json.loads(a.kernel_opts)
+    kopts = kopts if isinstance(kopts, list) else [kopts]
+    variants = [(c, bc, w, ko, sb) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)
+                for ko in kopts for sb in grid(a.state_blocks)]
     for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
         B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)
         dy = None
-        for chunk, bwd_chunk, w in variants:
+        for chunk, bwd_chunk, w, ko, sb in variants:
             records: dict = {}
-            _patch(chunk, bwd_chunk, w, records)
+            _patch(chunk, bwd_chunk, w, records, ko, sb)
+            tag = dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, kernel_opts=ko, state_block=sb)
 
             def call():
                 nonlocal dy
@@ -125,18 +138,16 @@ def main() -> None:
                 times = _profile(call, a.reps)
             except Exception as e:  # an out-of-resources config is a result, not a crash
                 err = f"{type(e).__name__}: {e}"[:300]
-                results.append(dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, error=err))
-                print(f"{shape} R={R} chunk={chunk} bwd_chunk={bwd_chunk} warps={w}: {err}", flush=True)
+                results.append(dict(**tag, error=err))
+                print(f"{tag}: {err}", flush=True)
                 continue
             rows = []
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 short = next((k for k in records if k in name), None)
                 rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
             total = sum(times.values())
-            results.append(dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w,
-                                total_ms=round(total, 3), kernels=rows))
-            print(f"\n{shape} R={R} chunk={chunk or 'default'} bwd_chunk={bwd_chunk or 'default'} "
-                  f"warps={w or 'default'}: total {total:.2f} ms")
+            results.append(dict(**tag, total_ms=round(total, 3), kernels=rows))
+            print(f"\n{tag}: total {total:.2f} ms")
             print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
             for r in rows[:14]:
                 print(f"{r['kernel']:60s} {r['ms']:8.3f} {r.get('regs', ''):>5} {r.get('spills', ''):>6} "

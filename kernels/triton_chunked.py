@@ -249,7 +249,10 @@ class _Setup:
         rp = _rank_pad(self.R)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
                          DOT=dot, PREC="tf32" if low else "ieee",
-                         num_warps=8)  # 4 warps spill at these tile sizes (evals/kernel_report.py, H100)
+                         # 4 warps: the tiles take ~255 registers a thread either way (a few spill at 4), and
+                         # 4 warps let 2 programs share an SM, hiding each other's load latency: R4 b8 x 2048
+                         # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
+                         num_warps=4)
 
     def scalars(self, adt, dt, trap, angles, mx):
         return _scalars(adt, dt, trap, angles, mx, self.init, self.lengths, self.C)
@@ -258,6 +261,12 @@ class _Setup:
 def rotation_table(theta: torch.Tensor) -> torch.Tensor:
     """(B, L, H, K) angles -> (B, L, H, 2, K) fp32 cos | sin, the kernels' rotation input."""
     return torch.stack((theta.cos(), theta.sin()), dim=3)
+
+
+def state_pass_launch(pn: int) -> tuple[int, int]:
+    """(state elements per program, warps) of the two state passes (forward and reverse), which walk the chunks
+    serially and are bound by how many loads are in flight."""
+    return min(256, triton.next_power_of_2(pn)), 4
 
 
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
@@ -272,8 +281,9 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
         s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    block = min(256, triton.next_power_of_2(P * N))
-    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](own, s0, atot, final, enter, nc, P * N, BLOCK=block)
+    block, warps = state_pass_launch(P * N)
+    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](own, s0, atot, final, enter, nc, P * N, BLOCK=block,
+                                                            num_warps=warps)
     return enter, final
 
 

@@ -46,6 +46,11 @@ if triton is not None:
         gamma = lam * dt
         beta = (1.0 - lam) * dt * alpha
 
+        # The state first: its load (the bytes that bound the step) overlaps all the vector work below.
+        sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
+        pn = pmask[:, None] & nmask[None, :]
+        ssm = tl.load(sp, mask=pn, other=0.0)
+
         # Angle: advance and reduce mod 2pi (written to the new-angle buffer), and the per-dim cos/sin.
         if PAIRWISE:
             ai = offs_n // 2
@@ -64,8 +69,6 @@ if triton is not None:
 
         v = tl.load(v_ptr + pid * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
         vprev = tl.load(vprev_ptr + pid * P + offs_p, mask=pmask, other=0.0)
-        sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
-        pn = pmask[:, None] & nmask[None, :]
         upd = tl.zeros((BP, BN), dtype=tl.float32)
         for r in tl.static_range(R):
             kb = kb_ptr + (h * R + r) * N
@@ -76,7 +79,7 @@ if triton is not None:
             tl.store(knew_ptr + ((b * R + r) * H + h) * N + offs_n, kr, mask=nmask & (offs_n * 0 + pblk == 0))
             mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
             upd += (beta * vprev * mx)[:, None] * kprev[None, :] + (gamma * v * mx)[:, None] * kr[None, :]
-        ssm = alpha * tl.load(sp, mask=pn, other=0.0) + upd
+        ssm = alpha * ssm + upd
         tl.store(sp, ssm, mask=pn)
 
         if HAS_Z:
@@ -100,6 +103,17 @@ if triton is not None:
                 tl.store(out_ptr + ((b * R + r) * H + h) * P + offs_p, o, mask=pmask)
         if CONTRACT:
             tl.store(out_ptr + pid * P + offs_p, y, mask=pmask)
+
+
+def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
+    """(headdim rows per program, warps) for B*H = heads: whole heads in 2 warps when the heads alone fill the
+    GPU, else headdim split in blocks of 16 so batch 1 still launches enough programs. Measured on H100 (d_state
+    128, P 64): at B*H = 4096 whole heads in 2 warps take R4 254 -> 152 us, SISO 117 -> 106 us against 16-row
+    blocks in 4 warps; at B*H = 64, 16-row blocks in 4 warps are the fastest (6.4 us R4)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if heads >= 16 * sms:
+        return _pow2(P), 2
+    return min(_pow2(P), 16), 4
 
 
 def _fp32_contiguous(t: torch.Tensor) -> bool:
@@ -133,12 +147,12 @@ def mamba3_step_triton(
     out = torch.empty((B, H, P) if contract else (B, R, H, P), device=q.device, dtype=v.dtype)
     vc = v.contiguous()
     angle_new, k_new = torch.empty_like(state.angle), torch.empty_like(state.k)
-    bp = min(_pow2(P), 16)  # split headdim so batch 1 still launches enough programs
+    bp, warps = step_launch(B * H, P, q.device)
     _step_kernel[(B * H, triton.cdiv(P, bp))](
         q.contiguous(), k.contiguous(), q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous(), vc,
         adt.contiguous(), dt.contiguous(), trap.contiguous(), angles.contiguous(), mx, mz, mo,
         D.to(f32).contiguous() if D is not None else mx, z.contiguous() if z is not None else vc,
         *state, angle_new, k_new, out, H, G, K, N, P,
         R=R, BN=_pow2(N), BP=bp, BK=triton.next_power_of_2(K), HALF=N // 2, PAIRWISE=rope_pairwise,
-        HAS_D=D is not None, HAS_Z=z is not None, CONTRACT=contract)
+        HAS_D=D is not None, HAS_Z=z is not None, CONTRACT=contract, num_warps=warps)
     return out, Mamba3State(angle_new, state.ssm, k_new, v.to(torch.float32))
