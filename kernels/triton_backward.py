@@ -333,8 +333,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dD = empty(B * H, nc)
         _bwd_dout_kernel[(B * H, nc)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P, nc,
                                       HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
-                                      **{name: meta[name] for name in ("R", "RP", "CR", "BP", "DOT")},
-                                      num_warps=8)  # elementwise on (rows, P) tiles: 8 warps halve their registers
+                                      **{name: meta[name] for name in ("R", "RP", "CR", "BP", "DOT", "num_warps")})
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)

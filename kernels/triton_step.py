@@ -46,11 +46,6 @@ if triton is not None:
         gamma = lam * dt
         beta = (1.0 - lam) * dt * alpha
 
-        # The state first: its load (the bytes that bound the step) overlaps all the vector work below.
-        sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
-        pn = pmask[:, None] & nmask[None, :]
-        ssm = tl.load(sp, mask=pn, other=0.0)
-
         # Angle: advance and reduce mod 2pi (written to the new-angle buffer), and the per-dim cos/sin.
         if PAIRWISE:
             ai = offs_n // 2
@@ -69,6 +64,8 @@ if triton is not None:
 
         v = tl.load(v_ptr + pid * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
         vprev = tl.load(vprev_ptr + pid * P + offs_p, mask=pmask, other=0.0)
+        sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
+        pn = pmask[:, None] & nmask[None, :]
         upd = tl.zeros((BP, BN), dtype=tl.float32)
         for r in tl.static_range(R):
             kb = kb_ptr + (h * R + r) * N
@@ -79,7 +76,9 @@ if triton is not None:
             tl.store(knew_ptr + ((b * R + r) * H + h) * N + offs_n, kr, mask=nmask & (offs_n * 0 + pblk == 0))
             mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
             upd += (beta * vprev * mx)[:, None] * kprev[None, :] + (gamma * v * mx)[:, None] * kr[None, :]
-        ssm = alpha * ssm + upd
+        # The state is loaded after the update is built (loading it first keeps both tiles live: at 2 warps and
+        # 64 rows that spills, 152 -> 227 us at B*H = 4096 on H100).
+        ssm = alpha * tl.load(sp, mask=pn, other=0.0) + upd
         tl.store(sp, ssm, mask=pn)
 
         if HAS_Z:
