@@ -7,7 +7,6 @@ states hold (angle, ssm, last k, last v) in that order.
 
 from __future__ import annotations
 
-import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .kernels import Mamba3State

@@ -12,8 +12,6 @@ import importlib.util
 import sys
 import types
 
-import torch
-
 from .kernels import Mamba3State
 
 
