@@ -140,8 +140,9 @@ def mamba3_step_triton(
     if not all(_fp32_contiguous(t) for t in state):
         state = Mamba3State(*(t.to(torch.float32).contiguous() for t in state))
     f32 = torch.float32
-    ones = torch.ones(H, R, P, device=q.device, dtype=f32)
-    mx, mz, mo = ((m.to(f32).contiguous() if m is not None else ones) for m in (mimo_x, mimo_z, mimo_o))
+    mims = (mimo_x, mimo_z, mimo_o)
+    ones = None if all(m is not None for m in mims) else torch.ones(H, R, P, device=q.device, dtype=f32)
+    mx, mz, mo = ((m.to(f32).contiguous() if m is not None else ones) for m in mims)
     contract = mimo_o is not None
     out = torch.empty((B, H, P) if contract else (B, R, H, P), device=q.device, dtype=v.dtype)
     vc = v.contiguous()
