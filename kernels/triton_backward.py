@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_chunked as tc
-from .triton_chunked import (_decay_mask, _entering_states, _half_columns, _load_rotated, _rank_rows,
-                             _rotation_tables, _rows_v, _Setup, kernel_chunk, rotation_table, tl,
+from . import triton_chunked as tc  # tc.state_pass_launch looked up per call (evals/kernel_report.py overrides it)
+from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
+                             _load_rotated, _rotation_tables, _rows_v, _Setup, kernel_chunk, rotation_table, tl,
                              triton)
 
 if triton is not None:
@@ -82,14 +82,8 @@ if triton is not None:
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr, DOT: tl.constexpr):
         """The epilogue (z gate, D skip, mimo_o contraction) taken back from dy to dO, the pre-gate output's
         gradient: elementwise work only (no matmuls, so its tiles stay small)."""
-        pid_bh, c = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        offs_p = tl.arange(0, BP)
-        pmask = offs_p < P
-        lp = lmask[:, None] & pmask[None, :]
-        offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
-        tmask = offs_t < L
+        pid_bh, c, b, h, _, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, 1, P, R, RP, CR, BP)
+        offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
         row_p = ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, R, H, P)
         o = tl.load(opre_ptr + row_p, mask=lp, other=0.0).to(tl.float32)
@@ -159,16 +153,9 @@ if triton is not None:
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
         (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's terms:
         dE = (exp(acs) dO)^T Q and its part of d acs, sum(exp(acs) dO E o Q) (the inter-chunk dQ times Q)."""
-        pid_bh, c = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        g = h // (H // G)
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
-        offs_p = tl.arange(0, BP)
-        pmask = offs_p < P
-        lp = lmask[:, None] & pmask[None, :]
-        offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
-        tmask = offs_t < L
+        offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                        mask=lp, other=0.0).to(DOT)
@@ -224,16 +211,9 @@ if triton is not None:
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
-        pid_bh, c = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        g = h // (H // G)
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
-        offs_p = tl.arange(0, BP)
-        pmask = offs_p < P
-        lp = lmask[:, None] & pmask[None, :]
-        offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
-        tmask = offs_t < L
+        offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
         cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         row_off = (offs_l * R + r_i) * G * N

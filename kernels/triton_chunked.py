@@ -91,6 +91,23 @@ if triton is not None:
         return r_i, offs_l, (offs_l < L) & (r_i < R)
 
     @triton.jit
+    def _chunk_tile(L, H, G, P, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BP: tl.constexpr):
+        """What every per-chunk program starts from: its (batch x head) index and chunk (grid (B*H, chunks)),
+        b, h and h's group g, the chunk's rows (`_rank_rows`), the headdim lanes, and the rows x lanes mask."""
+        pid_bh, c = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        offs_p = tl.arange(0, BP)
+        pmask = offs_p < P
+        return pid_bh, c, b, h, h // (H // G), r_i, offs_l, lmask, offs_p, pmask, lmask[:, None] & pmask[None, :]
+
+    @triton.jit
+    def _chunk_positions(c, L, CR: tl.constexpr, RP: tl.constexpr):
+        """The chunk's positions (one per RP rows) and their mask, for per-position outputs."""
+        offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
+        return offs_t, offs_t < L
+
+    @triton.jit
     def _rows_v(v_ptr, offs_l, lmask, HP, offs_p, pmask, mx_row):
         """(rows, BP) tile of mx_r * v_t (the rank-r input of each row), fp32."""
         m = lmask[:, None] & pmask[None, :]
@@ -113,13 +130,8 @@ if triton is not None:
                             L, H, G, K, N, P, nc,
                             R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                             HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-        pid_bh, c = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        g = h // (H // G)
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
-        offs_p = tl.arange(0, BP)
-        pmask = offs_p < P
 
         acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
@@ -157,14 +169,8 @@ if triton is not None:
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                              CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-        pid_bh, c = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        g = h // (H // G)
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
-        offs_p = tl.arange(0, BP)
-        pmask = offs_p < P
-        lp = lmask[:, None] & pmask[None, :]
 
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
@@ -197,9 +203,9 @@ if triton is not None:
         if CONTRACT:  # y_t = sum_r mo_r o_(t, r): rows of one position are R consecutive rows
             o = o * tl.load(mo_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
             y = tl.sum(tl.reshape(o, (CR // RP, RP, BP)), axis=1)
-            offs_t = c * (CR // RP) + tl.arange(0, CR // RP)
+            offs_t, tmask = _chunk_positions(c, L, CR, RP)
             tl.store(out_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :], y,
-                     mask=(offs_t < L)[:, None] & pmask[None, :])
+                     mask=tmask[:, None] & pmask[None, :])
         else:
             tl.store(out_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :], o,
                      mask=lp)
