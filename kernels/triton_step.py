@@ -8,6 +8,7 @@ initial state (`mamba3_chunked_triton(..., initial_state=...)`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,12 +105,18 @@ if triton is not None:
             tl.store(out_ptr + pid * P + offs_p, y, mask=pmask)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, looked up once per device (the step runs once per token)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
     """(headdim rows per program, warps) for B*H = heads: whole heads in 2 warps when the heads alone fill the
     GPU, else headdim split in blocks of 16 so batch 1 still launches enough programs. Measured on H100 (d_state
     128, P 64): at B*H = 4096 whole heads in 2 warps take R4 254 -> 152 us, SISO 117 -> 106 us against 16-row
     blocks in 4 warps; at B*H = 64, 16-row blocks in 4 warps are the fastest (6.4 us R4)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device) if device.type == "cuda" else 1
     if heads >= 16 * sms:
         return _pow2(P), 2
     return min(_pow2(P), 16), 4
