@@ -156,12 +156,15 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return (f"d_model={self.d_model}, d_state={self.d_state}, heads={self.nheads}x{self.headdim}, {kind}, "
                 f"angles={self.num_rope_angles}, ngroups={self.num_bc_heads}, backend={self.backend}")
 
+    def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The in_proj output's parts (views): z, x, B, C, dd_dt, dd_A, trap, angles."""
+        H, N, GR = self.nheads, self.d_state, self.num_bc_heads * self.mimo_rank
+        return torch.split(proj, [self.d_inner, self.d_inner, N * GR, N * GR, H, H, H, self.num_rope_angles], dim=-1)
+
     def _project(self, u: torch.Tensor) -> dict:
         """in_proj and the per-token activations, for (..., d_model) inputs."""
         H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
-        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
-            self.in_proj(u), [self.d_inner, self.d_inner, N * G * R, N * G * R, H, H, H, self.num_rope_angles],
-            dim=-1)
+        z, x, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(u))
         lead = u.shape[:-1]
         up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
         A = (-a_activation_fn(self.a_activation, up(dd_A))).clamp(max=-self.A_floor)
@@ -278,15 +281,34 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         """One token per sequence: u (batch, d_model) -> (batch, d_model), and the new state."""
         if u.dim() != 2 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3.step expects (batch, {self.d_model}), got {tuple(u.shape)}")
-        p = self._project(u)
         use_triton = self._select_backend_default(u.device) == "triton" and self.backend != "torch"
         self.last_backend = "triton" if use_triton else "torch"
+        if use_triton and not self.is_outproj_norm:
+            return self._step_triton(u, state)
+        p = self._project(u)
         fn = _triton_ops()[1] if use_triton else mamba3_step
         y, new_state = fn(p["q"], p["k"], p["v"], p["adt"], p["dt"], p["trap"], self.C_bias, self.B_bias,
                           p["angles"], state, **self._op_kwargs(p["z"]))
         if not self.is_outproj_norm:
             return self.out_proj(y.flatten(-2).to(u.dtype)), new_state
         return self._finish(y, p["z"], u.dtype), new_state
+
+    def _step_triton(self, u: torch.Tensor, state: Mamba3State) -> tuple[torch.Tensor, Mamba3State]:
+        """The decode step as in_proj, one Triton kernel (norms and activations included) and out_proj."""
+        from .kernels.triton_step import StepActivations, mamba3_step_triton
+
+        H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
+        z, x, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(u))
+        mimo = self.is_mimo
+        # both norms are built with the same eps
+        act = StepActivations(self.dt_bias, self.B_norm.weight, self.C_norm.weight, self.B_norm.eps,
+                              self.a_activation, self.A_floor)
+        y, new_state = mamba3_step_triton(
+            C.unflatten(-1, (R, G, N)), B.unflatten(-1, (R, G, N)), x.unflatten(-1, (H, P)), dd_A, dd_dt, trap,
+            self.C_bias, self.B_bias, angles, state, mimo_x=self.mimo_x if mimo else None,
+            mimo_z=self.mimo_z if mimo else None, mimo_o=self.mimo_o if mimo else None, D=self.D,
+            z=z.unflatten(-1, (H, P)), rope_pairwise=not mimo, activations=act, check=False)
+        return self.out_proj(y.reshape(u.shape[0], -1).to(u.dtype)), new_state
 
     def allocate_state(self, batch_size: int, device=None) -> Mamba3State:
         """A zero state (what a sequence starts from)."""

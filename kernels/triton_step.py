@@ -1,15 +1,24 @@
 """Mamba-3 decode step in Triton: one token per sequence, the (P, N) state updated in place.
 
-One program per (sequence, head) reads its (P, N) fp32 state once and writes it once, so the step is
-bound by the state's bytes; everything else (the rank-R inputs, the rotation) is a few vectors. Same
-function as `mamba3_step`. Several tokens at a time with a cache go through the chunked op with an
-initial state (`mamba3_chunked_triton(..., initial_state=...)`).
+One program per (sequence, head) (or per block of its headdim rows) reads its (P, N) fp32 state once and
+writes it once, so the step is bound by the state's bytes. The rank-R work runs on tensor cores: the update
+is one (P, 2R) x (2R, N) product (previous and current token's ranks side by side, padded to 16) and the R
+outputs one (P, N) x (N, R) product, so the state tile is the only large thing a thread holds. On H100 at
+batch 64 (R4, d_state 128, P 64) that took the step from 158 us (outer products and row sums in fp32 FMAs)
+to 126 us against a 97 us floor (state bytes / copy bandwidth).
+
+Same function as `mamba3_step`. With `activations`, the step starts from the layer's raw in_proj output
+(B/C before their RMS norms, dd_dt and dd_A before softplus and the A activation) and does those per-token
+activations itself: a layer's decode step is then in_proj, this kernel and out_proj, with no small torch ops
+between them. Several tokens at a time with a cache go through the chunked op with an initial state
+(`mamba3_chunked_triton(..., initial_state=...)`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -28,21 +37,71 @@ if triton is not None:
         return th - two_pi * tl.floor(th / two_pi)
 
     @triton.jit
-    def _step_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr,
-                     mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
-                     angle_ptr, ssm_ptr, kprev_ptr, vprev_ptr, angle_new_ptr, knew_ptr, out_ptr,
+    def _softplus(x):
+        """torch's softplus (threshold 20), with log1p(e) = log(u) e / (u - 1), u = 1 + e, exact for small e."""
+        e = tl.exp(tl.minimum(x, 20.0))
+        u = 1.0 + e
+        return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+    @triton.jit
+    def _qk_rows(ptr, sb, b, g, G, N, rj, rmask, offs_n, nmask, sw, cos, sin, bias_ptr, h, norm_ptr, eps,
+                 R: tl.constexpr, RR: tl.constexpr, BN: tl.constexpr, PAIRWISE: tl.constexpr, RAW: tl.constexpr):
+        """(RR, BN) tile of rotated, bias-added q or k vectors: row j is rank rj[j] (zero where rmask is off).
+        RAW: the inputs are the in_proj's C/B, RMS-normalised over N here (a reduction within each warp's rows)
+        and rounded to their dtype, as the layer's norm does before the op."""
+        m = rmask[:, None] & nmask[None, :]
+        base = ptr + b * sb + (rj[:, None] * G + g) * N
+        bias = bias_ptr + (h * R + rj[:, None]) * N
+        x = tl.load(base + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
+        if RAW:
+            inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
+            x = (x * inv * tl.load(norm_ptr + offs_n, mask=nmask, other=0.0)[None, :])
+            x = x.to(ptr.dtype.element_ty).to(tl.float32)
+        x += tl.load(bias + offs_n[None, :], mask=m, other=0.0)
+        if PAIRWISE:  # pairs (2j, 2j + 1) are neighbours: swap them within the tile
+            xa, xb = tl.split(tl.reshape(x, (RR, BN // 2, 2)))
+            xs = tl.reshape(tl.join(xb, xa), (RR, BN))
+        else:  # pairs (j, j + N/2): the partners are loaded (and normalised, biased) as a second tile
+            xs = tl.load(base + sw[None, :], mask=m, other=0.0).to(tl.float32)
+            if RAW:
+                xs = (xs * inv * tl.load(norm_ptr + sw, mask=nmask, other=0.0)[None, :])
+                xs = xs.to(ptr.dtype.element_ty).to(tl.float32)
+            xs += tl.load(bias + sw[None, :], mask=m, other=0.0)
+        return tl.where(m, x * cos[None, :] + xs * sin[None, :], 0.0)
+
+    @triton.jit
+    def _rank_weights(w_ptr, h, P, rj, cmask, offs_p, pmask, R: tl.constexpr, HAS: tl.constexpr):
+        """(BP, RR) tile of a mimo projection for ranks rj (ones when the projection is absent), 0 off cmask."""
+        m = pmask[:, None] & cmask[None, :]
+        if HAS:
+            return tl.load(w_ptr + (h * R + rj[None, :]) * P + offs_p[:, None], mask=m, other=0.0)
+        return tl.where(m, 1.0, 0.0)
+
+    @triton.jit
+    def _step_kernel(q_ptr, sq, k_ptr, sk, qb_ptr, kb_ptr, v_ptr, sv, adt_ptr, sadt, dt_ptr, sdt, trap_ptr, strap,
+                     ang_ptr, sang, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, sz, dtb_ptr, qn_ptr, kn_ptr, eps, a_floor,
+                     angle_ptr, ssm_ptr, kprev_ptr, vprev_ptr, angle_new_ptr, knew_ptr, vnew_ptr, out_ptr,
                      H, G, K, N, P,
-                     R: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
-                     PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr):
+                     R: tl.constexpr, RR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+                     HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                     HAS_MX: tl.constexpr, HAS_MZ: tl.constexpr, CONTRACT: tl.constexpr, RAW: tl.constexpr,
+                     HEAVY_TAIL: tl.constexpr, PREC_U: tl.constexpr, PREC_O: tl.constexpr):
         pid, pblk = tl.program_id(0), tl.program_id(1)  # (sequence, head), block of headdim rows
         b, h = pid // H, pid % H
         g = h // (H // G)
         offs_n, offs_p, offs_k = tl.arange(0, BN), pblk * BP + tl.arange(0, BP), tl.arange(0, BK)
         nmask, pmask, kmask = offs_n < N, offs_p < P, offs_k < K
 
-        dt = tl.load(dt_ptr + b * H + h).to(tl.float32)
-        adt = tl.load(adt_ptr + b * H + h).to(tl.float32)
-        lam = tl.sigmoid(tl.load(trap_ptr + b * H + h).to(tl.float32))
+        dt = tl.load(dt_ptr + b * sdt + h).to(tl.float32)
+        adt = tl.load(adt_ptr + b * sadt + h).to(tl.float32)
+        if RAW:  # dt = softplus(dd_dt + dt_bias); A = -act(dd_A) <= -A_floor; adt = A dt
+            dt = _softplus(dt + tl.load(dtb_ptr + h))
+            if HEAVY_TAIL:
+                act = tl.where(adt >= 0, 1.0 + adt, 1.0 / (1.0 - tl.minimum(adt, 0.0)))
+            else:
+                act = _softplus(adt)
+            adt = tl.minimum(-act, -a_floor) * dt
+        lam = tl.sigmoid(tl.load(trap_ptr + b * strap + h).to(tl.float32))
         alpha = tl.exp(adt)
         gamma = lam * dt
         beta = (1.0 - lam) * dt * alpha
@@ -56,53 +115,62 @@ if triton is not None:
             ai = offs_n % HALF
             sign = tl.where(offs_n < HALF, -1.0, 1.0)
             sw = (offs_n + HALF) % N
-        th_k = _advance(angle_ptr + pid * K, ang_ptr + b * K, offs_k, kmask, dt)
-        tl.store(angle_new_ptr + pid * K + offs_k, th_k, mask=kmask & (offs_k * 0 + pblk == 0))  # one program per head writes it
+        th_k = _advance(angle_ptr + pid * K, ang_ptr + b * sang, offs_k, kmask, dt)
+        tl.store(angle_new_ptr + pid * K + offs_k, th_k, mask=kmask & (offs_k * 0 + pblk == 0))  # by one program a head
         valid = (ai < K) & nmask
-        th = _advance(angle_ptr + pid * K, ang_ptr + b * K, ai, valid, dt)
+        th = _advance(angle_ptr + pid * K, ang_ptr + b * sang, ai, valid, dt)
         cos = tl.where(valid, tl.cos(th), 1.0)
         sin = tl.where(valid, sign * tl.sin(th), 0.0)
 
-        v = tl.load(v_ptr + pid * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+        # Update: columns j < R are the previous token's ranks (beta, cached k and v), R <= j < 2R this token's.
+        offs_j = tl.arange(0, RR)
+        prev = offs_j < R
+        rj = tl.where(prev, offs_j, offs_j - R)
+        cur = (offs_j >= R) & (offs_j < 2 * R)
+        kr = _qk_rows(k_ptr, sk, b, g, G, N, rj, cur, offs_n, nmask, sw, cos, sin, kb_ptr, h, kn_ptr, eps, R, RR, BN,
+                      PAIRWISE, RAW)
+        krow = ((b * R + rj[:, None]) * H + h) * N + offs_n[None, :]
+        tl.store(knew_ptr + krow, kr, mask=(cur & (offs_j * 0 + pblk == 0))[:, None] & nmask[None, :])
+        kt = kr + tl.load(kprev_ptr + krow, mask=prev[:, None] & nmask[None, :], other=0.0)
+        v = tl.load(v_ptr + b * sv + h * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+        tl.store(vnew_ptr + pid * P + offs_p, v, mask=pmask)
         vprev = tl.load(vprev_ptr + pid * P + offs_p, mask=pmask, other=0.0)
+        xs = tl.where(prev[None, :], (beta * vprev)[:, None], (gamma * v)[:, None])
+        xs *= _rank_weights(mx_ptr, h, P, rj, prev | cur, offs_p, pmask, R, HAS_MX)
         sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
         pn = pmask[:, None] & nmask[None, :]
-        upd = tl.zeros((BP, BN), dtype=tl.float32)
-        for r in tl.static_range(R):
-            kb = kb_ptr + (h * R + r) * N
-            kbase = k_ptr + (b * R + r) * G * N + g * N
-            kr = ((tl.load(kbase + offs_n, mask=nmask, other=0.0).to(tl.float32) + tl.load(kb + offs_n, mask=nmask, other=0.0)) * cos
-                  + (tl.load(kbase + sw, mask=nmask, other=0.0).to(tl.float32) + tl.load(kb + sw, mask=nmask, other=0.0)) * sin)
-            kprev = tl.load(kprev_ptr + ((b * R + r) * H + h) * N + offs_n, mask=nmask, other=0.0)
-            tl.store(knew_ptr + ((b * R + r) * H + h) * N + offs_n, kr, mask=nmask & (offs_n * 0 + pblk == 0))
-            mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
-            upd += (beta * vprev * mx)[:, None] * kprev[None, :] + (gamma * v * mx)[:, None] * kr[None, :]
-        # The state is loaded after the update is built (loading it first keeps both tiles live: at 2 warps and
-        # 64 rows that spills, 152 -> 227 us at B*H = 4096 on H100).
-        ssm = alpha * tl.load(sp, mask=pn, other=0.0) + upd
+        ssm = tl.dot(xs, kt, alpha * tl.load(sp, mask=pn, other=0.0), input_precision=PREC_U)
         tl.store(sp, ssm, mask=pn)
 
+        # Outputs: o_r = S q_r for the R ranks in one product, then D skip, z gate and the rank contraction.
+        qc = offs_j < R
+        qt = _qk_rows(q_ptr, sq, b, g, G, N, offs_j, qc, offs_n, nmask, sw, cos, sin, qb_ptr, h, qn_ptr, eps, R, RR, BN,
+                      PAIRWISE, RAW)
+        o = tl.dot(ssm, tl.trans(qt), input_precision=PREC_O)
+        if HAS_D:
+            o += tl.load(d_ptr + h) * v[:, None] * _rank_weights(mx_ptr, h, P, offs_j, qc, offs_p, pmask, R, HAS_MX)
         if HAS_Z:
-            z = tl.load(z_ptr + pid * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        y = tl.zeros((BP,), dtype=tl.float32)
-        for r in tl.static_range(R):
-            qb = qb_ptr + (h * R + r) * N
-            qbase = q_ptr + (b * R + r) * G * N + g * N
-            qr = ((tl.load(qbase + offs_n, mask=nmask, other=0.0).to(tl.float32) + tl.load(qb + offs_n, mask=nmask, other=0.0)) * cos
-                  + (tl.load(qbase + sw, mask=nmask, other=0.0).to(tl.float32) + tl.load(qb + sw, mask=nmask, other=0.0)) * sin)
-            o = tl.sum(ssm * qr[None, :], axis=1)
-            if HAS_D:
-                mx = tl.load(mx_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
-                o += tl.load(d_ptr + h) * v * mx
-            if HAS_Z:
-                zz = z * tl.load(mz_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
-                o = o * zz * tl.sigmoid(zz)
-            if CONTRACT:
-                y += o * tl.load(mo_ptr + (h * R + r) * P + offs_p, mask=pmask, other=0.0)
-            else:
-                tl.store(out_ptr + ((b * R + r) * H + h) * P + offs_p, o, mask=pmask)
+            zz = tl.load(z_ptr + b * sz + h * P + offs_p, mask=pmask, other=0.0).to(tl.float32)[:, None]
+            zz = zz * _rank_weights(mz_ptr, h, P, offs_j, qc, offs_p, pmask, R, HAS_MZ)
+            o = o * zz * tl.sigmoid(zz)
         if CONTRACT:
+            y = tl.sum(o * _rank_weights(mo_ptr, h, P, offs_j, qc, offs_p, pmask, R, True), axis=1)
             tl.store(out_ptr + pid * P + offs_p, y, mask=pmask)
+        else:
+            tl.store(out_ptr + ((b * R + offs_j[None, :]) * H + h) * P + offs_p[:, None], o,
+                     mask=pmask[:, None] & qc[None, :])
+
+
+class StepActivations(NamedTuple):
+    """The layer's per-token activations, for a step that starts from its raw in_proj output:
+    k = RMSNorm(B) * b_norm, q = RMSNorm(C) * c_norm (eps, rounded to B/C's dtype), dt = softplus(dd_dt +
+    dt_bias), adt = min(-act(dd_A), -a_floor) * dt with act softplus or 'heavy_tail' (`a_activation_fn`)."""
+    dt_bias: torch.Tensor
+    b_norm: torch.Tensor
+    c_norm: torch.Tensor
+    eps: float
+    a_activation: str
+    a_floor: float
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,18 +180,30 @@ def _sm_count(device: torch.device) -> int:
 
 
 def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
-    """(headdim rows per program, warps) for B*H = heads: whole heads in 2 warps when the heads alone fill the
-    GPU, else headdim split in blocks of 16 so batch 1 still launches enough programs. Measured on H100 (d_state
-    128, P 64): at B*H = 4096 whole heads in 2 warps take R4 254 -> 152 us, SISO 117 -> 106 us against 16-row
-    blocks in 4 warps; at B*H = 64, 16-row blocks in 4 warps are the fastest (6.4 us R4)."""
+    """(headdim rows per program, warps) for B*H = heads: whole heads in 4 warps when the heads alone fill the
+    GPU, else blocks of 32 rows in 2 warps so batch 1 still launches enough programs. Measured on H100 (d_state
+    128, P 64, layer's fused step): at B*H = 4096 whole heads take R4 132 us (blocks of 32: 156 x 2 warps,
+    254 x 4), SISO 119 us; at B*H = 64 blocks of 32 in 2 warps take R4 6.4 us (whole heads 6.8)."""
     sms = _sm_count(device) if device.type == "cuda" else 1
     if heads >= 16 * sms:
-        return _pow2(P), 2
-    return min(_pow2(P), 16), 4
+        return _pow2(P), 4
+    return min(_pow2(P), 32), 2
 
 
-def _fp32_contiguous(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.is_contiguous()
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with every batch row contiguous (the kernel takes the batch stride), copied only when it is not."""
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return t.contiguous()
+        expect *= size
+    return t
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # the layer's fp32 parameters: as they are
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def mamba3_step_triton(
@@ -131,35 +211,54 @@ def mamba3_step_triton(
     q_bias: torch.Tensor, k_bias: torch.Tensor, angles: torch.Tensor, state: Mamba3State, *,
     mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
+    activations: StepActivations | None = None, check: bool = True,
 ) -> tuple[torch.Tensor, Mamba3State]:
     """Same contract as `mamba3_step`, except that the ssm tensor of an fp32 contiguous state is updated
     in place (and returned in the new state with fresh angle/k/v tensors); any other state is copied
-    to fp32 first."""
-    check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
-                 per_token=True)
+    to fp32 first. With `activations`, q and k are the layer's C and B before their norms and adt, dt its
+    dd_A and dd_dt (see `StepActivations`). Per-token inputs may be strided views (e.g. slices of the
+    in_proj output): only their rows need to be contiguous. check=False skips the input checks except the
+    state's (the layer's decode path, which builds the inputs itself, once per token)."""
     if triton is None:
         raise RuntimeError("mamba3_step_triton needs the triton package (pip install 'hybrid-mamba3[gpu]')")
     B, R, G, N = q.shape
     H, P = v.shape[1:]
     K = angles.shape[-1]
-    if N % 2:
-        raise ValueError(f"d_state must be even for the rotation, got {N}")
-    if not all(_fp32_contiguous(t) for t in state):
+    if check:
+        check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
+                     per_token=True)
+        if N % 2:
+            raise ValueError(f"d_state must be even for the rotation, got {N}")
+        if activations is not None and activations.a_activation not in ("softplus", "heavy_tail"):
+            raise ValueError(f"a_activation must be 'softplus' or 'heavy_tail', got {activations.a_activation!r}")
+    expect = (B, H, K), (B, H, P, N), (B, R, H, N), (B, H, P)
+    if tuple(tuple(t.shape) for t in state) != expect:
+        raise ValueError(f"state shapes {[tuple(t.shape) for t in state]} do not match the inputs: expected "
+                         f"{list(expect)} (angle, ssm, k, v); allocate it with Mamba3State.zeros or the layer")
+    if not all(t.dtype == torch.float32 and t.is_contiguous() for t in state):
         state = Mamba3State(*(t.to(torch.float32).contiguous() for t in state))
-    f32 = torch.float32
-    mims = (mimo_x, mimo_z, mimo_o)
-    ones = None if all(m is not None for m in mims) else torch.ones(H, R, P, device=q.device, dtype=f32)
-    mx, mz, mo = ((m.to(f32).contiguous() if m is not None else ones) for m in mims)
-    contract = mimo_o is not None
-    out = torch.empty((B, H, P) if contract else (B, R, H, P), device=q.device, dtype=v.dtype)
-    vc = v.contiguous()
-    angle_new, k_new = torch.empty_like(state.angle), torch.empty_like(state.k)
+    q, k, v, adt, dt, trap, angles = (_rows(t) for t in (q, k, v, adt, dt, trap, angles))
+    z = _rows(z) if z is not None else None
+    mx, mz, mo, d = _f32(mimo_x), _f32(mimo_z), _f32(mimo_o), _f32(D)
+    act = activations
+    out = torch.empty((B, H, P) if mo is not None else (B, R, H, P), device=q.device, dtype=v.dtype)
+    angle_new, k_new, v_new = torch.empty_like(state.angle), torch.empty_like(state.k), torch.empty_like(state.v)
     bp, warps = step_launch(B * H, P, q.device)
+    low = v.dtype in (torch.bfloat16, torch.float16)
+    anyf = q_bias  # any fp32 pointer for the absent optional inputs (never read)
     _step_kernel[(B * H, triton.cdiv(P, bp))](
-        q.contiguous(), k.contiguous(), q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous(), vc,
-        adt.contiguous(), dt.contiguous(), trap.contiguous(), angles.contiguous(), mx, mz, mo,
-        D.to(f32).contiguous() if D is not None else mx, z.contiguous() if z is not None else vc,
-        *state, angle_new, k_new, out, H, G, K, N, P,
-        R=R, BN=_pow2(N), BP=bp, BK=triton.next_power_of_2(K), HALF=N // 2, PAIRWISE=rope_pairwise,
-        HAS_D=D is not None, HAS_Z=z is not None, CONTRACT=contract, num_warps=warps)
-    return out, Mamba3State(angle_new, state.ssm, k_new, v.to(torch.float32))
+        q, q.stride(0), k, k.stride(0), _f32(q_bias), _f32(k_bias), v, v.stride(0), adt, adt.stride(0),
+        dt, dt.stride(0), trap, trap.stride(0), angles, angles.stride(0),
+        anyf if mx is None else mx, anyf if mz is None else mz, anyf if mo is None else mo, anyf if d is None else d,
+        v if z is None else z, v.stride(0) if z is None else z.stride(0),
+        *((anyf,) * 3 if act is None else (_f32(act.dt_bias), _f32(act.c_norm), _f32(act.b_norm))),
+        1e-6 if act is None else act.eps, 0.0 if act is None else act.a_floor,
+        *state, angle_new, k_new, v_new, out, H, G, K, N, P,
+        R=R, RR=max(16, triton.next_power_of_2(2 * R)), BN=_pow2(N), BP=bp, BK=triton.next_power_of_2(K),
+        HALF=N // 2, PAIRWISE=rope_pairwise, HAS_D=d is not None, HAS_Z=z is not None, HAS_MX=mx is not None,
+        HAS_MZ=mz is not None, CONTRACT=mo is not None, RAW=act is not None,
+        HEAVY_TAIL=act is not None and act.a_activation == "heavy_tail",
+        # tf32 products on 16-bit inputs (10-bit mantissas against the inputs' 8); the state itself is added in
+        # fp32. fp32 inputs (tests) get exact fp32 products.
+        PREC_U="tf32" if low else "ieee", PREC_O="tf32" if low else "ieee", num_warps=warps)
+    return out, Mamba3State(angle_new, state.ssm, k_new, v_new)

@@ -142,6 +142,33 @@ def test_step_matches_reference_step(R, G, K, pw, mimo, P):
     assert new.ssm.data_ptr() == st32.ssm.data_ptr()  # the (P, N) state is updated in place
 
 
+@pytest.mark.parametrize("mimo,act,G", [(True, "softplus", 1), (True, "heavy_tail", 2), (False, "softplus", 1)])
+def test_layer_step_from_raw_projection(mimo, act, G):
+    """The layer's decode step as in_proj + one kernel (norms, softplus, A activation and its floor done in the
+    kernel) == the layer's torch step (norms and activations in torch, then `mamba3_step`)."""
+    from hybrid_mamba3 import Mamba3
+
+    torch.manual_seed(3)
+    layer = Mamba3(d_model=32, d_state=16, headdim=16, ngroups=G, is_mimo=mimo, mimo_rank=2, a_activation=act,
+                   backend="torch")
+    layer.A_floor = 0.4  # large enough that the floor clamps some heads
+    with torch.no_grad():  # every parameter away from its init, so each one's role is checked
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        layer.dt_bias[0] = 25.0  # head 0 beyond softplus' linear threshold (20)
+    R, K = layer.mimo_rank, layer.num_rope_angles
+    st = _state(3, R, K).to(torch.float32)
+    u = torch.randn(3, 32)
+    with torch.no_grad():
+        ref, ref_st = layer.step(u, st)
+        y, new = layer._step_triton(u, Mamba3State(*(t.clone() for t in st)))
+    # both sides fp32 here (the layer is fp32), and head 0's angle advance is ~dt pi = 80 rad, whose fp32 ulp
+    # (8e-6) shows in the rotated k: 2e-5 (measured 5e-6)
+    assert rel_err(y, ref) < 2e-5
+    for name, a, b in zip(Mamba3State._fields, new, ref_st):
+        assert rel_err(a, b) < 2e-5, name
+
+
 def test_steps_continue_a_triton_scan():
     """Prefill with the chunked kernel, decode with the step kernel == one reference pass."""
     args, opts = make_op_inputs(B=2, L=24, R=2, K=4, **SIZES)
