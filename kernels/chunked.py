@@ -90,7 +90,7 @@ def final_state(theta: torch.Tensor, ssm: torch.Tensor, kr_last: torch.Tensor, v
     last = (lengths - 1) if lengths is not None else torch.full((B,), L - 1, device=v.device)
     last = last.clamp(min=0)
     rows = torch.arange(B, device=v.device)
-    return Mamba3State(torch.remainder(theta[rows, last], TWO_PI), ssm, kr_last(rows, last), v.to(dtype)[rows, last])
+    return Mamba3State(torch.remainder(theta[rows, last], TWO_PI), ssm, kr_last(rows, last), v[rows, last].to(dtype))
 
 
 def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,

@@ -106,7 +106,8 @@ if triton is not None:
             gate = zz * sg
             dzz = dg * o * sg * (1.0 + zz * (1.0 - sg))  # d silu(x)/dx = sigmoid(x) (1 + x (1 - sigmoid(x)))
             tl.store(dz_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
-                     _rank_sum(dzz * mz, CR, RP, BP), mask=tmask[:, None] & pmask[None, :])
+                     _rank_sum(dzz * mz, CR, RP, BP).to(dz_ptr.dtype.element_ty),
+                     mask=tmask[:, None] & pmask[None, :])
             tl.store(dmz_ptr + part, _position_sum(dzz * zt, CR, RP, BP), mask=part_m)
             o = o * gate
             do = dg * gate
@@ -265,8 +266,8 @@ if triton is not None:
 
         # v_i = mx_r v_t: back to v (summed over ranks) and to mx (summed over positions).
         mx = tl.load(mx_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
-        tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :], _rank_sum(dv * mx, CR, RP, BP),
-                 mask=tmask[:, None] & pmask[None, :])
+        tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
+                 _rank_sum(dv * mx, CR, RP, BP).to(dv_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
         vt = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
                      other=0.0).to(tl.float32)
         tl.store(dmx_ptr + ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :],
@@ -308,7 +309,8 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         cs = rotation_table(theta.detach())
         states, _ = _entering_states(st, k, v, cs, ac, ww, at, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
-        dz = empty(B, L, H, P) if st.has_z else do
+        # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
+        dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if st.has_z else do
         dmz, dmo = empty(B * H, nc, RP, P), empty(B * H, nc, RP, P)
         dD = empty(B * H, nc)
         _bwd_dout_kernel[(B * H, nc)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P, nc,
@@ -330,7 +332,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _state_pass_bwd_kernel[(B * H, nblk)](de, states, at, ds0, datot_pass, down, nc, P * N, nblk, BLOCK=block,
                                               num_warps=warps)
         del de, states
-        dv = empty(B, L, H, P)
+        dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
         dmx = empty(B * H, nc, RP, P)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)

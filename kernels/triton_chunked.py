@@ -241,7 +241,9 @@ class _Setup:
         self.K = angles.shape[-1]
         self.C, self.nc = C, max(1, -(-self.L // C))
         dev, f32 = q.device, torch.float32
-        ones = torch.ones(self.H, self.R, self.P, device=dev, dtype=f32)
+        # ones stand in for absent projections (and D); not made when nothing is absent (one launch less)
+        absent = any(t is None for t in (mimo_x, mimo_z, mimo_o, D))
+        ones = torch.ones(self.H, self.R, self.P, device=dev, dtype=f32) if absent else None
         self.mx = mimo_x.to(f32).contiguous() if mimo_x is not None else ones
         self.mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
         self.mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
@@ -294,9 +296,10 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
-                     lengths, save_o: bool = False):
-    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32, and with
-    save_o the pre-gate output per row (B, L, R, H, P) in v's dtype, else None)."""
+                     lengths, save_o: bool = False, need_final: bool = True):
+    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32 (None without
+    need_final: a training forward skips its ~15 gathers and small ops), and with save_o the pre-gate output per
+    row (B, L, R, H, P) in v's dtype, else None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
@@ -317,19 +320,21 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
         return rotate(kh, theta[rows, last][:, None], False)
 
-    return out, final_state(theta, final_ssm, kr_last, v, lengths, f32), opre
+    return out, (final_state(theta, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
 
 
 class _Mamba3Triton(torch.autograd.Function):
     """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
 
     @staticmethod
-    def forward(ctx, initial_state, lengths, *tensors):
+    def forward(ctx, initial_state, lengths, need_final, *tensors):
         with torch.no_grad():
             y, fin, opre = _forward_batched(*tensors, initial_state, lengths,
-                                            save_o=any(ctx.needs_input_grad[2:]))
+                                            save_o=any(ctx.needs_input_grad[3:]), need_final=need_final)
         ctx.initial_state, ctx.lengths = initial_state, lengths
         ctx.save_for_backward(opre, *tensors)
+        if fin is None:
+            return (y,)
         ctx.mark_non_differentiable(*fin)
         return (y, *fin)
 
@@ -339,7 +344,7 @@ class _Mamba3Triton(torch.autograd.Function):
 
         opre, *tensors = ctx.saved_tensors
         grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths)
-        return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])))
+        return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
 
 
 def mamba3_chunked_triton(
@@ -373,12 +378,13 @@ def mamba3_chunked_triton(
                                        cu_seqlens=cu_seqlens)
         return y, (fin._replace(ssm=_pairs(fin.ssm), k=_pairs(fin.k)) if fin is not None else None)
     if cu_seqlens is None:
-        y, *fin = _Mamba3Triton.apply(initial_state, None, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x,
-                                      mimo_z, mimo_o, D, z)
+        y, *fin = _Mamba3Triton.apply(initial_state, None, return_final_state, q, k, v, adt, dt, trap, q_bias, k_bias,
+                                      angles, mimo_x, mimo_z, mimo_o, D, z)
     else:
         lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
-        y, *fin = _Mamba3Triton.apply(initial_state, lengths, pad(q), pad(k), pad(v), pad(adt), pad(dt), pad(trap),
-                                      q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D, pad(z))
+        y, *fin = _Mamba3Triton.apply(initial_state, lengths, return_final_state, pad(q), pad(k), pad(v), pad(adt),
+                                      pad(dt), pad(trap), q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D,
+                                      pad(z))
         y = y[valid][None]
     return y, (Mamba3State(*fin) if return_final_state else None)
 
