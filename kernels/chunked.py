@@ -83,14 +83,15 @@ def entering_state(init: Mamba3State | None, nxt: torch.Tensor, mx: torch.Tensor
     return init.ssm + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", mx_prev, init.k)
 
 
-def final_state(theta: torch.Tensor, ssm: torch.Tensor, kr_last: torch.Tensor, v: torch.Tensor,
-                lengths: torch.Tensor | None, dtype) -> Mamba3State:
-    """Gather each row's last real position into a Mamba3State (kr_last: callable rows, last -> (B, R, H, N))."""
+def final_state(angle_last, ssm: torch.Tensor, kr_last, v: torch.Tensor, lengths: torch.Tensor | None,
+                dtype) -> Mamba3State:
+    """Gather each row's last real position into a Mamba3State (angle_last, kr_last: callables rows, last ->
+    the angles (B, H, K) and rotated keys (B, R, H, N) there)."""
     B, L = v.shape[:2]
     last = (lengths - 1) if lengths is not None else torch.full((B,), L - 1, device=v.device)
     last = last.clamp(min=0)
     rows = torch.arange(B, device=v.device)
-    return Mamba3State(torch.remainder(theta[rows, last], TWO_PI), ssm, kr_last(rows, last), v[rows, last].to(dtype))
+    return Mamba3State(torch.remainder(angle_last(rows, last), TWO_PI), ssm, kr_last(rows, last), v[rows, last].to(dtype))
 
 
 def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
@@ -152,7 +153,8 @@ def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     if mimo_o is not None:
         o = (o * mimo_o.to(cdt).transpose(0, 1)).sum(2)
 
-    final = final_state(theta, final_ssm, lambda rows, last: kr[rows, last], v, lengths, cdt)
+    final = final_state(lambda rows, last: theta[rows, last], final_ssm, lambda rows, last: kr[rows, last], v,
+                        lengths, cdt)
     return o.to(v.dtype), final
 
 

@@ -9,7 +9,7 @@ entering the chunk (P x N) and the decay mask M (see `_decay_mask`):
 Four kernels, after the entering states are recomputed with the forward kernels (cheaper in memory than
 saving them); the forward keeps only the pre-gate output o per row:
 
-1. `_bwd_dout_kernel` (B*H, chunks): the epilogue (z gate, D skip, mimo_o contraction) taken back to dO,
+1. `_bwd_dout_kernel` (B*H, position blocks): the epilogue (z gate, D skip, mimo_o contraction) taken back to dO,
    written for the next kernels; gradients of z, mimo_z, mimo_o, D. Elementwise only.
 2. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T; d acs, d w, d gamma
    from dA o S (the mask's entries); dE_c = (exp(acs) dO)^T Q and the inter-chunk part of d acs.
@@ -21,19 +21,22 @@ dQ and dK are split (as in flash attention's backward) so each kernel's tiles fi
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
 partial sums for the biases).
 
-Then torch finishes: the bias partials summed, and the per-token scalars (theta, gamma, w, acs, atot, s0)
-replayed under autograd, which carries their gradients to adt, dt, trap, angles and mimo_x exactly as the
-forward defined them.
+Then d theta goes back to angles and dt through `triton_angles`, and torch finishes: the bias partials summed,
+and the other per-token scalars (gamma, w, acs, atot, s0) replayed under autograd, which carries their gradients
+to adt, dt, trap and mimo_x exactly as the forward defined them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import triton_chunked as tc  # tc.state_pass_launch looked up per call (evals/kernel_report.py overrides it)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rotation_tables, _rows_v, _Setup, kernel_chunk, rotation_table, tl,
+                             _load_rotated, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk, tl,
                              triton)
+from .triton_angles import angle_table_backward
 
 if triton is not None:
 
@@ -76,49 +79,59 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dout_kernel(v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr, dy_ptr,
-                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr,
-                         L, H, P, nc,
-                         R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BP: tl.constexpr,
+                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk,
+                         R: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr, DOT: tl.constexpr):
-        """The epilogue (z gate, D skip, mimo_o contraction) taken back from dy to dO, the pre-gate output's
-        gradient: elementwise work only (no matmuls, so its tiles stay small)."""
-        pid_bh, c, b, h, _, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, 1, P, R, RP, CR, BP)
-        offs_t, tmask = _chunk_positions(c, L, CR, RP)
-
-        row_p = ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, R, H, P)
-        o = tl.load(opre_ptr + row_p, mask=lp, other=0.0).to(tl.float32)
-        pos_off = (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) tensors, per row
-        prm = (h * R + r_i[:, None]) * P + offs_p[None, :]  # (H, R, P) parameters, per row
-        offs_r = tl.arange(0, RP)
-        part = ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :]  # per-chunk partial sums
-        part_m = (offs_r < R)[:, None] & pmask[None, :]
-        if CONTRACT:
-            dy = tl.load(dy_ptr + pos_off, mask=lp, other=0.0).to(tl.float32)
-            dg = dy * tl.load(mo_ptr + prm, mask=lp, other=0.0)
-        else:
-            dy = tl.load(dy_ptr + row_p, mask=lp, other=0.0).to(tl.float32)
-            dg = dy
+        """Grid (B*H, position blocks of BT): the epilogue (z gate, D skip, mimo_o contraction) taken back from dy
+        to dO, the pre-gate output's gradient. Elementwise work only, one (BT, P) tile per rank in turn, so the
+        sums over ranks and positions are plain accumulations (no row reshapes: at 64-row tiles with reshapes
+        the kernel sat at 255 registers and 2.0 ms for R4 b8 x 2048 on H100)."""
+        pid_bh, blk = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_t = blk * BT + tl.arange(0, BT)
+        offs_p = tl.arange(0, BP)
+        pmask = offs_p < P
+        tp = (offs_t < L)[:, None] & pmask[None, :]
+        pos = (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) tensors
+        part = (pid_bh * nblk + blk) * R * P + offs_p  # (B*H, blocks, R, P) partial sums, rank 0
         if HAS_Z:
-            zt = tl.load(z_ptr + pos_off, mask=lp, other=0.0).to(tl.float32)
-            mz = tl.load(mz_ptr + prm, mask=lp, other=0.0)
-            zz = zt * mz
-            sg = tl.sigmoid(zz)
-            gate = zz * sg
-            dzz = dg * o * sg * (1.0 + zz * (1.0 - sg))  # d silu(x)/dx = sigmoid(x) (1 + x (1 - sigmoid(x)))
-            tl.store(dz_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
-                     _rank_sum(dzz * mz, CR, RP, BP).to(dz_ptr.dtype.element_ty),
-                     mask=tmask[:, None] & pmask[None, :])
-            tl.store(dmz_ptr + part, _position_sum(dzz * zt, CR, RP, BP), mask=part_m)
-            o = o * gate
-            do = dg * gate
-        else:
-            do = dg
+            zt = tl.load(z_ptr + pos, mask=tp, other=0.0).to(tl.float32)
+            dz = tl.zeros([BT, BP], dtype=tl.float32)
         if CONTRACT:
-            tl.store(dmo_ptr + part, _position_sum(dy * o, CR, RP, BP), mask=part_m)
+            dy = tl.load(dy_ptr + pos, mask=tp, other=0.0).to(tl.float32)
         if HAS_D:
-            vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
-            tl.store(dd_ptr + pid_bh * nc + c, tl.sum(tl.sum(do * vr, axis=1), axis=0))
-        tl.store(do_ptr + row_p, do.to(DOT).to(do_ptr.dtype.element_ty), mask=lp)
+            vt = tl.load(v_ptr + pos, mask=tp, other=0.0).to(tl.float32)
+            dd = tl.zeros([BP], dtype=tl.float32)
+        for r in tl.static_range(R):
+            row = ((b * L + offs_t[:, None]) * R + r) * H * P + h * P + offs_p[None, :]  # (B, L, R, H, P)
+            prm = (h * R + r) * P + offs_p  # (H, R, P) parameters
+            o = tl.load(opre_ptr + row, mask=tp, other=0.0).to(tl.float32)
+            if CONTRACT:
+                dg = dy * tl.load(mo_ptr + prm, mask=pmask, other=0.0)[None, :]
+            else:
+                dy = tl.load(dy_ptr + row, mask=tp, other=0.0).to(tl.float32)
+                dg = dy
+            if HAS_Z:
+                mz = tl.load(mz_ptr + prm, mask=pmask, other=0.0)[None, :]
+                zz = zt * mz
+                sg = tl.sigmoid(zz)
+                gate = zz * sg
+                dzz = dg * o * sg * (1.0 + zz * (1.0 - sg))  # d silu(x)/dx = sigmoid(x) (1 + x (1 - sigmoid(x)))
+                dz += dzz * mz
+                tl.store(dmz_ptr + part + r * P, tl.sum(dzz * zt, axis=0), mask=pmask)
+                o = o * gate
+                do = dg * gate
+            else:
+                do = dg
+            if CONTRACT:
+                tl.store(dmo_ptr + part + r * P, tl.sum(dy * o, axis=0), mask=pmask)
+            if HAS_D:
+                dd += tl.sum(do * vt, axis=0) * tl.load(mx_ptr + prm, mask=pmask, other=0.0)
+            tl.store(do_ptr + row, do.to(DOT).to(do_ptr.dtype.element_ty), mask=tp)
+        if HAS_Z:
+            tl.store(dz_ptr + pos, dz.to(dz_ptr.dtype.element_ty), mask=tp)
+        if HAS_D:
+            tl.store(dd_ptr + pid_bh * nblk + blk, tl.sum(dd, axis=0))
 
     @triton.jit
     def _state_pass_bwd_kernel(de_ptr, states_ptr, atot_ptr, ds0_ptr, datot_ptr, down_ptr, nc, PN, NBLK,
@@ -199,6 +212,9 @@ if triton is not None:
         tl.store(dtheta_ptr + (b * L + offs_t[:, None]) * H * K + h * K + offs_j[None, :], dth,
                  mask=tmask[:, None] & (offs_j < K)[None, :])
         offs_r = tl.arange(0, RP)
+        # reloaded (L2-hot) rather than held since the start: at 255 registers, holding them spills more (R4
+        # b8 x 2048 dq kernel, H100: 5.95 -> 5.68 ms, SISO 1.49 -> 1.28)
+        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         _store_unrotated(dq_ptr + b * L * R * G * N + g * N, dqb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dqa, dqb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
@@ -208,7 +224,7 @@ if triton is not None:
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
                          L, H, G, K, N, P, nc,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                         HALF: tl.constexpr, HAS_D: tl.constexpr,
+                         HALF: tl.constexpr, HAS_D: tl.constexpr, RELOAD: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
@@ -261,6 +277,8 @@ if triton is not None:
         dth = _rank_sum(dkb * ka.to(tl.float32) - dka * kb.to(tl.float32), CR, RP, BH)
         tl.store(th_ptr, tl.load(th_ptr, mask=thm, other=0.0) + dth, mask=thm)
         offs_r = tl.arange(0, RP)
+        if RELOAD:  # as in the dq kernel; pays off for SISO only (R4: 5.33 -> 5.95 ms, SISO 1.60 -> 1.40)
+            cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
         _store_unrotated(dk_ptr + b * L * R * G * N + g * N, dkb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dka, dkb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
@@ -272,6 +290,9 @@ if triton is not None:
                      other=0.0).to(tl.float32)
         tl.store(dmx_ptr + ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :],
                  _position_sum(dv * vt, CR, RP, BP), mask=(offs_r < R)[:, None] & pmask[None, :])
+
+
+DOUT_BLOCK = 64  # positions per program of the elementwise dO kernel (its own blocking, not the chunks')
 
 
 def backward_chunk(rank: int) -> int:
@@ -296,9 +317,10 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
     with torch.enable_grad():
-        leaves = [t.detach().to(f32).requires_grad_() for t in (adt, dt, trap, angles)]
+        leaves = [t.detach().to(f32).requires_grad_() for t in (adt, dt, trap)]
         mx_leaf = st.mx.detach().requires_grad_()
-        theta, gam, w, s0, acs, atot = st.scalars(*leaves, mx_leaf)
+        gam, w, s0, acs, atot = st.scalars(*leaves, mx_leaf)
+    tanh_a, tp, dtf = angle_inputs(angles, dt)
     q, k, v, dy = q.contiguous(), k.contiguous(), v.contiguous(), dy.contiguous()
     zc = z.contiguous() if z is not None else v
     meta = st.meta
@@ -306,16 +328,17 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
         ac, ww, at, gm = acs.detach(), w.detach(), atot.detach(), gam.detach()
-        cs = rotation_table(theta.detach())
+        cs = st.rotation_table(tp, dtf)
         states, _ = _entering_states(st, k, v, cs, ac, ww, at, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
         dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if st.has_z else do
-        dmz, dmo = empty(B * H, nc, RP, P), empty(B * H, nc, RP, P)
-        dD = empty(B * H, nc)
-        _bwd_dout_kernel[(B * H, nc)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P, nc,
-                                      HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
-                                      **{name: meta[name] for name in ("R", "RP", "CR", "BP", "DOT", "num_warps")})
+        nblk = triton.cdiv(L, DOUT_BLOCK)
+        dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
+        dD = empty(B * H, nblk)
+        _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
+                                        nblk, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
+                                        **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")})
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
@@ -338,15 +361,18 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc,
-                                      HAS_D=st.has_d, **meta)
+                                      HAS_D=st.has_d, RELOAD=R == 1, **meta)
         datot = (datot + datot_pass.sum(1)).view(B, H, nc)
 
-    outs, grads = [theta, gam, w, acs, atot], [dtheta, dgam, dw + dw_c, dacs_b + dacs_c, datot]
+        dtp, d_dt_angles = angle_table_backward(dtheta, tp, dtf)
+    outs, grads = [gam, w, acs, atot], [dgam, dw + dw_c, dacs_b + dacs_c, datot]
     if s0 is not None:
         outs.append(s0)
         grads.append(ds0)
     torch.autograd.backward(outs, grads)
-    d_adt, d_dt, d_trap, d_angles = (t.grad for t in leaves)
+    d_adt, d_dt, d_trap = (t.grad for t in leaves)
+    d_dt = d_dt + d_dt_angles
+    d_angles = dtp * (1 - tanh_a * tanh_a) * math.pi  # tp = tanh(angles) pi
     dmx_total = _partial_sum(dmx, B, H, R, P)
     if mx_leaf.grad is not None:
         dmx_total = dmx_total + mx_leaf.grad
@@ -359,4 +385,4 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
             cast(lambda: _partial_sum(dqb, B, H, R, N), q_bias), cast(lambda: _partial_sum(dkb, B, H, R, N), k_bias),
             cast(lambda: d_angles, angles), cast(lambda: dmx_total, mimo_x),
             cast(lambda: _partial_sum(dmz, B, H, R, P), mimo_z), cast(lambda: _partial_sum(dmo, B, H, R, P), mimo_o),
-            cast(lambda: dD.view(B, H, nc).sum((0, 2)), D), cast(lambda: dz, z)]
+            cast(lambda: dD.view(B, H, -1).sum((0, 2)), D), cast(lambda: dz, z)]

@@ -1,18 +1,19 @@
 """Chunked Mamba-3 (MIMO rank R, SISO as R = 1) forward in Triton: the CUDA path of the layer.
 
-Same function and tensor layout as `mamba3_chunked` (see `common`). Three kernels, all parallel over
-batch x heads, two of them also over chunks, so one long sequence still fills the GPU:
+Same function and tensor layout as `mamba3_chunked` (see `common`). Two kernels, both parallel over
+batch x heads, and over chunks or headdim blocks, so one long sequence still fills the GPU:
 
-1. `_chunk_state_kernel`  (B*H, chunks): each chunk's own state sum_{s,r} to_end_s (mx_r v_s) kr_{s,r}^T.
-2. `_state_pass_kernel`   (B*H, P*N blocks): walk the chunks, decaying and adding; the chunk states are
-   overwritten in place by the state entering each chunk (no second P x N x chunks buffer).
-3. `_chunk_output_kernel` (B*H, chunks): per query rank, the entering state's contribution plus the
+1. `_state_scan_kernel`   (B*H, P blocks): walk the chunks, storing the state entering each one, then decaying
+   it and adding the chunk's own sum_{s,r} to_end_s (mx_r v_s) kr_{s,r}^T as one matmul accumulate. The
+   state stays in registers (fp32); each chunk's own state is never written out.
+2. `_chunk_output_kernel` (B*H, chunks): per query rank, the entering state's contribution plus the
    intra-chunk decayed (q.k) v products over all key ranks; D skip, z gate and the rank contraction
    with mimo_o in the epilogue, so only (B, L, H, P) is written.
 
 B/C bias and the data-dependent rotation are applied inside the kernels from the (B, L, R, G, N)
-inputs (never materialised per head, which would be H/G times larger). The per-token scalars (cumulative
-angles, trapezoid weights, chunk decays) are computed in torch with the same helpers as the chunked op.
+inputs (never materialised per head, which would be H/G times larger). The rotation angles' cos/sin table comes
+from `triton_angles`; the other per-token scalars (trapezoid weights, chunk decays) are computed in torch with the
+same helpers as the chunked op.
 The kernel chunk length is the kernel's own (the function does not depend on it).
 
 Gradients: `triton_backward` (kernels in the same style; the per-token scalars go back through torch autograd).
@@ -20,13 +21,16 @@ Gradients: `triton_backward` (kernels in the same style; the per-token scalars g
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .chunked import _cumulative_angles, entering_state, final_state, trapezoid_weights
+from .chunked import entering_state, final_state, trapezoid_weights
 from .common import Mamba3State, check_inputs, heads_from_groups, rotate, varlen_layout
+from .triton_angles import angle_from_table, angle_table
 
 try:
     import triton
@@ -64,7 +68,7 @@ if triton is not None:
     @triton.jit
     def _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j):
         """cos/sin of each row's angle for pair j (the identity for the pairs j >= K), from the (B, L, H, 2, K)
-        table `rotation_table` made once per call (cheaper to load than to recompute in every kernel)."""
+        table `triton_angles.angle_table` made once per call (cheaper to load than to recompute in every kernel)."""
         m = lmask[:, None] & (offs_j < K)[None, :]
         ptr = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_j[None, :]
         return tl.load(ptr, mask=m, other=1.0), tl.load(ptr + K, mask=m, other=0.0)
@@ -126,41 +130,43 @@ if triton is not None:
         return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
 
     @triton.jit
-    def _chunk_state_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, states_ptr,
-                            L, H, G, K, N, P, nc,
-                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-        pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
+    def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
+                           final_ptr, L, H, G, K, N, P, nc,
+                           R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
+                           HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr):
+        """Grid (B*H, P / BPB): rows offs_p of the state, in fp32 registers, carried through the chunks:
+        E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand dtype) on entry to
+        each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more in traffic
+        (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
+        pid_bh = tl.program_id(0)
+        b, h = pid_bh // H, pid_bh % H
+        g = h // (H // G)
+        offs_p = tl.program_id(1) * BPB + tl.arange(0, BPB)
+        pmask = offs_p < P
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
-
-        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        to_end = tl.exp(tl.load(atot_ptr + pid_bh * nc + c) - acs) * w
-        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
-        ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
-                               kb_ptr + (h * R + r_i) * N, cos, sin)
-        vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
-        vt = tl.trans(vr * to_end[:, None]).to(DOT)
-        out = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
-        tl.store(out + ia[None, :], tl.dot(vt, ka.to(DOT), input_precision=PREC), mask=m)
-        tl.store(out + ib[None, :], tl.dot(vt, kb.to(DOT), input_precision=PREC), mask=m)
-
-    @triton.jit
-    def _state_pass_kernel(own_ptr, s0_ptr, atot_ptr, final_ptr, enter_ptr, nc, PN, BLOCK: tl.constexpr):
-        pid_bh, blk = tl.program_id(0), tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < PN
-        run = tl.load(s0_ptr + pid_bh * PN + offs, mask=m, other=0.0)
-        base = own_ptr + pid_bh * nc * PN + offs
-        ebase = enter_ptr + pid_bh * nc * PN + offs
-        own = tl.load(base, mask=m, other=0.0)
-        for c in range(nc):  # the next chunk's state is fetched before this one's is written (hides latency)
-            nxt = tl.load(base + (c + 1) * PN, mask=m & (offs * 0 + c + 1 < nc), other=0.0)
-            tl.store(ebase + c * PN, run.to(enter_ptr.dtype.element_ty), mask=m)
-            run = run * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)) + own
-            own = nxt
-        tl.store(final_ptr + pid_bh * PN + offs, run, mask=m)
+        row = (pid_bh * P + offs_p[:, None]) * N
+        run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
+        run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
+        for c in range(nc):
+            out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+            tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
+            tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
+            r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+            acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+            w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+            atot = tl.load(atot_ptr + pid_bh * nc + c)
+            cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+            ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib,
+                                   jm, kb_ptr + (h * R + r_i) * N, cos, sin)
+            vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask,
+                         mx_ptr + (h * R + r_i) * P)
+            vt = tl.trans(vr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
+            decay = tl.exp(atot)
+            run_a = tl.dot(vt, ka.to(DOT), run_a * decay, input_precision=PREC)
+            run_b = tl.dot(vt, kb.to(DOT), run_b * decay, input_precision=PREC)
+        tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
+        tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
@@ -215,20 +221,25 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def _scalars(adt, dt, trap, angles, mx, init, lengths, C: int):
-    """The per-token scalars of the kernels, in fp32 torch (differentiable: the backward replays this
-    under autograd to carry the kernels' gradients back to adt, dt, trap, angles and mimo_x):
-    theta (B, L, H, K), gamma and w (B, L, H), the state s0 entering the first chunk (B, H, P, N; None without an initial state), the
+def _scalars(adt, dt, trap, mx, init, lengths, C: int):
+    """The per-token scalars of the kernels other than the angles, in fp32 torch (differentiable: the backward
+    replays this under autograd to carry the kernels' gradients back to adt, dt, trap and mimo_x):
+    gamma and w (B, L, H), the state s0 entering the first chunk (B, H, P, N; None without an initial state), the
     decay accumulated within each chunk of length C, acs (B, L, H), and each chunk's total, atot (B, H, nc)."""
     B, L, H = dt.shape
     nc = max(1, -(-L // C))
-    theta = _cumulative_angles(angles, dt, None if init is None else init.angle, C)
     gam, nxt, w = trapezoid_weights(dt, trap, lengths)
     s0 = None if init is None else entering_state(init, nxt, mx.transpose(0, 1), None, None, None)
     acs = F.pad(adt, (0, 0, 0, nc * C - L)).view(B, nc, C, H).cumsum(2)
     atot = acs[:, :, -1].permute(0, 2, 1)
     acs = acs.view(B, nc * C, H)[:, :L]
-    return [t.contiguous() if t is not None else None for t in (theta, gam, w, s0, acs, atot)]
+    return [t.contiguous() if t is not None else None for t in (gam, w, s0, acs, atot)]
+
+
+def angle_inputs(angles: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tanh(angles), tanh(angles) pi, dt), fp32 contiguous: what `angle_table` and its backward take."""
+    t = torch.tanh(angles.float())
+    return t, (t * math.pi).contiguous(), dt.float().contiguous()
 
 
 class _Setup:
@@ -262,36 +273,51 @@ class _Setup:
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
                          num_warps=4)
 
-    def scalars(self, adt, dt, trap, angles, mx):
-        return _scalars(adt, dt, trap, angles, mx, self.init, self.lengths, self.C)
+    def scalars(self, adt, dt, trap, mx):
+        return _scalars(adt, dt, trap, mx, self.init, self.lengths, self.C)
 
-
-def rotation_table(theta: torch.Tensor) -> torch.Tensor:
-    """(B, L, H, K) angles -> (B, L, H, 2, K) fp32 cos | sin, the kernels' rotation input."""
-    return torch.stack((theta.cos(), theta.sin()), dim=3)
+    def rotation_table(self, tp, dtf):
+        """The kernels' (B, L, H, 2, K) cos | sin table from `angle_inputs`' tp and dt."""
+        return angle_table(tp, dtf, None if self.init is None else self.init.angle)
 
 
 def state_pass_launch(pn: int) -> tuple[int, int]:
-    """(state elements per program, warps) of the two state passes (forward and reverse), which walk the chunks
-    serially and are bound by how many loads are in flight."""
+    """(state elements per program, warps) of the backward's reverse state pass, which walks the chunks serially
+    and is bound by how many loads are in flight."""
     return min(256, triton.next_power_of_2(pn)), 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, looked up once per device (the decode step runs once per token)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def state_scan_block(heads: int, P: int, device: torch.device) -> int:
+    """Headdim rows per program of the state scan: the largest of 64, 32, 16 that still gives 2 programs per SM.
+    Each program walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower
+    programs win. fwd+bwd (2 scans) on H100, ms for 64 / 32 / 16 rows: R4 b8 x 2048 3.0 / 3.2 / 4.5,
+    R4 b1 x 32768 17.8 / 9.4 / 8.4 (the two-kernel scan it replaced: 4.8 and 9.5)."""
+    sms = _sm_count(device) if device.type == "cuda" else 1
+    for bp in (64, 32):
+        if bp <= P and heads * triton.cdiv(P, bp) >= 2 * sms:
+            return bp
+    return 16
 
 
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
-    operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the pass
+    operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
     itself runs in fp32)."""
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
-    own = torch.empty(B, H, nc, P, N, device=k.device, dtype=torch.float32)
-    _chunk_state_kernel[(B * H, nc)](k, st.kb, cs, v, st.mx, acs, w, atot, own, st.L, H, st.G, st.K, N, P, nc,
-                                     **st.meta)
     if s0 is None:
         s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    block, warps = state_pass_launch(P * N)
-    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](own, s0, atot, final, enter, nc, P * N, BLOCK=block,
-                                                            num_warps=warps)
+    bp = min(st.meta["BP"], state_scan_block(B * H, P, k.device))
+    # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured
+    _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot, s0, enter, final, st.L, H,
+                                                     st.G, st.K, N, P, nc, BPB=bp, **{**st.meta, "num_stages": 1})
     return enter, final
 
 
@@ -304,9 +330,9 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
                 kernel_chunk(q.shape[2]))
-    theta, gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), angles.to(f32), st.mx)
+    gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), st.mx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cs = rotation_table(theta)
+    cs = st.rotation_table(*angle_inputs(angles, dt)[1:])
     states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
@@ -316,11 +342,14 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
                                          opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d,
                                          HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
 
+    def angle_last(rows, last):
+        return angle_from_table(cs[rows, last])
+
     def kr_last(rows, last):
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
-        return rotate(kh, theta[rows, last][:, None], False)
+        return rotate(kh, angle_last(rows, last)[:, None], False)
 
-    return out, (final_state(theta, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
+    return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
 
 
 class _Mamba3Triton(torch.autograd.Function):

@@ -16,14 +16,13 @@ between them. Several tokens at a time with a cache go through the chunked op wi
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 
 from .common import Mamba3State, check_inputs
-from .triton_chunked import _pow2, triton
+from .triton_chunked import _pow2, _sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -171,12 +170,6 @@ class StepActivations(NamedTuple):
     eps: float
     a_activation: str
     a_floor: float
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device, looked up once per device (the step runs once per token)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
