@@ -63,6 +63,21 @@ def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
         assert L % kernel_chunk(R)  # the grid above covers partial last chunks
 
 
+def test_state_scan_headdim_blocks():
+    """With few heads the state scan splits the headdim over programs (`state_scan_block`): one head of P = 48 runs
+    as blocks of 32 rows, the second one partly masked. Forward and final state vs the reference."""
+    from hybrid_mamba3.kernels.triton_chunked import state_scan_block
+
+    assert state_scan_block(1, 48, torch.device("cpu")) == 32
+    args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=16, P=48)
+    ref, ref_fin = mamba3_reference(*args, **opts, return_final_state=True)
+    a32, o32 = _f32(args, opts)
+    y, fin = mamba3_chunked_triton(*a32, **o32, return_final_state=True)
+    assert rel_err(y, ref) < TOL
+    for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
+        assert rel_err(a, b) < TOL, name
+
+
 def test_per_rank_output():
     args, opts = make_op_inputs(B=1, L=20, R=2, **SIZES)
     opts["mimo_o"] = None
