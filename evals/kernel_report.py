@@ -39,17 +39,17 @@ _ORIG: dict = {}
 def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records: dict, kernel_opts: dict,
            state_block: int | None):
     """Override the kernels' chunk length / warps (all kernels) / launch options (per kernel name, e.g.
-    num_warps, maxnreg) / state-pass block, and record each launched kernel's compile metadata."""
+    num_warps, maxnreg) / headdim rows per program of the state scans, and record each launched kernel's compile metadata."""
     import triton
 
     from hybrid_mamba3.kernels import triton_backward as tb
     from hybrid_mamba3.kernels import triton_chunked as tc
 
     orig = _ORIG.setdefault("o", (tc.kernel_chunk, tb.backward_chunk, tc._Setup.__init__,
-                                  triton.runtime.jit.JITFunction.run, tc.state_pass_launch))
-    tc.kernel_chunk, tb.backward_chunk, tc.state_pass_launch = orig[0], orig[1], orig[4]
+                                  triton.runtime.jit.JITFunction.run, tc.state_scan_block))
+    tc.kernel_chunk, tb.backward_chunk, tc.state_scan_block = orig[0], orig[1], orig[4]
     if state_block is not None:
-        tc.state_pass_launch = lambda pn: (state_block, orig[4](pn)[1])
+        tc.state_scan_block = lambda heads, P, device: state_block
     if chunk is not None:
         tc.kernel_chunk = lambda rank: chunk
     if bwd_chunk is not None:
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--kernel-opts", default="{}",
                     help='JSON list (or one object) of per-kernel launch options, one variant each, e.g. '
                          '\'[{}, {"_bwd_dout_kernel": {"num_warps": 4}}]\'')
-    ap.add_argument("--state-blocks", default="default", help="comma list of state-pass elements per program")
+    ap.add_argument("--state-blocks", default="default", help="comma list of headdim rows per program of the state scans")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()

@@ -11,10 +11,10 @@ saving them); the forward keeps only the pre-gate output o per row:
 
 1. `_bwd_dout_kernel` (B*H, position blocks): the epilogue (z gate, D skip, mimo_o contraction) taken back to dO,
    written for the next kernels; gradients of z, mimo_z, mimo_o, D. Elementwise only.
-2. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T; d acs, d w, d gamma
-   from dA o S (the mask's entries); dE_c = (exp(acs) dO)^T Q and the inter-chunk part of d acs.
-3. `_state_pass_bwd_kernel` (B*H, P*N blocks): walk the chunks backwards, d run_c = dE_c + exp(atot_c)
-   d run_c+1, leaving the gradient of each chunk's own state (d run_c+1), plus d atot_c.
+2. `_state_scan_bwd_kernel` (B*H, P blocks): the state scan backwards, d run_c = dE_c + exp(atot_c) d run_c+1
+   with dE_c = (exp(acs) dO)^T Q made in registers, leaving the gradient of each chunk's own state (d run_c+1).
+3. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T; d acs, d w, d gamma
+   from dA o S (the mask's entries), the inter-chunk part of d acs, and the chunk decay's part of d atot.
 4. `_bwd_dkdv_kernel` (B*H, chunks): dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end
    (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
 dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. Both take
@@ -32,10 +32,10 @@ import math
 
 import torch
 
-from . import triton_chunked as tc  # tc.state_pass_launch looked up per call (evals/kernel_report.py overrides it)
+from . import triton_chunked as tc  # tc.state_scan_block looked up per call (evals/kernel_report.py overrides it)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk, tl,
-                             triton)
+                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk,
+                             tl, triton)
 from .triton_angles import angle_table_backward
 
 if triton is not None:
@@ -134,39 +134,62 @@ if triton is not None:
             tl.store(dd_ptr + pid_bh * nblk + blk, tl.sum(dd, axis=0))
 
     @triton.jit
-    def _state_pass_bwd_kernel(de_ptr, states_ptr, atot_ptr, ds0_ptr, datot_ptr, down_ptr, nc, PN, NBLK,
-                               BLOCK: tl.constexpr):
-        pid_bh, blk = tl.program_id(0), tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < PN
-        dbase = de_ptr + pid_bh * nc * PN + offs
-        sbase = states_ptr + pid_bh * nc * PN + offs
-        obase = down_ptr + pid_bh * nc * PN + offs
-        drun = tl.zeros([BLOCK], dtype=tl.float32)  # the final state carries no gradient
-        de = tl.load(dbase + (nc - 1) * PN, mask=m, other=0.0).to(tl.float32)
-        run = tl.load(sbase + (nc - 1) * PN, mask=m, other=0.0).to(tl.float32)
-        for i in range(nc):  # the previous chunk's tiles are fetched before this one's are written (hides latency)
+    def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, down_ptr, ds0_ptr,
+                               L, H, G, K, N, P, nc,
+                               R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
+                               BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                               BPB: tl.constexpr):
+        """Grid (B*H, P / BPB), the forward's state scan run backwards: rows offs_p of d run (the gradient of the
+        state entering the next chunk) in fp32 registers, carried from the last chunk to the first:
+        d run_c = dE_c + exp(atot_c) d run_c+1, with the chunk's own term dE_c = (exp(acs) dO)^T qr made here
+        (one matmul accumulate), so no per-chunk dE is ever written and read back. Stores d run_c+1, the
+        gradient of chunk c's own state (an operand of the dQ and dK/dV kernels); the state entering the first
+        chunk gets d run_0. The decay's gradient exp(atot_c) <d run_c+1, E_c> is taken in the dQ kernel, which
+        has E_c at hand: here, its reduction over the whole tile would put a barrier in the serial chain
+        (R4 on H100: this kernel 1.9 -> 1.2 ms at b8 x 2048, 9.6 -> 5.5 ms at b1 x 32768).
+        Against the per-chunk dE it replaced (written by the dQ kernel, read by an elementwise reverse pass), the
+        R4 fwd+bwd op went 19.7 -> 18.6 ms at b8 x 2048 (and 1 GB less memory), but 41.3 -> 42.2 ms at
+        b1 x 32768, where 256 programs (4 per head) leave this serial chain exposed."""
+        pid_bh, pb = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        g = h // (H // G)
+        offs_p = pb * BPB + tl.arange(0, BPB)
+        pmask = offs_p < P
+        offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        m = pmask[:, None] & jm[None, :]
+        run_a = tl.zeros([BPB, BH], dtype=tl.float32)  # the final state carries no gradient
+        run_b = tl.zeros([BPB, BH], dtype=tl.float32)
+        for i in range(nc):
             c = nc - 1 - i
-            has_prev = m & (offs * 0 + c > 0)
-            de_prev = tl.load(dbase + (c - 1) * PN, mask=has_prev, other=0.0).to(tl.float32)
-            run_prev = tl.load(sbase + (c - 1) * PN, mask=has_prev, other=0.0).to(tl.float32)
+            row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+            tl.store(down_ptr + row + ia[None, :], run_a.to(down_ptr.dtype.element_ty), mask=m)
+            tl.store(down_ptr + row + ib[None, :], run_b.to(down_ptr.dtype.element_ty), mask=m)
             decay = tl.exp(tl.load(atot_ptr + pid_bh * nc + c))
-            tl.store(obase + c * PN, drun.to(down_ptr.dtype.element_ty), mask=m)  # d own_c = d run_c+1
-            tl.store(datot_ptr + (pid_bh * NBLK + blk) * nc + c, tl.sum(drun * run, axis=0) * decay)
-            drun = de + drun * decay
-            de, run = de_prev, run_prev
-        tl.store(ds0_ptr + pid_bh * PN + offs, drun, mask=m)
+            r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+            acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+            cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+            qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
+                                qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+            do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
+                         mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+            doe = tl.trans((do * tl.exp(acs)[:, None]).to(DOT))
+            run_a = tl.dot(doe, qa, run_a * decay, input_precision=PREC)
+            run_b = tl.dot(doe, qb, run_b * decay, input_precision=PREC)
+        row = (pid_bh * P + offs_p[:, None]) * N
+        tl.store(ds0_ptr + row + ia[None, :], run_a, mask=m)
+        tl.store(ds0_ptr + row + ib[None, :], run_b, mask=m)
 
     @triton.jit
-    def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, states_ptr,
-                       do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, de_ptr,
+    def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, atot_ptr,
+                       states_ptr, down_ptr, do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
                        L, H, G, K, N, P, nc,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                        HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
-        (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's terms:
-        dE = (exp(acs) dO)^T Q and its part of d acs, sum(exp(acs) dO E o Q) (the inter-chunk dQ times Q)."""
+        (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's part of
+        d acs, sum(exp(acs) dO E o Q) (the inter-chunk dQ times Q); the chunk decay's part of d atot,
+        exp(atot) <dOwn, E> (dOwn = d run_c+1 from the reverse scan, `_state_scan_bwd_kernel`)."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_t, tmask = _chunk_positions(c, L, CR, RP)
@@ -197,14 +220,16 @@ if triton is not None:
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
         eacs = tl.exp(acs)[:, None]
-        dqa = tl.dot(do16, tl.load(st + ia[None, :], mask=m, other=0.0), input_precision=PREC) * eacs
-        dqb = tl.dot(do16, tl.load(st + ib[None, :], mask=m, other=0.0), input_precision=PREC) * eacs
+        ea = tl.load(st + ia[None, :], mask=m, other=0.0)
+        eb = tl.load(st + ib[None, :], mask=m, other=0.0)
+        dn = down_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+        de = (tl.sum(ea.to(tl.float32) * tl.load(dn + ia[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
+              + tl.sum(eb.to(tl.float32) * tl.load(dn + ib[None, :], mask=m, other=0.0).to(tl.float32), axis=1))
+        tl.store(datot_ptr + pid_bh * nc + c, tl.sum(de, axis=0) * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)))
+        dqa = tl.dot(do16, ea, input_precision=PREC) * eacs
+        dqb = tl.dot(do16, eb, input_precision=PREC) * eacs
         dacs += tl.sum(dqa * qa.to(tl.float32) + dqb * qb.to(tl.float32), axis=1)
         tl.store(dacs_ptr + tok, _rank_sum_1d(dacs, CR, RP), mask=tmask)
-        doe = tl.trans((do16.to(tl.float32) * eacs).to(DOT))
-        out = de_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
-        tl.store(out + ia[None, :], tl.dot(doe, qa, input_precision=PREC).to(de_ptr.dtype.element_ty), mask=m)
-        tl.store(out + ib[None, :], tl.dot(doe, qb, input_precision=PREC).to(de_ptr.dtype.element_ty), mask=m)
         dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
         dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
         # (ra, rb) = R(theta) (xa, xb): d theta = drb ra - dra rb; the k side adds its part in _bwd_dkdv_kernel.
@@ -343,18 +368,16 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
-        # Each chunk's dE in the operand dtype, like the states (the reverse pass accumulates them in fp32).
-        de = torch.empty_like(states)
-        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, states, do, dq, dqb, dtheta,
-                                    dacs_c, dw_c, dgam, de, L, H, G, K, N, P, nc, **meta)
-        block, warps = tc.state_pass_launch(P * N)
-        nblk = triton.cdiv(P * N, block)
+        bp = min(meta["BP"], tc.state_scan_block(B * H, P, dev))
         ds0 = empty(B, H, P, N)
-        datot_pass = empty(B * H, nblk, nc)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_pass_bwd_kernel[(B * H, nblk)](de, states, at, ds0, datot_pass, down, nc, P * N, nblk, BLOCK=block,
-                                              num_warps=warps)
-        del de, states
+        _state_scan_bwd_kernel[(B * H, triton.cdiv(P, bp))](q, st.qb, cs, do, ac, at, down, ds0,
+                                                            L, H, G, K, N, P, nc, BPB=bp,
+                                                            **{**meta, "num_stages": 1})
+        datot_dq = empty(B * H, nc)
+        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, at, states, down, do, dq, dqb,
+                                    dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, **meta)
+        del states
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
         dmx = empty(B * H, nc, RP, P)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
@@ -362,7 +385,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc,
                                       HAS_D=st.has_d, RELOAD=R == 1, **meta)
-        datot = (datot + datot_pass.sum(1)).view(B, H, nc)
+        datot = (datot + datot_dq).view(B, H, nc)
 
         dtp, d_dt_angles = angle_table_backward(dtheta, tp, dtf)
     outs, grads = [gam, w, acs, atot], [dgam, dw + dw_c, dacs_b + dacs_c, datot]

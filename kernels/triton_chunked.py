@@ -281,12 +281,6 @@ class _Setup:
         return angle_table(tp, dtf, None if self.init is None else self.init.angle)
 
 
-def state_pass_launch(pn: int) -> tuple[int, int]:
-    """(state elements per program, warps) of the backward's reverse state pass, which walks the chunks serially
-    and is bound by how many loads are in flight."""
-    return min(256, triton.next_power_of_2(pn)), 4
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device, looked up once per device (the decode step runs once per token)."""
@@ -294,10 +288,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def state_scan_block(heads: int, P: int, device: torch.device) -> int:
-    """Headdim rows per program of the state scan: the largest of 64, 32, 16 that still gives 2 programs per SM.
+    """Headdim rows per program of the state scans (forward, and the backward's reverse one): the largest of 64, 32, 16 that still gives 2 programs per SM.
     Each program walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower
-    programs win. fwd+bwd (2 scans) on H100, ms for 64 / 32 / 16 rows: R4 b8 x 2048 3.0 / 3.2 / 4.5,
-    R4 b1 x 32768 17.8 / 9.4 / 8.4 (the two-kernel scan it replaced: 4.8 and 9.5)."""
+    programs win. The forward scan (run twice per fwd+bwd: forward, and the backward's recompute) on H100, ms for
+    64 / 32 / 16 rows: R4 b8 x 2048 3.0 / 3.2 / 4.5, R4 b1 x 32768 17.8 / 9.4 / 8.4 (the two-kernel scan it
+    replaced: 4.8 and 9.5)."""
     sms = _sm_count(device) if device.type == "cuda" else 1
     for bp in (64, 32):
         if bp <= P and heads * triton.cdiv(P, bp) >= 2 * sms:
@@ -314,7 +309,7 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
         s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    bp = min(st.meta["BP"], state_scan_block(B * H, P, k.device))
+    bp = min(st.meta["BP"], state_scan_block(B * H, P, k.device))  # the backward's reverse scan uses the same
     # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured
     _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot, s0, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, BPB=bp, **{**st.meta, "num_stages": 1})

@@ -64,18 +64,27 @@ def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
 
 
 def test_state_scan_headdim_blocks():
-    """With few heads the state scan splits the headdim over programs (`state_scan_block`): one head of P = 48 runs
-    as blocks of 32 rows, the second one partly masked. Forward and final state vs the reference."""
+    """With few heads both state scans (forward, and the backward's reverse one) split the headdim over programs
+    (`state_scan_block`): one head of P = 48 runs as blocks of 32 rows, the second one partly masked. Forward and
+    final state vs the reference; every gradient, the initial state's included, vs fp64 autograd."""
     from hybrid_mamba3.kernels.triton_chunked import state_scan_block
 
     assert state_scan_block(1, 48, torch.device("cpu")) == 32
     args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=16, P=48)
-    ref, ref_fin = mamba3_reference(*args, **opts, return_final_state=True)
+    st = _state(1, 2, 4, H=1, P=48, N=16)
+    ref, ref_fin = mamba3_reference(*args, **opts, initial_state=st, return_final_state=True)
     a32, o32 = _f32(args, opts)
-    y, fin = mamba3_chunked_triton(*a32, **o32, return_final_state=True)
+    y, fin = mamba3_chunked_triton(*a32, **o32, initial_state=st.to(torch.float32), return_final_state=True)
     assert rel_err(y, ref) < TOL
     for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
         assert rel_err(a, b) < TOL, name
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    _, want = _grads(mamba3_chunked, args, opts, dy, initial_state=st)
+    _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
+    for name, g, r in zip(GRAD_NAMES, got, want):
+        assert (g is None) == (r is None), name
+        if r is not None:
+            assert rel_err(g, r) < GRAD_TOL, name
 
 
 def test_per_rank_output():
