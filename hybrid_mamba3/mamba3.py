@@ -175,11 +175,12 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             angles=up(angles), lead=lead)
 
     def _op_kwargs(self, z: torch.Tensor) -> dict:
+        # SISO (and the out-projection norm) leave the ranks to `_finish`: a rank of one needs no contraction, and
+        # a ones mimo_o would cost a fill, a copy and a reduction of its gradient per call
         mimo = self.is_mimo
         return dict(
             mimo_x=self.mimo_x if mimo else None, mimo_z=self.mimo_z if mimo else None,
-            mimo_o=(self.mimo_o if mimo else torch.ones_like(self.D)[:, None, None].expand(-1, 1, self.headdim))
-            if not self.is_outproj_norm else None,
+            mimo_o=self.mimo_o if mimo and not self.is_outproj_norm else None,
             D=self.D, z=None if self.is_outproj_norm else z, rope_pairwise=not mimo)
 
     def _finish(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,6 +189,8 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             zr = z.to(torch.promote_types(z.dtype, torch.float32)).unsqueeze(-3) * (self.mimo_z.transpose(0, 1) if self.is_mimo else 1.0)
             y = self.norm(y.to(zr.dtype).flatten(-2), zr.expand(*y.shape).flatten(-2)).unflatten(-1, (self.nheads, -1))
             y = (y * self.mimo_o.transpose(0, 1)).sum(-3) if self.is_mimo else y.squeeze(-3)
+        elif not self.is_mimo:  # y: (..., 1, H, P), see `_op_kwargs`
+            y = y.squeeze(-3)
         return self.out_proj(y.flatten(-2).to(dtype))
 
     def _select_backend(self, device: torch.device) -> str:
@@ -289,8 +292,6 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         fn = _triton_ops()[1] if use_triton else mamba3_step
         y, new_state = fn(p["q"], p["k"], p["v"], p["adt"], p["dt"], p["trap"], self.C_bias, self.B_bias,
                           p["angles"], state, **self._op_kwargs(p["z"]))
-        if not self.is_outproj_norm:
-            return self.out_proj(y.flatten(-2).to(u.dtype)), new_state
         return self._finish(y, p["z"], u.dtype), new_state
 
     def _step_triton(self, u: torch.Tensor, state: Mamba3State) -> tuple[torch.Tensor, Mamba3State]:
