@@ -24,6 +24,9 @@ How each figure is measured (all medians over --reps timed calls after --warmup 
             launched after a synchronize, so each call's sum is its own. Host gaps between kernels are NOT in it.
   event_ms  CUDA events recorded before and after the call on the current stream (includes launch gaps).
   wall_ms   time.perf_counter() around the call, with torch.cuda.synchronize() before and after.
+  host_ms   time.perf_counter() around the call while the GPU is still busy with a ~50 ms spin kernel launched
+            just before it: the host's own cost of issuing the call (Python, dispatch, launches), none of it
+            hidden behind GPU work. wall_ms ~ max(GPU, host) + the first and last kernels' latency.
   peak_mib  torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it (inputs,
             parameters and the module's weights are outside it; outputs, saved activations and gradients in it).
   fwd       the module under torch.no_grad() (inference prefill); fwd_bwd: grads set to None, y = module(u) with
@@ -210,6 +213,48 @@ def measure_memory(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def spin(ms: float) -> None:
+    """Keep the GPU busy for about ms milliseconds (a spin kernel), so the host's next calls only enqueue."""
+    khz = getattr(torch.cuda.get_device_properties(DEV), "clock_rate", 0) or 2_000_000  # not in every build
+    torch.cuda._sleep(int(ms * khz))
+
+
+def host_enqueue_ms(fn, reps: int, spin_ms: float = 50.0) -> float:
+    """Median host time of fn() issued behind a spin kernel, so no call waits on the GPU (see host_ms above).
+    The spin is sized from the clock rate and checked: a call longer than it would read too short."""
+    times = []
+    for _ in range(reps):
+        sync()
+        spin(spin_ms)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+        sync()
+    if max(times) > 0.8 * spin_ms and spin_ms < 2000:
+        return host_enqueue_ms(fn, reps, 4 * spin_ms)
+    return median(times)
+
+
+def host_profile_text(fn, spin_ms: float = 200.0) -> str:
+    """cProfile of one fn() issued behind a spin kernel (as for host_ms): where the host's time goes, by the
+    functions' own time and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    sync()
+    spin(spin_ms)
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    sync()
+    out = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(40)
+    return out.getvalue()
+
+
 def time_call(fn, reps: int, warmup: int, budget_s: float, profile: bool = True) -> dict:
     """Warm up, then wall/event timing loop, profiler kernel sums, and peak memory of one call."""
     res = {}
@@ -242,6 +287,8 @@ def time_call(fn, reps: int, warmup: int, budget_s: float, profile: bool = True)
     res["wall_ms"] = median(wall)
     res["wall_ms_all"] = [round(x, 4) for x in wall]
     res["event_ms"] = median(ev)
+    if cuda():
+        res["host_ms"] = host_enqueue_ms(fn, n)
     if profile and cuda():
         try:
             res.update(profile_kernel_ms(fn, n))
@@ -570,6 +617,10 @@ class Bench:
                             if self.args.cache_dir is None else f"cache dir {self.args.cache_dir}")
                     budget = min(self.args.row_budget_s, max(5.0, self.left() - 20))
                     rec[mode] = time_call(fn, self.args.reps, self.args.warmup, budget)
+                    if self.args.host_profile and first and row.startswith("ours") and cuda():
+                        path = self.out / f"host_profile_{row}_{mode}.txt"
+                        path.write_text(host_profile_text(fn))
+                        rec[mode]["host_profile"] = path.name
                     mod = _keep[0] if row not in ("sdpa_core",) else None
                     if getattr(mod, "last_backend", None) is not None:
                         rec["last_backend"] = mod.last_backend
@@ -887,7 +938,7 @@ def report(res) -> str:
     lines.append("Prefill / training, module per call (GPU = profiler kernel sum; wall = host clock w/ sync; "
                  "medians; peak = max_memory_allocated delta)")
     hdr = (f"{'row':<17} {'shape':<9} {'fwd GPU':>8} {'fwd wall':>9} {'f+b GPU':>8} {'f+b wall':>9} "
-           f"{'fwd MiB':>8} {'f+b MiB':>8} {'launch f/fb':>11} {'1st f/fb s':>11}  note")
+           f"{'host f/fb':>11} {'fwd MiB':>8} {'f+b MiB':>8} {'launch f/fb':>11} {'1st f/fb s':>11}  note")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for r in res.get("forward", []):
@@ -897,10 +948,12 @@ def report(res) -> str:
         lf = f"{fmt(f.get('launches_per_call'), 0)}/{fmt(fb.get('launches_per_call'), 0)}"
         first = f"{fmt(r.get('first_call_s_fwd'))}/{fmt(r.get('first_call_s_fwd_bwd'))}" \
             if "first_call_s_fwd" in r else ""
+        host = f"{fmt(f.get('host_ms'))}/{fmt(fb.get('host_ms'))}"
         lines.append(f"{r['row']:<17} {r['shape']:<9} {fmt(f.get('gpu_ms')):>8} {fmt(f.get('wall_ms')):>9} "
-                     f"{fmt(fb.get('gpu_ms')):>8} {fmt(fb.get('wall_ms')):>9} {fmt(f.get('peak_mib'), 0):>8} "
+                     f"{fmt(fb.get('gpu_ms')):>8} {fmt(fb.get('wall_ms')):>9} {host:>11} {fmt(f.get('peak_mib'), 0):>8} "
                      f"{fmt(fb.get('peak_mib'), 0):>8} {lf:>11} {first:>11}  {one_line(note, 110)}")
-    lines.append("(ms; launches = kernels per call; 1st = first call of the row in the main process: see first_call_caches in the JSON)")
+    lines.append("(ms; host = the host's cost of issuing one call, GPU kept busy; launches = kernels per call; "
+                 "1st = first call of the row in the main process: see first_call_caches in the JSON)")
     if res.get("decode"):
         lines.append("")
         lines.append("Decode, one token per call (us): kernel = profiler kernel sum, graph = CUDA-graph replay, "
@@ -1112,6 +1165,9 @@ def parse_args(argv=None):
     ap.add_argument("--decode-steps", type=int, default=200, help="steps per decode timing loop")
     ap.add_argument("--skip-official", action="store_true", help="no official rows (they are recorded as skipped)")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also write a cProfile of one call per mode of our rows at the first shape "
+                         "(host_profile_<row>_<mode>.txt)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     ap.add_argument("--cold-shape", default=None, help="shape of the cold-start runs (default: the first shape)")
     ap.add_argument("--cold-timeout-s", type=float, default=200.0, help="per cold run (official MIMO: twice this)")
