@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Compile report of the Triton scan's kernels for an H100 (sm_90a), made on a machine without a GPU: registers,
+spilled bytes, shared memory and the SASS instruction mix (tensor-core ops, global / shared / local memory ops,
+barriers, shuffles) of every kernel one forward+backward call of `mamba3_chunked_triton` launches.
+
+    python3 evals/kernel_sass.py --ranks 4,1 --out out/sass       # CPU only; a few minutes of compiling
+
+How: the op runs on small CPU tensors with the kernels' launches replaced by compiles (nothing executes, the
+outputs are left as allocated). Each launch's arguments give the kernel's signature the way Triton's launcher
+specialises it on a GPU (pointer dtypes, integers equal to 1 as constants, integers divisible by 16 marked so,
+the constexprs and num_warps / num_stages of the launch), so the compiled code is the code the device would run
+for these launch options, as far as integer divisibility goes (the sizes used here keep the device shapes'
+divisibility: H, P, N at their defaults, L and chunk counts multiples of 16). Compiled with this machine's Triton
+and its bundled ptxas, which may differ from the device's: compare variants with one Triton, and time on the device
+(evals/kernel_report.py), since fewer spills need not mean faster.
+
+The memory-op "bytes" are instruction width x 128 threads per static SASS instruction (these kernels have no
+loops except the scans' chunk loop, which counts once): a relative measure of a kernel's traffic through
+L1/shared memory, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+# compiled, not interpreted: the tests' conftest (imported for its input generator) would switch the interpreter
+# on for a machine without a GPU, and it must be decided before triton is first imported
+os.environ["TRITON_INTERPRET"] = "0"
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+           torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+_OPS = ("HGMMA", "LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG", "BAR", "SHFL")
+_MEMORY = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG")
+
+
+def _signature(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) of one launch, specialised as the GPU launcher would."""
+    import triton.language as tl
+
+    params = inspect.signature(fn).parameters
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(params, args), **kwargs)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, (name, p) in enumerate(params.items()):
+        v = bound[name]
+        if p.annotation is tl.constexpr or "constexpr" in str(p.annotation):
+            sig[name], constexprs[(i,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name], attrs[(i,)] = _DTYPES[v.dtype], [["tt.divisibility", 16]]  # allocations are 16-aligned
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], constexprs[(i,)] = "constexpr", 1
+            else:
+                sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    return sig, constexprs, attrs, options
+
+
+def _sass_mix(cubin: bytes, tools: str) -> tuple[dict, dict]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    count, nbytes = collections.Counter(), collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if not m:
+            continue
+        op = m.group(1)
+        base = op.split(".")[0]
+        if base not in _OPS:
+            continue
+        count[base] += 1
+        if base in _MEMORY:
+            width = 4
+            for suffix, w in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+                if suffix in op:
+                    width = w
+            if base in ("LDSM", "STSM"):  # 8x8 b16 matrices: x1 / x2 / x4 per warp
+                width = 16 if ".X4" in op.upper() or ".M88.4" in op.upper() else 8 if ".2" in op else 4
+            nbytes[base] += width * 128
+    return dict(count), dict(nbytes)
+
+
+def _ptxas_spills(ptx: str, tools: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--gpu-name=sm_90a", src, "-o",
+                            os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+    text = r.stdout + r.stderr
+    grab = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
+    return dict(regs=grab(r"Used (\d+) registers"), spill_store_bytes=grab(r"(\d+) bytes spill stores"),
+                spill_load_bytes=grab(r"(\d+) bytes spill loads"))
+
+
+class _Compiler:
+    """Stands in for the launches: compiles each distinct (kernel, signature) once and records its report."""
+
+    def __init__(self):
+        import triton
+
+        self.tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        self.reports: dict = {}
+
+    def launch(self, kernel, args, kwargs):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        fn = kernel.fn
+        sig, constexprs, attrs, options = _signature(fn, args, dict(kwargs))
+        key = (fn.__name__, tuple(sorted((k[0], str(v)) for k, v in constexprs.items())),
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
+        if key in self.reports:
+            return
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        count, nbytes = _sass_mix(k.asm["cubin"], self.tools)
+        rep = dict(kernel=fn.__name__, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
+                   shared=k.metadata.shared, **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
+                   sass_bytes=nbytes, memory_kb=round(sum(nbytes.values()) / 1024, 1),
+                   constexprs={sig_name: str(v) for (i,), v in constexprs.items()
+                               for j, sig_name in enumerate(sig) if j == i})
+        self.reports[key] = rep
+        print(f"  {fn.__name__}: {rep['regs']} regs, {rep['spill_store_bytes']} B spilled, "
+              f"{rep['memory_kb']} KB memory ops", flush=True)
+
+
+def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int) -> None:
+    from conftest import make_op_inputs
+
+    from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
+
+    args, opts = make_op_inputs(B=B, L=L, R=R, G=1, N=N, H=H, P=P, K=K, dtype=torch.float32, mimo=R > 1,
+                                gate=True, skip=True, gen=torch.Generator().manual_seed(0))
+    cast = lambda t: None if t is None else t.bfloat16().requires_grad_()  # noqa: E731
+    y, _ = mamba3_chunked_triton(*[cast(a) for a in args], **{k: cast(v) for k, v in opts.items()})
+    y.backward(torch.ones_like(y))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", default="4,1")
+    ap.add_argument("--shape", default="1x256", help="BxL of the (CPU) call; only its divisibility matters")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args()
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    comp = _Compiler()
+    JITFunction.run = lambda self, *args, grid, warmup, **kw: comp.launch(self, args, kw)  # compile, never launch
+    B, L = map(int, a.shape.split("x"))
+    results = []
+    for R in map(int, a.ranks.split(",")):
+        print(f"R{R}:", flush=True)
+        comp.reports = {}
+        _run_op(R, B, L, H=64, P=64, N=128, K=32)
+        results += [dict(R=R, **r) for r in comp.reports.values()]
+    cols = ("HGMMA", "LDG", "STS", "LDS", "LDSM", "LDL", "STL", "REDG", "BAR", "SHFL")
+    lines = [f"triton {triton.__version__}, sm_90a, shape {a.shape} (compile only)",
+             f"{'R':>2} {'kernel':<26} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem':>6} {'mem KB':>7} "
+             + " ".join(f"{c:>5}" for c in cols)]
+    for r in results:
+        lines.append(f"{r['R']:>2} {r['kernel']:<26} {r['num_warps']:>5} {r['regs']:>4} "
+                     f"{r['spill_store_bytes'] or 0:>7} {r['shared']:>6} {r['memory_kb']:>7} "
+                     + " ".join(f"{r['sass'].get(c, 0):>5}" for c in cols))
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "kernel_sass.json"), "w") as f:
+        json.dump(dict(triton=triton.__version__, shape=a.shape, kernels=results), f, indent=1)
+    with open(os.path.join(a.out, "kernel_sass.txt"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
