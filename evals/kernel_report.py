@@ -92,6 +92,18 @@ def _profile(fn, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in per.items()}
 
 
+def _override(item: str) -> None:
+    """MODULE.NAME=INT: set an existing integer constant of a hybrid_mamba3.kernels module."""
+    import importlib
+
+    target, _, value = item.partition("=")
+    mod_name, _, name = target.rpartition(".")
+    mod = importlib.import_module(f"hybrid_mamba3.kernels.{mod_name}")
+    if not isinstance(getattr(mod, name, None), int):
+        raise SystemExit(f"--set {item}: hybrid_mamba3.kernels.{mod_name} has no integer constant {name}")
+    setattr(mod, name, int(value))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8x2048", help="comma list of BxL")
@@ -103,9 +115,16 @@ def main() -> None:
                     help='JSON list (or one object) of per-kernel launch options, one variant each, e.g. '
                          '\'[{}, {"_bwd_dout_kernel": {"num_warps": 4}}]\'')
     ap.add_argument("--state-blocks", default="default", help="comma list of headdim rows per program of the state scans")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="override an integer constant of hybrid_mamba3.kernels for this run, e.g. "
+                         "triton_backward.DOUT_BLOCK=32 (repeatable)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
+    overrides = {}
+    for item in a.set:
+        _override(item)
+        overrides[item.split("=")[0]] = int(item.split("=")[1])
     H, P, N = 64, 64, 128
     from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
 
@@ -154,7 +173,7 @@ def main() -> None:
                       f"{r.get('shared', ''):>7} {r.get('warps', ''):>5}", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernel_report.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(0), results=results), f, indent=1)
+        json.dump(dict(gpu=torch.cuda.get_device_name(0), overrides=overrides, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -166,8 +166,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="4,1")
     ap.add_argument("--shape", default="1x256", help="BxL of the (CPU) call; only its divisibility matters")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="override an integer constant of hybrid_mamba3.kernels, as in kernel_report.py")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
+    from kernel_report import _override  # this folder is on sys.path when run as a script
+
+    for item in a.set:
+        _override(item)
     import triton
     from triton.runtime.jit import JITFunction
 
