@@ -51,12 +51,11 @@ class GatedRMSNorm(KeepFP32Mixin, nn.Module):
         x = x.to(cdt)
         if z is not None and not self.norm_before_gate:
             x = x * F.silu(z.to(cdt))
-        if self.group_size is None:
-            x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        if self.group_size is None:  # one fused op where torch has it (CUDA): fewer launches than the formula
+            out = F.rms_norm(x, (x.shape[-1],), self.weight.to(cdt), self.eps)
         else:
             g = x.unflatten(-1, (-1, self.group_size))
-            x = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        out = x * self.weight.to(cdt)
+            out = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.to(cdt)
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z.to(cdt))
         return out.to(dtype)

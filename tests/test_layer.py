@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 
 from hybrid_mamba3 import Mamba3
@@ -137,3 +138,22 @@ def test_bad_arguments_give_clear_errors():
         layer(torch.randn(2, 6, 31, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="backend='triton' needs CUDA"):
         Mamba3(d_model=32, d_state=16, headdim=8, backend="triton")(torch.randn(1, 4, 32))
+
+
+@pytest.mark.parametrize("group_size,gated,before", [(None, False, True), (None, True, True), (None, True, False),
+                                                     (8, True, True)])
+def test_gated_rmsnorm_formula(group_size, gated, before):
+    """GatedRMSNorm == x / rms(x) * weight (per group), gated by silu(z) before or after the norm, in fp64."""
+    from hybrid_mamba3.norms import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(32, eps=1e-3, group_size=group_size, norm_before_gate=before).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x, z = torch.randn(3, 5, 32, dtype=torch.float64) * 4, torch.randn(3, 5, 32, dtype=torch.float64)
+    h = x * F.silu(z) if gated and not before else x
+    g = h.unflatten(-1, (-1, group_size or 32))
+    want = (g / (g.square().mean(-1, keepdim=True) + 1e-3).sqrt()).flatten(-2) * norm.weight
+    if gated and before:
+        want = want * F.silu(z)
+    assert torch.allclose(norm(x, z if gated else None), want, rtol=1e-12, atol=0)
