@@ -120,11 +120,12 @@ def _ptxas_spills(ptx: str, tools: str) -> dict:
 class _Compiler:
     """Stands in for the launches: compiles each distinct (kernel, signature) once and records its report."""
 
-    def __init__(self):
+    def __init__(self, dump: str | None = None):
         import triton
 
         self.tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
         self.reports: dict = {}
+        self.dump = dump
 
     def launch(self, kernel, args, kwargs):
         import triton
@@ -139,6 +140,11 @@ class _Compiler:
             return
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        if self.dump:
+            os.makedirs(self.dump, exist_ok=True)
+            for ext in ("ttgir", "ptx"):
+                with open(os.path.join(self.dump, f"{fn.__name__}_{len(self.reports)}.{ext}"), "w") as f:
+                    f.write(k.asm[ext])
         count, nbytes = _sass_mix(k.asm["cubin"], self.tools)
         rep = dict(kernel=fn.__name__, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
                    shared=k.metadata.shared, **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
@@ -168,6 +174,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1x256", help="BxL of the (CPU) call; only its divisibility matters")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="override an integer constant of hybrid_mamba3.kernels, as in kernel_report.py")
+    ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
     from kernel_report import _override  # this folder is on sys.path when run as a script
@@ -177,7 +184,7 @@ def main() -> None:
     import triton
     from triton.runtime.jit import JITFunction
 
-    comp = _Compiler()
+    comp = _Compiler(a.dump)
     JITFunction.run = lambda self, *args, grid, warmup, **kw: comp.launch(self, args, kw)  # compile, never launch
     B, L = map(int, a.shape.split("x"))
     results = []
