@@ -79,7 +79,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dout_kernel(v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr, dy_ptr,
-                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk,
+                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk, VS, ZS,
                          R: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr, DOT: tl.constexpr):
         """Grid (B*H, position blocks of BT): the epilogue (z gate, D skip, mimo_o contraction) taken back from dy
@@ -92,15 +92,16 @@ if triton is not None:
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         tp = (offs_t < L)[:, None] & pmask[None, :]
-        pos = (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) tensors
+        pos = (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) tensors: dy, dz
+        col = h * P + offs_p[None, :]  # v and z: rows of their own strides (`rows_of`)
         part = (pid_bh * nblk + blk) * R * P + offs_p  # (B*H, blocks, R, P) partial sums, rank 0
         if HAS_Z:
-            zt = tl.load(z_ptr + pos, mask=tp, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + (b * L + offs_t[:, None]) * ZS + col, mask=tp, other=0.0).to(tl.float32)
             dz = tl.zeros([BT, BP], dtype=tl.float32)
         if CONTRACT:
             dy = tl.load(dy_ptr + pos, mask=tp, other=0.0).to(tl.float32)
         if HAS_D:
-            vt = tl.load(v_ptr + pos, mask=tp, other=0.0).to(tl.float32)
+            vt = tl.load(v_ptr + (b * L + offs_t[:, None]) * VS + col, mask=tp, other=0.0).to(tl.float32)
             dd = tl.zeros([BP], dtype=tl.float32)
         for r in tl.static_range(R):
             row = ((b * L + offs_t[:, None]) * R + r) * H * P + h * P + offs_p[None, :]  # (B, L, R, H, P)
@@ -182,7 +183,7 @@ if triton is not None:
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, atot_ptr,
                        states_ptr, down_ptr, do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
-                       L, H, G, K, N, P, nc,
+                       L, H, G, K, N, P, nc, VS,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                        HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
         """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
@@ -196,7 +197,7 @@ if triton is not None:
 
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                        mask=lp, other=0.0).to(DOT)
-        vr16 = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask,
+        vr16 = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask,
                        mx_ptr + (h * R + r_i) * P).to(DOT)
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
@@ -247,7 +248,7 @@ if triton is not None:
     def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, d_ptr,
                          acs_ptr, gam_ptr, w_ptr, atot_ptr, down_ptr, do_ptr,
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
-                         L, H, G, K, N, P, nc,
+                         L, H, G, K, N, P, nc, VS,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, HAS_D: tl.constexpr, RELOAD: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
@@ -267,7 +268,7 @@ if triton is not None:
         s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                        mask=lp, other=0.0).to(DOT)
-        vr16 = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask,
+        vr16 = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask,
                        mx_ptr + (h * R + r_i) * P).to(DOT)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
 
@@ -311,7 +312,7 @@ if triton is not None:
         mx = tl.load(mx_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
         tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
                  _rank_sum(dv * mx, CR, RP, BP).to(dv_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
-        vt = tl.load(v_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
+        vt = tl.load(v_ptr + (b * L + offs_l[:, None]) * VS + h * P + offs_p[None, :], mask=lp,
                      other=0.0).to(tl.float32)
         tl.store(dmx_ptr + ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :],
                  _position_sum(dv * vt, CR, RP, BP), mask=(offs_r < R)[:, None] & pmask[None, :])
@@ -346,8 +347,9 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         mx_leaf = st.mx.detach().requires_grad_()
         gam, w, s0, acs, atot = st.scalars(*leaves, mx_leaf)
     tanh_a, tp, dtf = angle_inputs(angles, dt)
-    q, k, v, dy = q.contiguous(), k.contiguous(), v.contiguous(), dy.contiguous()
-    zc = z.contiguous() if z is not None else v
+    q, k, v, z, dy = q.contiguous(), k.contiguous(), tc.rows_of(v), tc.rows_of(z), dy.contiguous()
+    zc = z if z is not None else v
+    vs, zs = tc.row_stride(v), tc.row_stride(zc)
     meta = st.meta
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
@@ -362,7 +364,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
         dD = empty(B * H, nblk)
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
-                                        nblk, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
+                                        nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
                                         **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")})
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
@@ -376,14 +378,14 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
                                                             **{**meta, "num_stages": 1})
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, at, states, down, do, dq, dqb,
-                                    dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, **meta)
+                                    dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)
         del states
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
         dmx = empty(B * H, nc, RP, P)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
-                                      dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc,
+                                      dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
                                       HAS_D=st.has_d, RELOAD=R == 1, **meta)
         datot = (datot + datot_dq).view(B, H, nc)
 

@@ -131,7 +131,7 @@ if triton is not None:
 
     @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
-                           final_ptr, L, H, G, K, N, P, nc,
+                           final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr):
         """Grid (B*H, P / BPB): rows offs_p of the state, in fp32 registers, carried through the chunks:
@@ -159,7 +159,7 @@ if triton is not None:
             cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
             ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib,
                                    jm, kb_ptr + (h * R + r_i) * N, cos, sin)
-            vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask,
+            vr = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask,
                          mx_ptr + (h * R + r_i) * P)
             vt = tl.trans(vr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
             decay = tl.exp(atot)
@@ -171,7 +171,7 @@ if triton is not None:
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
                              acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr, opre_ptr,
-                             L, H, G, K, N, P, nc,
+                             L, H, G, K, N, P, nc, VS, ZS,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                              CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -186,7 +186,7 @@ if triton is not None:
         ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
                                kb_ptr + (h * R + r_i) * N, cos, sin)
         qa, qb, ka, kb = qa.to(DOT), qb.to(DOT), ka.to(DOT), kb.to(DOT)
-        vr = _rows_v(v_ptr + b * L * H * P + h * P, offs_l, lmask, H * P, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
+        vr = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask, mx_ptr + (h * R + r_i) * P)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
         ea = tl.load(st + ia[None, :], mask=m, other=0.0)
@@ -202,7 +202,7 @@ if triton is not None:
             tl.store(opre_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                      o.to(opre_ptr.dtype.element_ty), mask=lp)
         if HAS_Z:
-            zz = tl.load(z_ptr + (b * L + offs_l[:, None]) * H * P + h * P + offs_p[None, :], mask=lp,
+            zz = tl.load(z_ptr + (b * L + offs_l[:, None]) * ZS + h * P + offs_p[None, :], mask=lp,
                          other=0.0).to(tl.float32)
             zz = zz * tl.load(mz_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
             o = o * zz * tl.sigmoid(zz)
@@ -300,6 +300,25 @@ def state_scan_block(heads: int, P: int, device: torch.device) -> int:
     return 16
 
 
+def rows_of(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, L, H, P) tensor as the kernels index it, (b * L + t) * row_stride(x) + h * P + p: as it is when each
+    position's (H, P) block is contiguous and the batch stride is L positions (the layer's v and z are such views
+    of its in_proj output: no copy), else a contiguous copy."""
+    if x is None:
+        return None
+    B, L, H, P = x.shape
+    step = row_stride(x)
+    if (x.stride(3) == 1 and x.stride(2) == P and (B == 1 or x.stride(0) == L * step) and step >= H * P
+            and B * L * step < 2**31):  # the kernels' offsets are 32-bit
+        return x
+    return x.contiguous()
+
+
+def row_stride(x: torch.Tensor) -> int:
+    """Elements between consecutive positions of a `rows_of` tensor (between batches when L == 1)."""
+    return x.stride(1) if x.shape[1] > 1 else x.stride(0)
+
+
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
@@ -312,7 +331,8 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     bp = min(st.meta["BP"], state_scan_block(B * H, P, k.device))  # the backward's reverse scan uses the same
     # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured
     _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot, s0, enter, final, st.L, H,
-                                                     st.G, st.K, N, P, nc, BPB=bp, **{**st.meta, "num_stages": 1})
+                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp,
+                                                     **{**st.meta, "num_stages": 1})
     return enter, final
 
 
@@ -326,15 +346,16 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
                 kernel_chunk(q.shape[2]))
     gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), st.mx)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
     cs = st.rotation_table(*angle_inputs(angles, dt)[1:])
     states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
     opre = torch.empty(B, L, st.R, H, P, device=q.device, dtype=v.dtype) if save_o else None
     _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.mz, st.mo, st.D,
-                                         z.contiguous() if z is not None else v, acs, gam, w, states, out,
-                                         opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, HAS_D=st.has_d,
+                                         z if z is not None else v, acs, gam, w, states, out,
+                                         opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, row_stride(v),
+                                         row_stride(z if z is not None else v), HAS_D=st.has_d,
                                          HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
 
     def angle_last(rows, last):

@@ -193,6 +193,38 @@ def test_layer_step_from_raw_projection(mimo, act, G):
         assert rel_err(a, b) < 2e-5, name
 
 
+@pytest.mark.parametrize("L", [19, 1])
+def test_strided_v_and_z_are_read_in_place(L):
+    """v and z as the layer passes them (views of one wider projection, positions `width` apart) are read in place
+    (`rows_of` returns them, no copy) and give the same output and gradients as contiguous copies."""
+    from hybrid_mamba3.kernels.triton_chunked import rows_of
+
+    args, opts = make_op_inputs(B=2, L=L, R=2, **SIZES)
+    a32, o32 = _f32(args, opts)
+    H, P = SIZES["H"], SIZES["P"]
+    wide = torch.randn(2, L, 2 * H * P + 5)  # z | v | something else, as in the in_proj output
+    wide[..., H * P:2 * H * P] = a32[2].flatten(-2)
+    wide[..., :H * P] = o32["z"].flatten(-2)
+    z_view, v_view = wide[..., :H * P].unflatten(-1, (H, P)), wide[..., H * P:2 * H * P].unflatten(-1, (H, P))
+    assert rows_of(v_view) is v_view and rows_of(z_view) is z_view
+    assert rows_of(v_view.transpose(2, 3)) is not None and not rows_of(v_view.transpose(2, 3)).data_ptr() == \
+        v_view.data_ptr()  # a layout the kernels cannot index is copied
+    dy = torch.randn(2, L, H, P, dtype=torch.float64)
+    y_ref, g_ref = _grads(mamba3_chunked_triton, a32, o32, dy)
+    wide.requires_grad_()
+    z_view, v_view = wide[..., :H * P].unflatten(-1, (H, P)), wide[..., H * P:2 * H * P].unflatten(-1, (H, P))
+    args_s = [t.detach().clone().requires_grad_() for t in a32]
+    opts_s = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in o32.items()}
+    y = mamba3_chunked_triton(*args_s[:2], v_view, *args_s[3:], **{**opts_s, "z": z_view})[0]
+    (y * dy.float()).sum().backward()
+    assert torch.equal(y, y_ref)
+    got = [t.grad for t in args_s] + [None if t is None else t.grad for t in opts_s.values()]
+    got[2] = wide.grad[..., H * P:2 * H * P].unflatten(-1, (H, P))
+    got[GRAD_NAMES.index("z")] = wide.grad[..., :H * P].unflatten(-1, (H, P))
+    for name, g, r in zip(GRAD_NAMES, got, g_ref):
+        assert (g is None) == (r is None) and (r is None or torch.equal(g, r)), name
+
+
 @pytest.mark.parametrize("mimo", [True, False])
 def test_layer_scan_on_triton_backend(mimo, monkeypatch):
     """The layer's forward and backward with the Triton op (what it runs on CUDA) == with the torch op: the plumbing
