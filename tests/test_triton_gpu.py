@@ -82,6 +82,33 @@ def test_forward_and_gradients_vs_chunked(R, G, K, pw, gate, skip, init, L):
         assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
 
 
+def test_strided_v_and_z_read_in_place():
+    """bf16 v and z as views of one wider projection (as the layer passes them): read in place, bitwise the same
+    output and v / z gradients as contiguous copies (the same kernels on the same values)."""
+    from hybrid_mamba3.kernels.triton_chunked import rows_of
+
+    B, L, H, P = 2, 300, 8, 64
+    args, opts = _inputs(B, L, 4, 1, 128, H, P, 32, True, True, True, seed=3)
+    args = [a.bfloat16() for a in args]
+    opts = {k: v.bfloat16() for k, v in opts.items()}
+    wide = torch.randn(B, L, 2 * H * P + 24, device="cuda", dtype=torch.bfloat16)
+    wide[..., :H * P], wide[..., H * P:2 * H * P] = opts["z"].flatten(-2), args[2].flatten(-2)
+    dy = torch.randn(B, L, H, P, device="cuda", dtype=torch.bfloat16)
+    v_ref, z_ref = args[2].clone().requires_grad_(), opts["z"].clone().requires_grad_()
+    _poison()
+    y_ref, _ = mamba3_chunked_triton(*args[:2], v_ref, *args[3:], **{**opts, "z": z_ref})
+    y_ref.backward(dy)
+    wide.requires_grad_()
+    z_view, v_view = wide[..., :H * P].unflatten(-1, (H, P)), wide[..., H * P:2 * H * P].unflatten(-1, (H, P))
+    assert rows_of(v_view) is v_view and rows_of(z_view) is z_view
+    _poison()
+    y, _ = mamba3_chunked_triton(*args[:2], v_view, *args[3:], **{**opts, "z": z_view})
+    y.backward(dy)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(wide.grad[..., H * P:2 * H * P], v_ref.grad.flatten(-2))
+    assert torch.equal(wide.grad[..., :H * P], z_ref.grad.flatten(-2))
+
+
 def test_varlen_equals_separate_calls():
     lens = [100, 1, 257, 64]
     args, opts = _inputs(1, sum(lens), 4, 1, 128, 8, 64, 32, True, True, True, seed=1)
