@@ -38,6 +38,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "0"
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_report, also when run through runpy
 
 _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
            torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
@@ -177,7 +178,7 @@ def main() -> None:
     ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
-    from kernel_report import _override  # this folder is on sys.path when run as a script
+    from kernel_report import _override
 
     for item in a.set:
         _override(item)
