@@ -3,8 +3,8 @@ and the gradient taken back to tanh(angles) and dt, in Triton.
 
 theta is (B, L, H, K), the largest per-token tensor of the scan. In torch, its cumsum, offsets, cos, sin and stack,
 and their autograd replay in the backward, cost ~2.9 ms of a b8 x 2048 forward+backward (R4 op 25.6 -> 22.7 ms on
-H100 when they moved here: more than the whole forward state pass). Here the forward writes only the (B, L, H, 2, K) table the kernels read, and the backward reads
-d theta once.
+H100 when they moved here: more than the whole forward state pass). Here the forward writes only the
+(B, L, H, 2, K) table the kernels read, and the backward reads d theta once.
 
 The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions, and the
 blocks' offsets summed in float64 and reduced mod 2 pi, so theta stays accurate at any length. The gradient is the

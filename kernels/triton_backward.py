@@ -364,7 +364,8 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
         dD = empty(B * H, nblk)
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
-                                        nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z, CONTRACT=st.contract,
+                                        nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z,
+                                        CONTRACT=st.contract,
                                         **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")})
         dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)

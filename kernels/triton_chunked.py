@@ -288,7 +288,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def state_scan_block(heads: int, P: int, device: torch.device) -> int:
-    """Headdim rows per program of the state scans (forward, and the backward's reverse one): the largest of 64, 32, 16 that still gives 2 programs per SM.
+    """Headdim rows per program of the state scans (forward, and the backward's reverse one): the largest of 64,
+    32, 16 that still gives 2 programs per SM.
     Each program walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower
     programs win. The forward scan (run twice per fwd+bwd: forward, and the backward's recompute) on H100, ms for
     64 / 32 / 16 rows: R4 b8 x 2048 3.0 / 3.2 / 4.5, R4 b1 x 32768 17.8 / 9.4 / 8.4 (the two-kernel scan it
