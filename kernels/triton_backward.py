@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from . import triton_chunked as tc  # tc.state_scan_block looked up per call (evals/kernel_report.py overrides it)
+from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
                              _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk,
                              tl, triton)
@@ -371,7 +371,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
-        bp = min(meta["BP"], tc.state_scan_block(B * H, P, dev))
+        bp = tc.scan_rows(st, B * H, dev)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
         _state_scan_bwd_kernel[(B * H, triton.cdiv(P, bp))](q, st.qb, cs, do, ac, at, down, ds0,

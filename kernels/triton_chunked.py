@@ -301,23 +301,34 @@ def state_scan_block(heads: int, P: int, device: torch.device) -> int:
     return 16
 
 
-def rows_of(x: torch.Tensor | None) -> torch.Tensor | None:
-    """A (B, L, H, P) tensor as the kernels index it, (b * L + t) * row_stride(x) + h * P + p: as it is when each
-    position's (H, P) block is contiguous and the batch stride is L positions (the layer's v and z are such views
-    of its in_proj output: no copy), else a contiguous copy."""
+def scan_rows(st: _Setup, heads: int, device: torch.device) -> int:
+    """Headdim rows per program of both state scans (the forward's, and the backward's reverse one)."""
+    return min(st.meta["BP"], state_scan_block(heads, st.P, device))
+
+
+def rows_of(x: torch.Tensor | None, lead: int = 2) -> torch.Tensor | None:
+    """x as the kernels index it: its first `lead` dims flattened into rows `row_stride(x, lead)` elements apart,
+    each row's remaining dims contiguous (size-1 dims aside). x itself when it is laid out so (the layer's v and z,
+    and the decode step's per-token inputs, are such views of its in_proj output: no copy), else a contiguous copy."""
     if x is None:
         return None
-    B, L, H, P = x.shape
-    step = row_stride(x)
-    if (x.stride(3) == 1 and x.stride(2) == P and (B == 1 or x.stride(0) == L * step) and step >= H * P
-            and B * L * step < 2**31):  # the kernels' offsets are 32-bit
-        return x
-    return x.contiguous()
+    expect = 1
+    for size, stride in zip(reversed(x.shape[lead:]), reversed(x.stride()[lead:])):
+        if size != 1 and stride != expect:
+            return x.contiguous()
+        expect *= size
+    step = row_stride(x, lead)
+    if lead == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) != x.shape[1] * step:
+        return x.contiguous()  # batches are not L positions apart
+    if x.shape[:lead].numel() * step >= 2**31:  # the kernels' offsets are 32-bit
+        return x.contiguous()
+    return x
 
 
-def row_stride(x: torch.Tensor) -> int:
-    """Elements between consecutive positions of a `rows_of` tensor (between batches when L == 1)."""
-    return x.stride(1) if x.shape[1] > 1 else x.stride(0)
+def row_stride(x: torch.Tensor, lead: int = 2) -> int:
+    """Elements between consecutive rows of a `rows_of` tensor: positions (lead 2; batches when L == 1), or
+    batches (lead 1)."""
+    return x.stride(1) if lead == 2 and x.shape[1] > 1 else x.stride(0)
 
 
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
@@ -329,7 +340,7 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
         s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    bp = min(st.meta["BP"], state_scan_block(B * H, P, k.device))  # the backward's reverse scan uses the same
+    bp = scan_rows(st, B * H, k.device)
     # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured
     _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot, s0, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp,

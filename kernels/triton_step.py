@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .common import Mamba3State, check_inputs
-from .triton_chunked import _pow2, _sm_count, triton
+from .triton_chunked import _pow2, _sm_count, rows_of, triton
 
 if triton is not None:
     import triton.language as tl
@@ -84,7 +84,7 @@ if triton is not None:
                      R: tl.constexpr, RR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                      HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_MX: tl.constexpr, HAS_MZ: tl.constexpr, CONTRACT: tl.constexpr, RAW: tl.constexpr,
-                     HEAVY_TAIL: tl.constexpr, PREC_U: tl.constexpr, PREC_O: tl.constexpr):
+                     HEAVY_TAIL: tl.constexpr, PREC: tl.constexpr):
         pid, pblk = tl.program_id(0), tl.program_id(1)  # (sequence, head), block of headdim rows
         b, h = pid // H, pid % H
         g = h // (H // G)
@@ -138,14 +138,14 @@ if triton is not None:
         xs *= _rank_weights(mx_ptr, h, P, rj, prev | cur, offs_p, pmask, R, HAS_MX)
         sp = ssm_ptr + pid * P * N + offs_p[:, None] * N + offs_n[None, :]
         pn = pmask[:, None] & nmask[None, :]
-        ssm = tl.dot(xs, kt, alpha * tl.load(sp, mask=pn, other=0.0), input_precision=PREC_U)
+        ssm = tl.dot(xs, kt, alpha * tl.load(sp, mask=pn, other=0.0), input_precision=PREC)
         tl.store(sp, ssm, mask=pn)
 
         # Outputs: o_r = S q_r for the R ranks in one product, then D skip, z gate and the rank contraction.
         qc = offs_j < R
         qt = _qk_rows(q_ptr, sq, b, g, G, N, offs_j, qc, offs_n, nmask, sw, cos, sin, qb_ptr, h, qn_ptr, eps, R, RR, BN,
                       PAIRWISE, RAW)
-        o = tl.dot(ssm, tl.trans(qt), input_precision=PREC_O)
+        o = tl.dot(ssm, tl.trans(qt), input_precision=PREC)
         if HAS_D:
             o += tl.load(d_ptr + h) * v[:, None] * _rank_weights(mx_ptr, h, P, offs_j, qc, offs_p, pmask, R, HAS_MX)
         if HAS_Z:
@@ -181,16 +181,6 @@ def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
     if heads >= 16 * sms:
         return _pow2(P), 4
     return min(_pow2(P), 32), 2
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with every batch row contiguous (the kernel takes the batch stride), copied only when it is not."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expect:
-            return t.contiguous()
-        expect *= size
-    return t
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -230,8 +220,8 @@ def mamba3_step_triton(
                          f"{list(expect)} (angle, ssm, k, v); allocate it with Mamba3State.zeros or the layer")
     if not all(t.dtype == torch.float32 and t.is_contiguous() for t in state):
         state = Mamba3State(*(t.to(torch.float32).contiguous() for t in state))
-    q, k, v, adt, dt, trap, angles = (_rows(t) for t in (q, k, v, adt, dt, trap, angles))
-    z = _rows(z) if z is not None else None
+    # every batch row contiguous (the kernel takes the batch strides), copied only where it is not
+    q, k, v, adt, dt, trap, angles, z = (rows_of(t, lead=1) for t in (q, k, v, adt, dt, trap, angles, z))
     mx, mz, mo, d = _f32(mimo_x), _f32(mimo_z), _f32(mimo_o), _f32(D)
     act = activations
     out = torch.empty((B, H, P) if mo is not None else (B, R, H, P), device=q.device, dtype=v.dtype)
@@ -253,5 +243,5 @@ def mamba3_step_triton(
         HEAVY_TAIL=act is not None and act.a_activation == "heavy_tail",
         # tf32 products on 16-bit inputs (10-bit mantissas against the inputs' 8); the state itself is added in
         # fp32. fp32 inputs (tests) get exact fp32 products.
-        PREC_U="tf32" if low else "ieee", PREC_O="tf32" if low else "ieee", num_warps=warps)
+        PREC="tf32" if low else "ieee", num_warps=warps)
     return out, Mamba3State(angle_new, state.ssm, k_new, v_new)
