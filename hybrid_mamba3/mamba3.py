@@ -12,30 +12,23 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .cache import read_mamba_state, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
+from .kernels.common import A_ACTIVATIONS, token_activations
 from .norms import GatedRMSNorm, KeepFP32Mixin
 
-A_ACTIVATIONS = ("softplus", "heavy_tail")
 BACKENDS = ("auto", "torch", "triton", "official")
-
-
-def a_activation_fn(name: str, u: torch.Tensor) -> torch.Tensor:
-    """act(dd_A) with A = -act: softplus (mamba-ssm 2.3.2.post1) or the heavy tail of the later code."""
-    if name == "softplus":
-        return F.softplus(u)
-    return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))
 
 
 def _triton_ops():
     try:
         from .kernels.triton_chunked import mamba3_chunked_triton, triton_available
+        from .kernels.triton_scalars import token_activations_triton
         from .kernels.triton_step import mamba3_step_triton
     except ImportError:
         return None
-    return (mamba3_chunked_triton, mamba3_step_triton) if triton_available() else None
+    return (mamba3_chunked_triton, mamba3_step_triton, token_activations_triton) if triton_available() else None
 
 
 class Mamba3(KeepFP32Mixin, nn.Module):
@@ -161,18 +154,17 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         H, N, GR = self.nheads, self.d_state, self.num_bc_heads * self.mimo_rank
         return torch.split(proj, [self.d_inner, self.d_inner, N * GR, N * GR, H, H, H, self.num_rope_angles], dim=-1)
 
-    def _project(self, u: torch.Tensor) -> dict:
-        """in_proj and the per-token activations, for (..., d_model) inputs."""
+    def _project(self, u: torch.Tensor, fused: bool = False) -> dict:
+        """in_proj and the per-token activations, for (..., d_model) inputs; fused: dt and adt by the Triton
+        kernels (one launch each way instead of ~8 forward and ~12 backward: the host issues them all)."""
         H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
         z, x, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(u))
-        lead = u.shape[:-1]
-        up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
-        A = (-a_activation_fn(self.a_activation, up(dd_A))).clamp(max=-self.A_floor)
-        dt = F.softplus(up(dd_dt) + self.dt_bias)
+        activations = _triton_ops()[2] if fused else token_activations
+        dt, adt = activations(dd_dt, dd_A, self.dt_bias, self.a_activation, self.A_floor)
         return dict(
             q=self.C_norm(C.unflatten(-1, (R, G, N))), k=self.B_norm(B.unflatten(-1, (R, G, N))),
-            v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=A * dt, dt=dt, trap=trap,
-            angles=up(angles), lead=lead)
+            v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=adt, dt=dt, trap=trap,
+            angles=angles.to(torch.promote_types(angles.dtype, torch.float32)), lead=u.shape[:-1])
 
     def _op_kwargs(self, z: torch.Tensor) -> dict:
         # SISO (and the out-projection norm) leave the ranks to `_finish`: a rank of one needs no contraction, and
@@ -256,14 +248,14 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return (out, new_state) if return_final_state else out
 
     def _scan(self, u, state, mask, cu_seqlens, need_state):
-        p = self._project(u)
+        backend = self._select_backend(u.device)
+        if backend == "official" and state is not None:
+            backend = self._select_backend_default(u.device)  # the official kernels take no initial state
+        p = self._project(u, fused=backend == "triton")
         dt, adt, v = p["dt"], p["adt"], p["v"]
         if mask is not None:  # padded tokens: no decay, no input, no angle advance
             dt, adt = dt * mask[..., None], adt * mask[..., None]
             v = v * mask[..., None, None].to(v.dtype)
-        backend = self._select_backend(u.device)
-        if backend == "official" and state is not None:
-            backend = self._select_backend_default(u.device)  # the official kernels take no initial state
         self.last_backend = backend
         args = (p["q"], p["k"], v, adt, dt, p["trap"], self.C_bias, self.B_bias, p["angles"])
         kw = dict(self._op_kwargs(p["z"]), chunk_size=self.chunk_size, initial_state=state,

@@ -58,6 +58,27 @@ class Mamba3State(NamedTuple):
         return Mamba3State(*(t[index] for t in self))
 
 
+A_ACTIVATIONS = ("softplus", "heavy_tail")
+
+
+def a_activation_fn(name: str, u: torch.Tensor) -> torch.Tensor:
+    """act(dd_A) with A = -act: softplus (mamba-ssm 2.3.2.post1) or the heavy tail of the later code."""
+    if name == "softplus":
+        return torch.nn.functional.softplus(u)
+    return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))
+
+
+def token_activations(dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: torch.Tensor, a_activation: str,
+                      a_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's per-token activations of its in_proj output (B, L, H): dt = softplus(dd_dt + dt_bias) and
+    adt = min(-act(dd_A), -a_floor) dt, in at least fp32 (`triton_scalars.token_activations_triton` is the
+    same in one kernel each way)."""
+    up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+    A = (-a_activation_fn(a_activation, up(dd_A))).clamp(max=-a_floor)
+    dt = torch.nn.functional.softplus(up(dd_dt) + dt_bias)
+    return dt, A * dt
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """fp64 if any input is fp64 (reference runs), else fp32: the ops never accumulate in 16 bits."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -21,9 +21,9 @@ dQ and dK are split (as in flash attention's backward) so each kernel's tiles fi
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
 partial sums for the biases).
 
-Then d theta goes back to angles and dt through `triton_angles`, and torch finishes: the bias partials summed,
-and the other per-token scalars (gamma, w, acs, atot, s0) replayed under autograd, which carries their gradients
-to adt, dt, trap and mimo_x exactly as the forward defined them.
+Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
+adt, dt and trap through `triton_scalars`, the initial state's entering term (small) through torch autograd, and
+torch sums the bias partials.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _enteri
                              _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk,
                              tl, triton)
 from .triton_angles import angle_table_backward
+from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
 if triton is not None:
 
@@ -342,10 +343,12 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
                 backward_chunk(q.shape[2]))
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
-    with torch.enable_grad():
-        leaves = [t.detach().to(f32).requires_grad_() for t in (adt, dt, trap)]
-        mx_leaf = st.mx.detach().requires_grad_()
-        gam, w, s0, acs, atot = st.scalars(*leaves, mx_leaf)
+    gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
+    s0 = None
+    if init is not None:  # the initial state's part: small tensors, through autograd
+        with torch.enable_grad():
+            nxt0, mx_leaf = first_next(dt, trap).requires_grad_(), st.mx.detach().requires_grad_()
+            s0 = tc._initial_state(st, nxt0, mx_leaf)
     tanh_a, tp, dtf = angle_inputs(angles, dt)
     q, k, v, z, dy = q.contiguous(), k.contiguous(), tc.rows_of(v), tc.rows_of(z), dy.contiguous()
     zc = z if z is not None else v
@@ -354,9 +357,8 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
-        ac, ww, at, gm = acs.detach(), w.detach(), atot.detach(), gam.detach()
         cs = st.rotation_table(tp, dtf)
-        states, _ = _entering_states(st, k, v, cs, ac, ww, at, None if s0 is None else s0.detach())
+        states, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
         dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if st.has_z else do
@@ -374,34 +376,30 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp = tc.scan_rows(st, B * H, dev)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_scan_bwd_kernel[(B * H, triton.cdiv(P, bp))](q, st.qb, cs, do, ac, at, down, ds0,
+        _state_scan_bwd_kernel[(B * H, triton.cdiv(P, bp))](q, st.qb, cs, do, acs, atot, down, ds0,
                                                             L, H, G, K, N, P, nc, BPB=bp,
                                                             **{**meta, "num_stages": 1})
         datot_dq = empty(B * H, nc)
-        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, ac, gm, ww, at, states, down, do, dq, dqb,
+        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)
         del states
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
         dmx = empty(B * H, nc, RP, P)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
-        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, ac, gm, ww, at, down, do,
+        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
                                       HAS_D=st.has_d, RELOAD=R == 1, **meta)
-        datot = (datot + datot_dq).view(B, H, nc)
-
         dtp, d_dt_angles = angle_table_backward(dtheta, tp, dtf)
-    outs, grads = [gam, w, acs, atot], [dgam, dw + dw_c, dacs_b + dacs_c, datot]
-    if s0 is not None:
-        outs.append(s0)
-        grads.append(ds0)
-    torch.autograd.backward(outs, grads)
-    d_adt, d_dt, d_trap = (t.grad for t in leaves)
-    d_dt = d_dt + d_dt_angles
-    d_angles = dtp * (1 - tanh_a * tanh_a) * math.pi  # tp = tanh(angles) pi
     dmx_total = _partial_sum(dmx, B, H, R, P)
-    if mx_leaf.grad is not None:
-        dmx_total = dmx_total + mx_leaf.grad
+    dnxt0 = None
+    if s0 is not None:
+        dnxt0, dmx_s0 = torch.autograd.grad(s0, (nxt0, mx_leaf), ds0)
+        dmx_total = dmx_total + dmx_s0
+    d_adt, d_dt, d_trap = token_scalars_backward(dt, trap, lengths, st.C, dgam, (dw, dw_c), (dacs_b, dacs_c),
+                                                 (datot, datot_dq), d_dt_angles, dnxt0,
+                                                 (adt.dtype, dt.dtype, trap.dtype))
+    d_angles = dtp * (1 - tanh_a * tanh_a) * math.pi  # tp = tanh(angles) pi
 
     def cast(fn, like):  # gradients only for the inputs that exist, in their dtypes
         return None if like is None else fn().to(like.dtype)

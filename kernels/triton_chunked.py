@@ -12,11 +12,10 @@ batch x heads, and over chunks or headdim blocks, so one long sequence still fil
 
 B/C bias and the data-dependent rotation are applied inside the kernels from the (B, L, R, G, N)
 inputs (never materialised per head, which would be H/G times larger). The rotation angles' cos/sin table comes
-from `triton_angles`; the other per-token scalars (trapezoid weights, chunk decays) are computed in torch with the
-same helpers as the chunked op.
+from `triton_angles`, the other per-token scalars (trapezoid weights, chunk decays) from `triton_scalars`.
 The kernel chunk length is the kernel's own (the function does not depend on it).
 
-Gradients: `triton_backward` (kernels in the same style; the per-token scalars go back through torch autograd).
+Gradients: `triton_backward` (kernels in the same style).
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from .chunked import entering_state, final_state, trapezoid_weights
+from .chunked import entering_state, final_state
 from .common import Mamba3State, check_inputs, heads_from_groups, rotate, varlen_layout
 from .triton_angles import angle_from_table, angle_table
+from .triton_scalars import first_next, token_scalars
 
 try:
     import triton
@@ -221,19 +220,10 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def _scalars(adt, dt, trap, mx, init, lengths, C: int):
-    """The per-token scalars of the kernels other than the angles, in fp32 torch (differentiable: the backward
-    replays this under autograd to carry the kernels' gradients back to adt, dt, trap and mimo_x):
-    gamma and w (B, L, H), the state s0 entering the first chunk (B, H, P, N; None without an initial state), the
-    decay accumulated within each chunk of length C, acs (B, L, H), and each chunk's total, atot (B, H, nc)."""
-    B, L, H = dt.shape
-    nc = max(1, -(-L // C))
-    gam, nxt, w = trapezoid_weights(dt, trap, lengths)
-    s0 = None if init is None else entering_state(init, nxt, mx.transpose(0, 1), None, None, None)
-    acs = F.pad(adt, (0, 0, 0, nc * C - L)).view(B, nc, C, H).cumsum(2)
-    atot = acs[:, :, -1].permute(0, 2, 1)
-    acs = acs.view(B, nc * C, H)[:, :L]
-    return [t.contiguous() if t is not None else None for t in (gam, w, s0, acs, atot)]
+def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.Tensor | None:
+    """The state entering the first chunk (B, H, P, N) from `first_next` and mx (H, R, P); None without an initial
+    state. Torch, on small tensors (differentiable: the backward takes it back to nxt0 and mx under autograd)."""
+    return None if st.init is None else entering_state(st.init, nxt0[:, None], mx.transpose(0, 1), None, None, None)
 
 
 def angle_inputs(angles: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,9 +262,6 @@ class _Setup:
                          # 4 warps let 2 programs share an SM, hiding each other's load latency: R4 b8 x 2048
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
                          num_warps=4)
-
-    def scalars(self, adt, dt, trap, mx):
-        return _scalars(adt, dt, trap, mx, self.init, self.lengths, self.C)
 
     def rotation_table(self, tp, dtf):
         """The kernels' (B, L, H, 2, K) cos | sin table from `angle_inputs`' tp and dt."""
@@ -357,7 +344,8 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
                 kernel_chunk(q.shape[2]))
-    gam, w, s0, acs, atot = st.scalars(adt.to(f32), dt.to(f32), trap.to(f32), st.mx)
+    gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
+    s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
     cs = st.rotation_table(*angle_inputs(angles, dt)[1:])
     states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
@@ -447,10 +435,11 @@ def mamba3_chunked_triton(
 
 
 def _halves(x: torch.Tensor) -> torch.Tensor:
-    """Last dim (2j, 2j+1) pairs -> (j, j + N/2): even dims first, then odd (strided copies, cheap beside the scan)."""
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+    """Last dim (2j, 2j+1) pairs -> (j, j + N/2): even dims first, then odd. One strided copy, and one for its
+    gradient (a cat of the two strided slices costs five launches in the backward)."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
     """The inverse of `_halves`."""
-    return torch.stack(x.chunk(2, dim=-1), dim=-1).flatten(-2)
+    return x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)

@@ -27,6 +27,8 @@ from .triton_chunked import _pow2, _sm_count, rows_of, triton
 if triton is not None:
     import triton.language as tl
 
+    from .triton_scalars import _activations
+
     @triton.jit
     def _advance(angle_ptr, raw_ptr, idx, m, dt):
         """(angle + tanh(raw) dt pi) mod 2pi at the given angle indices."""
@@ -34,13 +36,6 @@ if triton is not None:
         raw = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
         th = tl.load(angle_ptr + idx, mask=m, other=0.0) + (2.0 * tl.sigmoid(2.0 * raw) - 1.0) * dt * math.pi
         return th - two_pi * tl.floor(th / two_pi)
-
-    @triton.jit
-    def _softplus(x):
-        """torch's softplus (threshold 20), with log1p(e) = log(u) e / (u - 1), u = 1 + e, exact for small e."""
-        e = tl.exp(tl.minimum(x, 20.0))
-        u = 1.0 + e
-        return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0)))
 
     @triton.jit
     def _qk_rows(ptr, sb, b, g, G, N, rj, rmask, offs_n, nmask, sw, cos, sin, bias_ptr, h, norm_ptr, eps,
@@ -94,12 +89,8 @@ if triton is not None:
         dt = tl.load(dt_ptr + b * sdt + h).to(tl.float32)
         adt = tl.load(adt_ptr + b * sadt + h).to(tl.float32)
         if RAW:  # dt = softplus(dd_dt + dt_bias); A = -act(dd_A) <= -A_floor; adt = A dt
-            dt = _softplus(dt + tl.load(dtb_ptr + h))
-            if HEAVY_TAIL:
-                act = tl.where(adt >= 0, 1.0 + adt, 1.0 / (1.0 - tl.minimum(adt, 0.0)))
-            else:
-                act = _softplus(adt)
-            adt = tl.minimum(-act, -a_floor) * dt
+            dt, A = _activations(dt, adt, tl.load(dtb_ptr + h), a_floor, HEAVY_TAIL)
+            adt = A * dt
         lam = tl.sigmoid(tl.load(trap_ptr + b * strap + h).to(tl.float32))
         alpha = tl.exp(adt)
         gamma = lam * dt

@@ -64,7 +64,7 @@ def test_step_loop_equals_scan_and_continuation(kw):
 
 
 def test_a_activation_options_differ_and_heavy_tail_formula():
-    from hybrid_mamba3.mamba3 import a_activation_fn
+    from hybrid_mamba3.kernels.common import a_activation_fn
     u = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0])
     assert torch.allclose(a_activation_fn("heavy_tail", u), torch.tensor([0.25, 1 / 1.5, 1.0, 1.5, 4.0]))
     a = make_layer(a_activation="softplus", is_mimo=True, mimo_rank=2)

@@ -152,6 +152,73 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
     _assert_grads(got, ref)
 
 
+@pytest.mark.parametrize("lens", [None, (29, 11)])
+def test_token_scalars_kernels_match_torch(lens):
+    """The per-token scalar kernels against the torch formula in fp64 and its autograd: a chunk not filled (L 29,
+    C 8), heads not a power of two (5, masked lanes), trap a bf16 view of a wider projection (read in place),
+    padded varlen rows, every gradient part fed separately (a dropped part or a wrong shift fails). fp32 sums of
+    at most C terms against fp64: 1e-5 relative leaves ~10x headroom."""
+    from hybrid_mamba3.kernels.triton_scalars import token_scalars, token_scalars_backward, token_scalars_reference
+
+    torch.manual_seed(0)
+    B, L, H, C = 2, 29, 5, 8
+    nc = -(-L // C)
+    adt = -torch.rand(B, L, H) * 0.5
+    dt = torch.rand(B, L, H) + 0.05
+    trap = torch.randn(B, L, 3 * H, dtype=torch.bfloat16)[..., H:2 * H]
+    lengths = None if lens is None else torch.tensor(lens)
+    gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, C)
+    leaves = [t.double().requires_grad_() for t in (adt, dt, trap)]
+    ref = token_scalars_reference(*leaves, lengths, C)
+    for got, want in zip((gam, w, acs, atot), ref):
+        assert got.dtype == torch.float32 and got.shape == want.shape and rel_err(got, want) < 1e-5
+
+    g = lambda *shape: torch.randn(*shape)  # noqa: E731
+    dgam, dw, dacs, datot, ddt_angles, dn0 = g(B, L, H), (g(B, L, H), g(B, L, H)), (g(B, L, H), g(B, L, H)), \
+        (g(B * H, nc), g(B * H, nc)), g(B, L, H), g(B, H)
+    d_adt, d_dt, d_trap = token_scalars_backward(dt, trap, lengths, C, dgam, dw, dacs, datot, ddt_angles, dn0,
+                                                 (torch.float32, torch.float32, torch.bfloat16))
+    nxt0 = (1 - torch.sigmoid(leaves[2][:, 0])) * leaves[1][:, 0]
+    loss = sum((t * d.double()).sum() for t, d in zip(ref, (dgam, dw[0] + dw[1], dacs[0] + dacs[1],
+                                                            (datot[0] + datot[1]).view(B, H, nc))))
+    loss = loss + (leaves[1] * ddt_angles.double()).sum() + (nxt0 * dn0.double()).sum()
+    want = torch.autograd.grad(loss, leaves)
+    assert d_trap.dtype == torch.bfloat16
+    for got, w_, tol in zip((d_adt, d_dt, d_trap), want, (1e-5, 1e-5, 8e-3)):  # d trap is stored in bf16
+        assert rel_err(got, w_) < tol
+
+
+@pytest.mark.parametrize("act", ["softplus", "heavy_tail"])
+def test_token_activations_kernels_match_torch(act):
+    """dt and adt from the raw in_proj columns (bf16 views of a wider projection, read in place) against the torch
+    version in fp64, forward and every gradient: values on both sides of 0, past softplus's threshold (20) and where
+    the A floor clamps (its gradient must be cut there), 5 heads (masked lanes), rows not a block multiple.
+    fp32 against fp64: 1e-5 relative; the bf16 input gradients are rounded to bf16: 8e-3."""
+    from hybrid_mamba3.kernels.common import token_activations
+    from hybrid_mamba3.kernels.triton_scalars import token_activations_triton
+
+    torch.manual_seed(0)
+    B, L, H, floor = 3, 37, 5, 0.05
+    proj = (torch.randn(B, L, 4 * H) * 3).to(torch.bfloat16)
+    proj[0, :3, :H] = 25.0  # dd_dt past the threshold
+    proj[1, :4, 2 * H:3 * H] = -40.0  # act(dd_A) below the floor: clamped, no gradient
+    dd_dt, dd_A = proj[..., :H], proj[..., 2 * H:3 * H]
+    dt_bias = torch.randn(H)
+    dt, adt = token_activations_triton(dd_dt, dd_A, dt_bias, act, floor)
+    leaves = [t.detach().double().requires_grad_() for t in (dd_dt, dd_A, dt_bias)]
+    want = token_activations(*leaves, act, floor)
+    for got, ref in zip((dt, adt), want):
+        assert got.dtype == torch.float32 and rel_err(got, ref) < 1e-5
+    g_dt, g_adt = torch.randn(B, L, H), torch.randn(B, L, H)
+    leaves32 = [t.detach().requires_grad_() for t in (dd_dt, dd_A, dt_bias)]
+    dt, adt = token_activations_triton(*leaves32, act, floor)
+    torch.autograd.backward((dt, adt), (g_dt, g_adt))
+    ref = torch.autograd.grad(want, leaves, (g_dt.double(), g_adt.double()))
+    assert (ref[1][1, :4] == 0).all() and (leaves32[1].grad[1, :4] == 0).all()
+    for leaf, r, tol in zip(leaves32, ref, (8e-3, 8e-3, 1e-5)):
+        assert leaf.grad.dtype == leaf.dtype and rel_err(leaf.grad, r) < tol
+
+
 @pytest.mark.parametrize("R,G,K,pw,mimo,P", [(4, 1, 4, False, True, 16), (1, 2, 8, True, False, 48)])
 def test_step_matches_reference_step(R, G, K, pw, mimo, P):
     args, opts = make_op_inputs(B=3, L=1, R=R, G=G, K=K, mimo=mimo, **dict(SIZES, P=P))  # P=48: 3 headdim blocks
