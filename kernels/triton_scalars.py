@@ -118,9 +118,10 @@ if triton is not None:
     @triton.jit
     def _last(len_ptr, b, L, HAS_LEN: tl.constexpr):
         """Row b's last real position (L - 1, or its length - 1 in a padded varlen batch)."""
-        if HAS_LEN:
-            return tl.minimum(tl.load(len_ptr + b), L) - 1
-        return L - 1
+        last = L - 1
+        if HAS_LEN:  # int32 either way: Triton wants one type out of both branches
+            last = tl.minimum(tl.load(len_ptr + b).to(tl.int32), L) - 1
+        return last
 
     @triton.jit
     def _load(ptr, b, L, S, offs_l, offs_h, mask):
