@@ -9,6 +9,10 @@ H100 when they moved here: more than the whole forward state pass). Here the for
 The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions, and the
 blocks' offsets summed in float64 and reduced mod 2 pi, so theta stays accurate at any length. The gradient is the
 exact one of the unreduced cumsum (the reduction only drops whole turns): d inc_s = sum_{t >= s} d theta_t.
+
+Three launches each way: the blocks' sums, a scan over them (`_block_offsets_kernel`, one program per head walking
+its blocks; in torch that scan and its casts and reduction were five more launches, each costing the host more
+than the GPU), and the table (or the gradient).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ except ImportError:  # CPU install without triton: triton_chunked reports it bef
     triton = None
 
 BLOCK = 32  # positions per program; the fp32 part of each angle's sum spans at most this many steps
+OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
 
 
 def _bk(k: int) -> int:
@@ -93,6 +98,45 @@ if triton is not None:
         tl.store(dtp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], acc, mask=m)
 
 
+    @triton.jit
+    def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+                              BK: tl.constexpr, BB: tl.constexpr):
+        """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb), summed in float64 over the
+        blocks before it (REVERSE: after it), written fp32 to off (same shape). Forward: plus the initial angle,
+        reduced mod 2 pi (as torch.remainder)."""
+        pid = tl.program_id(0)
+        offs_k = tl.arange(0, BK)
+        kmask = offs_k < K
+        carry = tl.zeros([BK], dtype=tl.float64)
+        if HAS_INIT:
+            carry += tl.load(init_ptr + pid * K + offs_k, mask=kmask, other=0.0).to(tl.float64)
+        for start in range(0, nb, BB):
+            offs_b = start + tl.arange(0, BB)
+            if REVERSE:
+                offs_b = nb - 1 - offs_b
+            m = kmask[:, None] & ((offs_b >= 0) & (offs_b < nb))[None, :]
+            ptrs = (pid * K + offs_k[:, None]) * nb + offs_b[None, :]
+            x = tl.load(tot_ptr + ptrs, mask=m, other=0.0).to(tl.float64)
+            off = carry[:, None] + (tl.cumsum(x, axis=1) - x)
+            carry += tl.sum(x, axis=1)
+            if not REVERSE:  # 2 pi as an fp64 constant (a Python float literal would be rounded to fp32)
+                two_pi = tl.full((BK, BB), 6.283185307179586, tl.float64)
+                off = off - two_pi * tl.floor(off / two_pi)
+            tl.store(off_ptr + ptrs, off.to(tl.float32), mask=m)
+
+
+def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """Each block's offset (B, H, K, nb) fp32 from the block sums: the earlier blocks' sum plus the initial angle,
+    mod 2 pi (forward), or the later blocks' sum (reverse, for the gradient's suffix sums)."""
+    B, H, K, nb = tot.shape
+    off = torch.empty_like(tot)
+    bk = _bk(K)
+    _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
+                                    HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
+                                    BB=max(16, OFFSET_TILE // bk))
+    return off
+
+
 def _block_sums(x: torch.Tensor | None, tp: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     B, L, H = dt.shape
     K, nb = tp.shape[-1], triton.cdiv(L, BLOCK)
@@ -107,11 +151,8 @@ def angle_table(tp: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | N
     dt (B, L, H), fp32 contiguous, and the initial angle (B, H, K) or None."""
     B, L, H = dt.shape
     K = tp.shape[-1]
-    tot = _block_sums(None, tp, dt).double()
-    off = tot.cumsum(-1) - tot  # each block's offset: the earlier blocks' sum, in float64
-    if init_angle is not None:
-        off += init_angle.double()[..., None]
-    off = torch.remainder(off, TWO_PI).float()
+    off = _block_offsets(_block_sums(None, tp, dt), None if init_angle is None else init_angle.float().contiguous(),
+                         reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=torch.float32)
     _angle_table_kernel[(B * H, off.shape[-1])](tp, dt, off, cs, L, H, K, off.shape[-1], BL=BLOCK, BK=_bk(K))
     return cs
@@ -121,8 +162,7 @@ def angle_table_backward(dtheta: torch.Tensor, tp: torch.Tensor, dt: torch.Tenso
     """Gradients (d tp (B, L, K), d dt (B, L, H)) of theta from d theta (B, L, H, K), all fp32 contiguous."""
     B, L, H = dt.shape
     K = tp.shape[-1]
-    tot = _block_sums(dtheta, tp, dt)
-    suf = tot.flip(-1).cumsum(-1).flip(-1) - tot  # the later blocks' part of each suffix sum
+    suf = _block_offsets(_block_sums(dtheta, tp, dt), None, reverse=True)  # the later blocks' part of each suffix sum
     dtp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, tp, dt, dtp, ddt, L, H, K, suf.shape[-1], BL=BLOCK,
