@@ -157,9 +157,12 @@ class _Compiler:
               f"{rep['memory_kb']} KB memory ops", flush=True)
 
 
-def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int) -> None:
+def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bool = False) -> None:
+    """One fwd+bwd of the op; variants: also packed sequences with an initial state (the kernels' varlen and
+    initial-state specialisations) and the layer's token activations, both kinds (compile checks, not tuning)."""
     from conftest import make_op_inputs
 
+    from hybrid_mamba3.kernels import Mamba3State
     from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
 
     args, opts = make_op_inputs(B=B, L=L, R=R, G=1, N=N, H=H, P=P, K=K, dtype=torch.float32, mimo=R > 1,
@@ -167,6 +170,29 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int) -> None:
     cast = lambda t: None if t is None else t.bfloat16().requires_grad_()  # noqa: E731
     y, _ = mamba3_chunked_triton(*[cast(a) for a in args], **{k: cast(v) for k, v in opts.items()})
     y.backward(torch.ones_like(y))
+    if not variants:
+        return
+    from hybrid_mamba3.kernels.triton_scalars import token_activations_triton
+
+    pack = lambda t: cast(t.reshape(1, B * L, *t.shape[2:]) if t is not None and t.shape[:2] == (B, L) else t)  # noqa: E731
+    state = Mamba3State(torch.zeros(2, H, K), torch.zeros(2, H, P, N), torch.zeros(2, R, H, N), torch.zeros(2, H, P))
+    cu = torch.tensor([0, L // 2, B * L], dtype=torch.int32)
+    y, _ = mamba3_chunked_triton(*map(pack, args), **{k: pack(v) for k, v in opts.items()}, cu_seqlens=cu,
+                                 initial_state=state, return_final_state=True)
+    y.backward(torch.ones_like(y))
+    raw = torch.randn(B, L, 3 * H, dtype=torch.bfloat16, requires_grad=True)
+    for act in ("softplus", "heavy_tail"):
+        dt, adt = token_activations_triton(raw[..., :H], raw[..., H:2 * H], torch.zeros(H), act, 1e-4)
+        (dt + adt).sum().backward()
+    # the decode step, on normed inputs and (as the layer's step) on the raw in_proj output
+    from hybrid_mamba3.kernels.triton_step import StepActivations, mamba3_step_triton
+
+    one = [(a if i in (6, 7) else a[:, 0]).bfloat16() for i, a in enumerate(args)]  # biases have no L
+    kw = {k: None if v is None else (v[:, 0] if k == "z" else v).bfloat16() for k, v in opts.items()}
+    step_state = Mamba3State(*(t[:B] for t in state))
+    mamba3_step_triton(*one, step_state, **kw, rope_pairwise=R == 1)
+    act = StepActivations(torch.zeros(H), torch.ones(N), torch.ones(N), 1e-5, "heavy_tail", 1e-4)
+    mamba3_step_triton(*one, step_state, **kw, rope_pairwise=R == 1, activations=act)
 
 
 def main() -> None:
@@ -175,6 +201,9 @@ def main() -> None:
     ap.add_argument("--shape", default="1x256", help="BxL of the (CPU) call; only its divisibility matters")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="override an integer constant of hybrid_mamba3.kernels, as in kernel_report.py")
+    ap.add_argument("--variants", action="store_true",
+                    help="also compile the varlen / initial-state specialisations and the token activations "
+                         "(a compile check of everything the layer can launch)")
     ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
@@ -192,7 +221,7 @@ def main() -> None:
     for R in map(int, a.ranks.split(",")):
         print(f"R{R}:", flush=True)
         comp.reports = {}
-        _run_op(R, B, L, H=64, P=64, N=128, K=32)
+        _run_op(R, B, L, H=64, P=64, N=128, K=32, variants=a.variants)
         results += [dict(R=R, **r) for r in comp.reports.values()]
     cols = ("HGMMA", "LDG", "STS", "LDS", "LDSM", "LDL", "STL", "REDG", "BAR", "SHFL")
     lines = [f"triton {triton.__version__}, sm_90a, shape {a.shape} (compile only)",
