@@ -132,7 +132,8 @@ if triton is not None:
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
                            final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                           HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr):
+                           HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
+                           HAS_S0: tl.constexpr):
         """Grid (B*H, P / BPB): rows offs_p of the state, in fp32 registers, carried through the chunks:
         E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand dtype) on entry to
         each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more in traffic
@@ -145,8 +146,12 @@ if triton is not None:
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
-        run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
-        run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
+        if HAS_S0:
+            run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
+            run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
+        else:  # a zero start needs no buffer (nor its fill launch)
+            run_a = tl.zeros([BPB, BH], dtype=tl.float32)
+            run_b = tl.zeros([BPB, BH], dtype=tl.float32)
         for c in range(nc):
             out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
@@ -323,15 +328,14 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
     itself runs in fp32)."""
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
-    if s0 is None:
-        s0 = torch.zeros(B, H, P, N, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp = scan_rows(st, B * H, k.device)
     # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured
-    _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot, s0, enter, final, st.L, H,
+    _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot,
+                                                     s0 if s0 is not None else final, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp,
-                                                     **{**st.meta, "num_stages": 1})
+                                                     HAS_S0=s0 is not None, **{**st.meta, "num_stages": 1})
     return enter, final
 
 
