@@ -4,6 +4,8 @@ spilled bytes, shared memory and the SASS instruction mix (tensor-core ops, glob
 barriers, shuffles) of every kernel one forward+backward call of `mamba3_chunked_triton` launches.
 
     python3 evals/kernel_sass.py --ranks 4,1 --out out/sass       # CPU only; a few minutes of compiling
+    python3 evals/kernel_sass.py --variants                        # + every other specialisation the layer
+                                                                   #   launches (CI's tests/test_kernel_compile.py)
 
 How: the op runs on small CPU tensors with the kernels' launches replaced by compiles (nothing executes, the
 outputs are left as allocated). Each launch's arguments give the kernel's signature the way Triton's launcher
