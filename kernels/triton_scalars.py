@@ -264,9 +264,7 @@ class _TokenActivations(torch.autograd.Function):
 def token_activations_triton(dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: torch.Tensor, a_activation: str,
                              a_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`common.token_activations` in one Triton kernel each way: (dt, adt) (B, L, H) fp32 from the in_proj's
-    dd_dt and dd_A (B, L, H) (views of it are read in place) and dt_bias (H,) fp32."""
+    dd_dt and dd_A (B, L, H) (views of it are read in place) and dt_bias (H,) (the layer keeps it fp32)."""
     if a_activation not in A_ACTIVATIONS:
         raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
-    if dt_bias.dtype != torch.float32:
-        raise TypeError(f"dt_bias must be fp32 (the layer keeps it so), got {dt_bias.dtype}")
-    return _TokenActivations.apply(dd_dt, dd_A, dt_bias, a_activation, a_floor)
+    return _TokenActivations.apply(dd_dt, dd_A, dt_bias.contiguous(), a_activation, a_floor)
