@@ -56,7 +56,7 @@ if triton is not None:
     def _block_sums_kernel(x_ptr, tp_ptr, dt_ptr, tot_ptr, L, H, K, nb,
                            INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
         """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks), of the increments (INC)
-        or of x (B, L, H, K). Blocks last, so the scans over them are innermost (torch's fast scan kernel)."""
+        or of x (B, L, H, K). Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
@@ -96,7 +96,6 @@ if triton is not None:
             tl.store(ddt_ptr + (b * L + offs_l) * H + h, tl.sum(g * tp, axis=1), mask=lmask)
             acc += g * tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)[:, None]
         tl.store(dtp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], acc, mask=m)
-
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,

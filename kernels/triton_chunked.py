@@ -225,10 +225,11 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.Tensor | None:
-    """The state entering the first chunk (B, H, P, N) from `first_next` and mx (H, R, P); None without an initial
-    state. Torch, on small tensors (differentiable: the backward takes it back to nxt0 and mx under autograd)."""
-    return None if st.init is None else entering_state(st.init, nxt0[:, None], mx.transpose(0, 1), None, None, None)
+def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """The state entering the first chunk (B, H, P, N) from the initial state `st.init` (not None), `first_next`
+    and mx (H, R, P). Torch, on small tensors (differentiable: the backward takes it back to nxt0 and mx under
+    autograd)."""
+    return entering_state(st.init, nxt0[:, None], mx.transpose(0, 1), None, None, None)
 
 
 def angle_inputs(angles: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,9 +91,9 @@ if triton is not None:
         offs_r, offs_h, hmask, m = _rows_tile(n, H, BL, BHD)
         dd_dt = tl.load(ddt_ptr + offs_r[:, None] * DS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
         dd_a = tl.load(dda_ptr + offs_r[:, None] * AS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
-        x = dd_dt + tl.load(dtb_ptr + offs_h, mask=hmask, other=0.0)[None, :]
-        dt, A = _activations(dd_dt, dd_a, tl.load(dtb_ptr + offs_h, mask=hmask, other=0.0)[None, :], a_floor,
-                             HEAVY_TAIL)
+        bias = tl.load(dtb_ptr + offs_h, mask=hmask, other=0.0)[None, :]
+        x = dd_dt + bias
+        dt, A = _activations(dd_dt, dd_a, bias, a_floor, HEAVY_TAIL)
         out = offs_r[:, None] * H + offs_h[None, :]
         gadt = tl.load(gadt_ptr + out, mask=m, other=0.0)
         dx = (tl.load(gdt_ptr + out, mask=m, other=0.0) + gadt * A) * tl.sigmoid(x)
