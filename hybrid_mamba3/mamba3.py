@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .cache import read_mamba_state, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
-from .kernels.common import A_ACTIVATIONS, token_activations
+from .kernels.common import A_ACTIVATIONS, at_least_fp32, token_activations
 from .norms import GatedRMSNorm, KeepFP32Mixin
 
 BACKENDS = ("auto", "torch", "triton", "official")
@@ -164,7 +164,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return dict(
             q=self.C_norm(C.unflatten(-1, (R, G, N))), k=self.B_norm(B.unflatten(-1, (R, G, N))),
             v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=adt, dt=dt, trap=trap,
-            angles=angles.to(torch.promote_types(angles.dtype, torch.float32)), lead=u.shape[:-1])
+            angles=at_least_fp32(angles), lead=u.shape[:-1])
 
     def _op_kwargs(self, z: torch.Tensor) -> dict:
         # SISO (and the out-projection norm) leave the ranks to `_finish`: a rank of one needs no contraction, and
@@ -178,7 +178,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
     def _finish(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Out-projection norm (when configured), rank contraction and out_proj."""
         if self.is_outproj_norm:  # y: (..., R, H, P), gate per rank before the contraction
-            zr = z.to(torch.promote_types(z.dtype, torch.float32)).unsqueeze(-3) * (self.mimo_z.transpose(0, 1) if self.is_mimo else 1.0)
+            zr = at_least_fp32(z).unsqueeze(-3) * (self.mimo_z.transpose(0, 1) if self.is_mimo else 1.0)
             y = self.norm(y.to(zr.dtype).flatten(-2), zr.expand(*y.shape).flatten(-2)).unflatten(-1, (self.nheads, -1))
             y = (y * self.mimo_o.transpose(0, 1)).sum(-3) if self.is_mimo else y.squeeze(-3)
         elif not self.is_mimo:  # y: (..., 1, H, P), see `_op_kwargs`

@@ -61,6 +61,11 @@ class Mamba3State(NamedTuple):
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or fp64 when it is fp64 (the layer's per-token math never runs in 16 bits)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def a_activation_fn(name: str, u: torch.Tensor) -> torch.Tensor:
     """act(dd_A) with A = -act: softplus (mamba-ssm 2.3.2.post1) or the heavy tail of the later code."""
     if name == "softplus":
@@ -73,9 +78,8 @@ def token_activations(dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: torch.Te
     """The layer's per-token activations of its in_proj output (B, L, H): dt = softplus(dd_dt + dt_bias) and
     adt = min(-act(dd_A), -a_floor) dt, in at least fp32 (`triton_scalars.token_activations_triton` is the
     same in one kernel each way)."""
-    up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
-    A = (-a_activation_fn(a_activation, up(dd_A))).clamp(max=-a_floor)
-    dt = torch.nn.functional.softplus(up(dd_dt) + dt_bias)
+    A = (-a_activation_fn(a_activation, at_least_fp32(dd_A))).clamp(max=-a_floor)
+    dt = torch.nn.functional.softplus(at_least_fp32(dd_dt) + dt_bias)
     return dt, A * dt
 
 
