@@ -161,7 +161,8 @@ class _Compiler:
 
 def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bool = False) -> None:
     """One fwd+bwd of the op; variants: also packed sequences with an initial state (the kernels' varlen and
-    initial-state specialisations) and the layer's token activations, both kinds (compile checks, not tuning)."""
+    initial-state specialisations), the layer's token activations, both kinds, and its B/C norm (compile checks,
+    not tuning)."""
     from conftest import make_op_inputs
 
     from hybrid_mamba3.kernels import Mamba3State
@@ -170,7 +171,8 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     args, opts = make_op_inputs(B=B, L=L, R=R, G=1, N=N, H=H, P=P, K=K, dtype=torch.float32, mimo=R > 1,
                                 gate=True, skip=True, gen=torch.Generator().manual_seed(0))
     cast = lambda t: None if t is None else t.bfloat16().requires_grad_()  # noqa: E731
-    y, _ = mamba3_chunked_triton(*[cast(a) for a in args], **{k: cast(v) for k, v in opts.items()})
+    y, _ = mamba3_chunked_triton(*[cast(a) for a in args], **{k: cast(v) for k, v in opts.items()},
+                                 rope_pairwise=R == 1)  # the SISO layer's rotation layout
     y.backward(torch.ones_like(y))
     if not variants:
         return
@@ -186,6 +188,10 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     for act in ("softplus", "heavy_tail"):
         dt, adt = token_activations_triton(raw[..., :H], raw[..., H:2 * H], torch.zeros(H), act, 1e-4)
         (dt + adt).sum().backward()
+    from hybrid_mamba3.kernels.triton_norm import rms_norm_triton  # the B/C norm, on a view of a projection
+
+    proj = torch.randn(B, L, R * N + 8, dtype=torch.bfloat16, requires_grad=True)
+    rms_norm_triton(proj[..., 8:].unflatten(-1, (R, 1, N)), torch.ones(N, requires_grad=True), 1e-5).sum().backward()
     # the decode step, on normed inputs and (as the layer's step) on the raw in_proj output
     from hybrid_mamba3.kernels.triton_step import StepActivations, mamba3_step_triton
 

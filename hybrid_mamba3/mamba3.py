@@ -7,6 +7,7 @@ official kernels when asked for (`backend="official"`, needs mamba-ssm on a GPU)
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -21,7 +22,10 @@ from .norms import GatedRMSNorm, KeepFP32Mixin
 BACKENDS = ("auto", "torch", "triton", "official")
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_ops():
+    """The Triton ops (chunked scan, decode step, token activations), or None without triton / a GPU. Looked up
+    once: the imports and CUDA probe cost the host ~20 us per call, three times per layer call."""
     try:
         from .kernels.triton_chunked import mamba3_chunked_triton, triton_available
         from .kernels.triton_scalars import token_activations_triton
@@ -155,16 +159,20 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return torch.split(proj, [self.d_inner, self.d_inner, N * GR, N * GR, H, H, H, self.num_rope_angles], dim=-1)
 
     def _project(self, u: torch.Tensor, fused: bool = False) -> dict:
-        """in_proj and the per-token activations, for (..., d_model) inputs; fused: dt and adt by the Triton
-        kernels (one launch each way instead of ~8 forward and ~12 backward: the host issues them all)."""
+        """in_proj and the per-token activations, for (..., d_model) inputs; fused (the Triton op): dt and adt by
+        the Triton kernels (one launch each way instead of ~8 forward and ~12 backward: the host issues them all),
+        the B/C norms by theirs, and the angles left raw (the op's angle kernels read them in place and take tanh
+        themselves)."""
         H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
         z, x, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(u))
         activations = _triton_ops()[2] if fused else token_activations
         dt, adt = activations(dd_dt, dd_A, self.dt_bias, self.a_activation, self.A_floor)
+        halves = fused and not self.is_mimo  # SISO rotates pairs (2j, 2j+1): the norm stores them as the op wants
         return dict(
-            q=self.C_norm(C.unflatten(-1, (R, G, N))), k=self.B_norm(B.unflatten(-1, (R, G, N))),
+            q=self.C_norm(C.unflatten(-1, (R, G, N)), fused=fused, halves=halves),
+            k=self.B_norm(B.unflatten(-1, (R, G, N)), fused=fused, halves=halves), qk_halves=halves,
             v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=adt, dt=dt, trap=trap,
-            angles=at_least_fp32(angles), lead=u.shape[:-1])
+            angles=angles if fused else at_least_fp32(angles), lead=u.shape[:-1])
 
     def _op_kwargs(self, z: torch.Tensor) -> dict:
         # SISO (and the out-projection norm) leave the ranks to `_finish`: a rank of one needs no contraction, and
@@ -260,6 +268,8 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         args = (p["q"], p["k"], v, adt, dt, p["trap"], self.C_bias, self.B_bias, p["angles"])
         kw = dict(self._op_kwargs(p["z"]), chunk_size=self.chunk_size, initial_state=state,
                   return_final_state=need_state, cu_seqlens=cu_seqlens)
+        if p["qk_halves"]:
+            kw["qk_halves"] = True
         if backend == "official":
             from .official import official_scan
             y, new_state = official_scan(self, *args, **kw)

@@ -45,7 +45,19 @@ class GatedRMSNorm(KeepFP32Mixin, nn.Module):
         self.norm_before_gate = norm_before_gate
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, fused: bool = False,
+                halves: bool = False) -> torch.Tensor:
+        """fused: the Triton kernel (`kernels.triton_norm`; no groups, no gate, 16/32-bit x): one launch each way
+        instead of ~3 and ~5, and with halves the output in the Triton scan's rotation layout (see
+        `rms_norm_triton`). Called through the module all the same, so its hooks (ZeRO-3's parameter gathering,
+        say) still run."""
+        if (fused or halves) and (self.group_size is not None or z is not None):
+            raise ValueError("fused / halves are for the ungated norm without groups: call with fused=False")
+        if fused and x.dtype != torch.float64:  # float64 stays in torch (the kernel computes in fp32)
+            from .kernels.triton_norm import rms_norm_triton
+            return rms_norm_triton(x, self.weight, self.eps, halves)
+        if halves:
+            return self(x).unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         dtype = x.dtype
         cdt = torch.promote_types(dtype, torch.float32)  # fp32 for 16-bit inputs, fp64 stays fp64
         x = x.to(cdt)

@@ -180,3 +180,28 @@ def varlen_layout(cu_seqlens: torch.Tensor, q: torch.Tensor, initial_state: "Mam
         return g.masked_fill(~valid.view(S, maxlen, *([1] * (g.dim() - 2))), 0)
 
     return lengths, valid, pad
+
+
+def rows_of(x: torch.Tensor | None, lead: int = 2) -> torch.Tensor | None:
+    """x as the kernels index it: its first `lead` dims flattened into rows `row_stride(x, lead)` elements apart,
+    each row's remaining dims contiguous (size-1 dims aside). x itself when it is laid out so (the layer's v and z,
+    and the decode step's per-token inputs, are such views of its in_proj output: no copy), else a contiguous copy."""
+    if x is None:
+        return None
+    expect = 1
+    for size, stride in zip(reversed(x.shape[lead:]), reversed(x.stride()[lead:])):
+        if size != 1 and stride != expect:
+            return x.contiguous()
+        expect *= size
+    step = row_stride(x, lead)
+    if lead == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) != x.shape[1] * step:
+        return x.contiguous()  # batches are not L positions apart
+    if x.shape[:lead].numel() * step >= 2**31:  # the kernels' offsets are 32-bit
+        return x.contiguous()
+    return x
+
+
+def row_stride(x: torch.Tensor, lead: int = 2) -> int:
+    """Elements between consecutive rows of a `rows_of` tensor: positions (lead 2; batches when L == 1), or
+    batches (lead 1)."""
+    return x.stride(1) if lead == 2 and x.shape[1] > 1 else x.stride(0)

@@ -1,5 +1,7 @@
 """The Triton scan's rotation angles: theta = init + cumsum_t(tanh(angles) dt pi) as the kernels' cos/sin table,
-and the gradient taken back to tanh(angles) and dt, in Triton.
+and the gradient taken back to angles and dt, in Triton. The raw angles are read in place (a strided view of the
+layer's in_proj output, any float dtype) and tanh is taken in the kernels: in torch, the upcast, tanh, the scale by
+pi and the backward's (1 - tanh^2) pi were six more launches, all issued before the first heavy kernel.
 
 theta is (B, L, H, K), the largest per-token tensor of the scan. In torch, its cumsum, offsets, cos, sin and stack,
 and their autograd replay in the backward, cost ~2.9 ms of a b8 x 2048 forward+backward (R4 op 25.6 -> 22.7 ms on
@@ -10,16 +12,17 @@ The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks 
 blocks' offsets summed in float64 and reduced mod 2 pi, so theta stays accurate at any length. The gradient is the
 exact one of the unreduced cumsum (the reduction only drops whole turns): d inc_s = sum_{t >= s} d theta_t.
 
-Three launches each way: the blocks' sums, a scan over them (`_block_offsets_kernel`, one program per head walking
-its blocks; in torch that scan and its casts and reduction were five more launches, each costing the host more
-than the GPU), and the table (or the gradient).
+Launches: tanh(angles) pi once for all heads (forward only: the gradient kernel loops over the heads itself), the
+blocks' sums, a scan over them (`_block_offsets_kernel`, one program per head walking its blocks; in torch that
+scan and its casts and reduction were five more launches, each costing the host more than the GPU), and the table
+(or the gradient).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import TWO_PI
+from .common import TWO_PI, row_stride
 
 try:
     import triton
@@ -44,6 +47,33 @@ if triton is not None:
         offs_k = tl.arange(0, BK)
         lmask, kmask = offs_l < L, offs_k < K
         return offs_l, lmask, offs_k, kmask, lmask[:, None] & kmask[None, :]
+
+    @triton.jit
+    def _tanh(x):
+        """tanh in fp32 to a few ulp, relative error included near 0 (where the 1 - 2/(e^2x + 1) form loses it):
+        an odd Taylor polynomial below |x| = 0.3 (first omitted term < 5e-8 relative there), the exponential form
+        above (its cancellation costs < 3e-7 there)."""
+        ax = tl.abs(x)
+        x2 = x * x
+        poly = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        e = tl.exp(-2.0 * ax)
+        big = (1.0 - e) / (1.0 + e)
+        return tl.where(ax < 0.3, poly, tl.where(x < 0, -big, big))
+
+    @triton.jit
+    def _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m):
+        """(BL, BK) tanh(angles) pi and tanh(angles) from the raw angles (rows AS elements apart)."""
+        t = _tanh(tl.load(a_ptr + (b * L + offs_l[:, None]) * AS + offs_k[None, :], mask=m, other=0.0).to(tl.float32))
+        return t * 3.141592653589793, t
+
+    @triton.jit
+    def _tanh_pi_kernel(a_ptr, tp_ptr, L, K, AS, BL: tl.constexpr, BK: tl.constexpr):
+        """Grid (B, blocks): tanh(angles) pi (B, L, K) fp32 contiguous from the raw angles, once for all heads (the
+        table kernels, one program per head, would each recompute it: +80 us a call at SISO b8 x 2048 on H100)."""
+        b = tl.program_id(0)
+        offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
+        tp, _ = _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m)
+        tl.store(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], tp, mask=m)
 
     @triton.jit
     def _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m):
@@ -80,14 +110,15 @@ if triton is not None:
         tl.store(out + K, tl.sin(theta), mask=m)
 
     @triton.jit
-    def _angle_grad_kernel(dth_ptr, suf_ptr, tp_ptr, dt_ptr, dtp_ptr, ddt_ptr, L, H, K, nb,
+    def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS,
                            BL: tl.constexpr, BK: tl.constexpr):
-        """Grid (B, blocks), all heads in one program (the tanh(angles) gradient sums over them, so no atomics):
+        """Grid (B, blocks), all heads in one program (the angles' gradient sums over them, so no atomics):
         g_s = sum_{t >= s} d theta_t (the later blocks' part precomputed in `suf`), then
-        d dt_s = sum_k g_s tanh(angles_s) pi and d (tanh(angles) pi)_s = sum_h g_s dt_s."""
+        d dt_s = sum_k g_s tanh(angles_s) pi and d angles_s = sum_h g_s dt_s (1 - tanh(angles_s)^2) pi, stored
+        (B, L, K) contiguous in da's dtype."""
         b = tl.program_id(0)
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
-        tp = tl.load(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], mask=m, other=0.0)
+        tp, t = _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m)
         acc = tl.zeros([BL, BK], dtype=tl.float32)
         for h in range(H):
             dth = tl.load(dth_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
@@ -95,7 +126,8 @@ if triton is not None:
             g = tl.cumsum(dth, axis=0, reverse=True) + suf[None, :]
             tl.store(ddt_ptr + (b * L + offs_l) * H + h, tl.sum(g * tp, axis=1), mask=lmask)
             acc += g * tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)[:, None]
-        tl.store(dtp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], acc, mask=m)
+        da = acc * (1.0 - t * t) * 3.141592653589793
+        tl.store(da_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], da.to(da_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
@@ -136,37 +168,42 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     return off
 
 
-def _block_sums(x: torch.Tensor | None, tp: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+def _block_sums(x: torch.Tensor | None, tp: torch.Tensor | None, dt: torch.Tensor, K: int) -> torch.Tensor:
+    """Block sums of x, or (x None) of the increments tp dt."""
     B, L, H = dt.shape
-    K, nb = tp.shape[-1], triton.cdiv(L, BLOCK)
+    nb = triton.cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
-    _block_sums_kernel[(B * H, nb)](tp if x is None else x, tp, dt, tot, L, H, K, nb, INC=x is None, BL=BLOCK,
-                                    BK=_bk(K))
+    _block_sums_kernel[(B * H, nb)](tp if x is None else x, tp if x is None else x, dt, tot, L, H, K, nb,
+                                    INC=x is None, BL=BLOCK, BK=_bk(K))
     return tot
 
 
-def angle_table(tp: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None) -> torch.Tensor:
-    """The kernels' rotation table (B, L, H, 2, K), cos | sin of theta, from tp = tanh(angles) pi (B, L, K) and
-    dt (B, L, H), fp32 contiguous, and the initial angle (B, H, K) or None."""
+def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' rotation table (B, L, H, 2, K) fp32, cos | sin of theta, from the raw angles (B, L, K) (any float
+    dtype; a `rows_of` view), dt (B, L, H) fp32 contiguous, and the initial angle (B, H, K) or None."""
     B, L, H = dt.shape
-    K = tp.shape[-1]
-    off = _block_offsets(_block_sums(None, tp, dt), None if init_angle is None else init_angle.float().contiguous(),
-                         reverse=False)
+    K, nb = angles.shape[-1], triton.cdiv(L, BLOCK)
+    tp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
+    _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=_bk(K))
+    off = _block_offsets(_block_sums(None, tp, dt, K),
+                         None if init_angle is None else init_angle.float().contiguous(), reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=torch.float32)
-    _angle_table_kernel[(B * H, off.shape[-1])](tp, dt, off, cs, L, H, K, off.shape[-1], BL=BLOCK, BK=_bk(K))
+    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, L, H, K, nb, BL=BLOCK, BK=_bk(K))
     return cs
 
 
-def angle_table_backward(dtheta: torch.Tensor, tp: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (d tp (B, L, K), d dt (B, L, H)) of theta from d theta (B, L, H, K), all fp32 contiguous."""
+def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
+                         dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d angles (B, L, K) contiguous in angles' dtype, d dt (B, L, H) fp32) of theta from d theta
+    (B, L, H, K) fp32 contiguous; angles and dt as `angle_table` takes them."""
     B, L, H = dt.shape
-    K = tp.shape[-1]
-    suf = _block_offsets(_block_sums(dtheta, tp, dt), None, reverse=True)  # the later blocks' part of each suffix sum
-    dtp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
+    K = angles.shape[-1]
+    suf = _block_offsets(_block_sums(dtheta, None, dt, K), None, reverse=True)  # the later blocks' part of each sum
+    da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
-    _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, tp, dt, dtp, ddt, L, H, K, suf.shape[-1], BL=BLOCK,
-                                          BK=_bk(K))
-    return dtp, ddt
+    _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
+                                          row_stride(angles), BL=BLOCK, BK=_bk(K))
+    return da, ddt
 
 
 def angle_from_table(cs: torch.Tensor) -> torch.Tensor:

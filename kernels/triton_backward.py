@@ -28,13 +28,12 @@ torch sums the bias partials.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, angle_inputs, kernel_chunk,
+                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, fp32_dt, kernel_chunk,
                              tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
@@ -349,7 +348,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         with torch.enable_grad():
             nxt0, mx_leaf = first_next(dt, trap).requires_grad_(), st.mx.detach().requires_grad_()
             s0 = tc._initial_state(st, nxt0, mx_leaf)
-    tanh_a, tp, dtf = angle_inputs(angles, dt)
+    angles = tc.rows_of(angles)
     q, k, v, z, dy = q.contiguous(), k.contiguous(), tc.rows_of(v), tc.rows_of(z), dy.contiguous()
     zc = z if z is not None else v
     vs, zs = tc.row_stride(v), tc.row_stride(zc)
@@ -357,7 +356,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
-        cs = st.rotation_table(tp, dtf)
+        cs = st.rotation_table(angles, dt)
         states, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
@@ -390,7 +389,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
                                       HAS_D=st.has_d, RELOAD=R == 1, **meta)
-        dtp, d_dt_angles = angle_table_backward(dtheta, tp, dtf)
+        d_angles, d_dt_angles = angle_table_backward(dtheta, angles, fp32_dt(dt))
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None
     if s0 is not None:
@@ -399,7 +398,6 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     d_adt, d_dt, d_trap = token_scalars_backward(dt, trap, lengths, st.C, dgam, (dw, dw_c), (dacs_b, dacs_c),
                                                  (datot, datot_dq), d_dt_angles, dnxt0,
                                                  (adt.dtype, dt.dtype, trap.dtype))
-    d_angles = dtp * (1 - tanh_a * tanh_a) * math.pi  # tp = tanh(angles) pi
 
     def cast(fn, like):  # gradients only for the inputs that exist, in their dtypes
         return None if like is None else fn().to(like.dtype)

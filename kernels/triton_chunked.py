@@ -21,13 +21,12 @@ Gradients: `triton_backward` (kernels in the same style).
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 
 from .chunked import entering_state, final_state
-from .common import Mamba3State, check_inputs, heads_from_groups, rotate, varlen_layout
+from .common import Mamba3State, check_inputs, heads_from_groups, rotate, row_stride, rows_of, varlen_layout
 from .triton_angles import angle_from_table, angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -59,8 +58,8 @@ if triton is not None:
     @triton.jit
     def _half_columns(HALF: tl.constexpr, BH: tl.constexpr):
         """The rotation pairs state dims (j, j + N/2), j < N/2 (the SISO layout's pairs (2j, 2j+1) are brought
-        to this one outside the kernels). Everything is computed on the two halves, so no lane ever needs
-        another's value."""
+        to this one outside the kernels: read with a stride of 2 inside them, the SISO kernels ran ~5x slower on
+        H100). Everything is computed on the two halves, so no lane ever needs another's value."""
         offs_j = tl.arange(0, BH)
         return offs_j, offs_j < HALF, offs_j, offs_j + HALF
 
@@ -232,10 +231,9 @@ def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.
     return entering_state(st.init, nxt0[:, None], mx.transpose(0, 1), None, None, None)
 
 
-def angle_inputs(angles: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tanh(angles), tanh(angles) pi, dt), fp32 contiguous: what `angle_table` and its backward take."""
-    t = torch.tanh(angles.float())
-    return t, (t * math.pi).contiguous(), dt.float().contiguous()
+def fp32_dt(dt: torch.Tensor) -> torch.Tensor:
+    """dt as the angle kernels read it: fp32 contiguous (the layer's already is: no copy)."""
+    return dt.to(torch.float32).contiguous()
 
 
 class _Setup:
@@ -269,9 +267,9 @@ class _Setup:
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
                          num_warps=4)
 
-    def rotation_table(self, tp, dtf):
-        """The kernels' (B, L, H, 2, K) cos | sin table from `angle_inputs`' tp and dt."""
-        return angle_table(tp, dtf, None if self.init is None else self.init.angle)
+    def rotation_table(self, angles, dt):
+        """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt."""
+        return angle_table(angles, fp32_dt(dt), None if self.init is None else self.init.angle)
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,31 +295,6 @@ def state_scan_block(heads: int, P: int, device: torch.device) -> int:
 def scan_rows(st: _Setup, heads: int, device: torch.device) -> int:
     """Headdim rows per program of both state scans (the forward's, and the backward's reverse one)."""
     return min(st.meta["BP"], state_scan_block(heads, st.P, device))
-
-
-def rows_of(x: torch.Tensor | None, lead: int = 2) -> torch.Tensor | None:
-    """x as the kernels index it: its first `lead` dims flattened into rows `row_stride(x, lead)` elements apart,
-    each row's remaining dims contiguous (size-1 dims aside). x itself when it is laid out so (the layer's v and z,
-    and the decode step's per-token inputs, are such views of its in_proj output: no copy), else a contiguous copy."""
-    if x is None:
-        return None
-    expect = 1
-    for size, stride in zip(reversed(x.shape[lead:]), reversed(x.stride()[lead:])):
-        if size != 1 and stride != expect:
-            return x.contiguous()
-        expect *= size
-    step = row_stride(x, lead)
-    if lead == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) != x.shape[1] * step:
-        return x.contiguous()  # batches are not L positions apart
-    if x.shape[:lead].numel() * step >= 2**31:  # the kernels' offsets are 32-bit
-        return x.contiguous()
-    return x
-
-
-def row_stride(x: torch.Tensor, lead: int = 2) -> int:
-    """Elements between consecutive rows of a `rows_of` tensor: positions (lead 2; batches when L == 1), or
-    batches (lead 1)."""
-    return x.stride(1) if lead == 2 and x.shape[1] > 1 else x.stride(0)
 
 
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
@@ -352,7 +325,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
     s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
-    cs = st.rotation_table(*angle_inputs(angles, dt)[1:])
+    cs = st.rotation_table(rows_of(angles), dt)
     states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
@@ -403,11 +376,15 @@ def mamba3_chunked_triton(
     mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
     chunk_size: int | None = None, initial_state: Mamba3State | None = None, return_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None, qk_halves: bool = False,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """Triton Mamba-3 scan, same contract as `mamba3_chunked` (chunk_size is accepted and ignored: the
     kernels pick their own). Inputs in bf16/fp16/fp32; state and accumulation in fp32; the final state
-    is fp32. fp32 inputs use exact fp32 matmuls (for tests); 16-bit inputs use tensor cores."""
+    is fp32. fp32 inputs use exact fp32 matmuls (for tests); 16-bit inputs use tensor cores.
+
+    qk_halves (with rope_pairwise): q and k, and only they, come already in the kernels' layout, each pair
+    (2j, 2j+1) at (j, j + N/2) (the layer's fused B/C norm writes them so), which saves a copy of each both ways.
+    Their gradients come back in that layout too; the biases and states keep the pairs layout."""
     check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
                  per_token=False)
     if triton is None:
@@ -422,10 +399,10 @@ def mamba3_chunked_triton(
         init = initial_state
         if init is not None:
             init = init._replace(ssm=_halves(init.ssm), k=_halves(init.k))
-        y, fin = mamba3_chunked_triton(_halves(q), _halves(k), v, adt, dt, trap, _halves(q_bias), _halves(k_bias),
-                                       angles, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z,
-                                       initial_state=init, return_final_state=return_final_state,
-                                       cu_seqlens=cu_seqlens)
+        y, fin = mamba3_chunked_triton(q if qk_halves else _halves(q), k if qk_halves else _halves(k), v, adt, dt,
+                                       trap, _halves(q_bias), _halves(k_bias), angles, mimo_x=mimo_x, mimo_z=mimo_z,
+                                       mimo_o=mimo_o, D=D, z=z, initial_state=init,
+                                       return_final_state=return_final_state, cu_seqlens=cu_seqlens)
         return y, (fin._replace(ssm=_pairs(fin.ssm), k=_pairs(fin.k)) if fin is not None else None)
     if cu_seqlens is None:
         y, *fin = _Mamba3Triton.apply(initial_state, None, return_final_state, q, k, v, adt, dt, trap, q_bias, k_bias,

@@ -127,6 +127,30 @@ def test_varlen_equals_separate_calls():
             assert rel_err(a[i:i + 1], b) < 1e-3
 
 
+def test_bc_norm_kernel_vs_torch_norm():
+    """The Triton B/C norm on a bf16 view of a projection (read in place, as the layer's C) against the torch
+    GatedRMSNorm on the same values: both compute in fp32 and round y / dx to bf16, so they differ by at most about
+    one bf16 rounding (2^-8 relative): 1e-2; the weight's gradient is fp32 on both sides (summation order only): 1e-4."""
+    from hybrid_mamba3.norms import GatedRMSNorm
+
+    B, L, R, N = 4, 1000, 4, 128
+    proj = torch.randn(B, L, R * N + 40, device="cuda").bfloat16().requires_grad_()
+    norm = GatedRMSNorm(N, device="cuda")
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(N, device="cuda"))
+    dy = torch.randn(B, L, R, 1, N, device="cuda").bfloat16()
+    out = {}
+    for fused in (False, True):
+        proj.grad, norm.weight.grad = None, None
+        _poison()
+        y = norm(proj[..., 40:].unflatten(-1, (R, 1, N)), fused=fused)
+        y.backward(dy)
+        out[fused] = (y, proj.grad[..., 40:].clone(), norm.weight.grad.clone())
+    for a, b, tol in zip(out[True], out[False], (1e-2, 1e-2, 1e-4)):
+        assert not torch.isnan(a).any() and rel_err(a, b) < tol
+    assert (proj.grad[..., :40] == 0).all()
+
+
 @pytest.mark.parametrize("R,pw,B", [(4, False, 64), (1, True, 1)])
 def test_step_vs_reference_step(R, pw, B):
     args, opts = _inputs(B, 1, R, 1, 128, 16, 64, 32, R > 1, True, True, seed=2)

@@ -155,28 +155,45 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
 def test_angle_table_over_many_blocks(monkeypatch):
     """The rotation table and its gradient against theta = init + cumsum(tanh(angles) pi dt) in fp64, over 40 blocks
     of positions with the offsets scan made to take three steps (the last one partial) each way, so a wrong carry,
-    order or reduction mod 2 pi fails. theta reaches ~1000 rad: the table's cos/sin are checked to 5e-5 (fp32 sums
-    within a block of 32, ~1e-5 at these magnitudes), the gradients to 1e-5 relative."""
+    order or reduction mod 2 pi fails. The raw angles are a bf16 strided view (read in place, tanh in the kernels),
+    with values near 0 (tanh's small-argument branch), around its switch at 0.3 and large (saturated). theta reaches
+    ~1000 rad: the table's cos/sin are checked to 5e-5 (fp32 sums within a block of 32, ~1e-5 at these magnitudes),
+    d dt to 1e-5 relative, d angles (stored in bf16) to 8e-3; the kernels' tanh alone to 5e-7 relative."""
     from hybrid_mamba3.kernels import triton_angles as ta
 
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
     torch.manual_seed(0)
     B, H, K = 1, 2, 4
     L = ta.BLOCK * 40 - 5
-    tp = torch.tanh(torch.randn(B, L, K) + 1.5) * torch.pi  # mostly positive: theta runs to ~10^3
-    dt = torch.rand(B, L, H) + 0.05
+    proj = (torch.randn(B, L, 3 * K) + 1.5).to(torch.bfloat16)  # mostly positive: theta runs to ~10^3
+    proj[0, :40, K:2 * K] = (torch.rand(40, K) * 0.6 - 0.3).to(torch.bfloat16)  # |a| < 0.3 and around it
+    proj[0, 40:60, K:2 * K] = 12.0  # tanh saturated
+    angles = proj[..., K:2 * K]
+    dt = (torch.rand(B, L, H) + 0.05) * 0.6
     init = torch.rand(B, H, K) * 6
-    theta = init.double()[:, None] + torch.cumsum(tp.double()[:, :, None, :] * dt.double()[..., None], dim=1)
+    tp = torch.tanh(angles.double()) * torch.pi
+    theta = init.double()[:, None] + torch.cumsum(tp[:, :, None, :] * dt.double()[..., None], dim=1)
     assert theta.abs().max() > 500
-    cs = ta.angle_table(tp, dt, init)
+    cs = ta.angle_table(angles, dt, init)
     assert (cs[..., 0, :] - theta.cos()).abs().max() < 5e-5 and (cs[..., 1, :] - theta.sin()).abs().max() < 5e-5
 
     dtheta = torch.randn(B, L, H, K)
-    dtp, ddt = ta.angle_table_backward(dtheta, tp, dt)
-    leaves = [t.double().requires_grad_() for t in (tp, dt)]
-    ref = torch.autograd.grad((torch.cumsum(leaves[0][:, :, None, :] * leaves[1][..., None], dim=1)
-                               * dtheta.double()).sum(), leaves)
-    assert rel_err(dtp, ref[0]) < 1e-5 and rel_err(ddt, ref[1]) < 1e-5
+    da, ddt = ta.angle_table_backward(dtheta, angles, dt)
+    assert da.dtype == angles.dtype and da.shape == angles.shape
+    leaves = [t.double().requires_grad_() for t in (angles, dt)]
+    ref = torch.autograd.grad((torch.cumsum(torch.tanh(leaves[0])[:, :, None, :] * torch.pi * leaves[1][..., None],
+                                            dim=1) * dtheta.double()).sum(), leaves)
+    assert rel_err(da, ref[0]) < 8e-3 and rel_err(ddt, ref[1]) < 1e-5
+
+    # tanh itself, through d dt at one position and one angle: d dt_s = sum_t>=s d theta_t tanh(a_s) pi
+    x = torch.cat([torch.linspace(-0.35, 0.35, 57), torch.tensor([1e-6, -3e-4, 0.2999, 0.3001, 5.0, -20.0])])
+    n = x.numel()
+    one = torch.zeros(1, n, 1)
+    dth = torch.zeros(1, n, 1, 1)
+    dth[0, :, 0, 0] = 1.0
+    _, d_dt = ta.angle_table_backward(dth, x.view(1, n, 1), one + 1)
+    want = torch.tanh(x.double()) * torch.pi * torch.arange(n, 0, -1, dtype=torch.float64)
+    assert ((d_dt.view(n).double() - want).abs() / want.abs()).max() < 5e-7
 
 
 @pytest.mark.parametrize("lens", [None, (29, 11)])
