@@ -6,8 +6,9 @@ start (host time is what makes the layer's wall time exceed its GPU time). Here:
 plus a torch `.sum` of the kernel's per-program weight-gradient partials (deterministic: no atomics).
 
 B and C are strided views of the in_proj output, (B, L, R, G, N) with each position W elements apart: they are read
-in place (`_rows_layout`), and the outputs are new contiguous tensors. Everything is computed in fp32; float64
-inputs are left to the torch norm, which computes in fp64.
+in place (`_rows_layout`), and the outputs are new contiguous tensors, for SISO (halves=True) already in the Triton
+scan's rotation layout (the permuted copy of q and k each way it saves would be two more launches and a pass over
+them). Everything is computed in fp32; float64 inputs are left to the torch norm, which computes in fp64.
 """
 
 from __future__ import annotations
