@@ -174,8 +174,28 @@ def profile_kernel_ms(fn, reps: int) -> dict:
     return split_trace(trace, reps)
 
 
+def busy_and_idle_us(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(busy, idle) microseconds of one call's device events (start, duration): busy = the union of the intervals
+    (overlapping kernels count once), idle = the rest of the span from the first start to the last end. Idle inside a
+    call is time the GPU waited for the host's next launch: what makes wall time exceed GPU time."""
+    busy, start, end = 0.0, None, None
+    for ts, dur in sorted(intervals):
+        if end is None or ts > end:  # a new stretch of work (or the first)
+            if end is not None:
+                busy += end - start
+            start, end = ts, ts + dur
+        else:
+            end = max(end, ts + dur)
+    if end is None:
+        return 0.0, 0.0
+    busy += end - start
+    span = max(ts + dur for ts, dur in intervals) - min(ts for ts, _ in intervals)
+    return busy, span - busy
+
+
 def split_trace(trace: dict, reps: int) -> dict:
-    """Per-call device time from a chrome trace whose calls are separated by spin kernels."""
+    """Per-call device time from a chrome trace whose calls are separated by spin kernels: the kernels' summed time,
+    their count, the GPU idle between a call's first and last kernel (`busy_and_idle_us`), the costliest kernels."""
     evs = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     evs.sort(key=lambda e: float(e["ts"]))
@@ -184,13 +204,15 @@ def split_trace(trace: dict, reps: int) -> dict:
         if "spin_kernel" in e.get("name", ""):
             groups.append([])
             continue
-        groups[-1].append(float(e["dur"]))
+        groups[-1].append((float(e["ts"]), float(e["dur"])))
         key = e.get("name", "?")[:90]
         names[key] = names.get(key, 0.0) + float(e["dur"])
-    total_us = sum(sum(g) for g in groups)
+    total_us = sum(d for g in groups for _, d in g)
+    idle = None
     if len(groups) == reps + 1 and not groups[-1] and all(groups[:reps]):
-        per = [sum(g) / 1000 for g in groups[:reps]]
+        per = [sum(d for _, d in g) / 1000 for g in groups[:reps]]
         launches = median([len(g) for g in groups[:reps]])
+        idle = median([busy_and_idle_us(g)[1] / 1000 for g in groups[:reps]])
         how = "per-call split"
     else:
         per = [total_us / 1000 / max(reps, 1)]
@@ -198,8 +220,8 @@ def split_trace(trace: dict, reps: int) -> dict:
         how = f"mean (split failed: {len(groups)} groups for {reps} calls)"
     top = sorted(names.items(), key=lambda kv: -kv[1])[:8]
     return dict(gpu_ms=median(per), gpu_ms_all=[round(x, 5) for x in per], launches_per_call=launches,
-                gpu_split=how, top_kernels=[dict(name=n, ms_per_call=round(us / 1000 / max(reps, 1), 5))
-                                            for n, us in top])
+                gpu_idle_ms=idle, gpu_split=how,
+                top_kernels=[dict(name=n, ms_per_call=round(us / 1000 / max(reps, 1), 5)) for n, us in top])
 
 
 def measure_memory(fn) -> float | None:
@@ -938,7 +960,8 @@ def report(res) -> str:
     lines.append("Prefill / training, module per call (GPU = profiler kernel sum; wall = host clock w/ sync; "
                  "medians; peak = max_memory_allocated delta)")
     hdr = (f"{'row':<17} {'shape':<9} {'fwd GPU':>8} {'fwd wall':>9} {'f+b GPU':>8} {'f+b wall':>9} "
-           f"{'host f/fb':>11} {'fwd MiB':>8} {'f+b MiB':>8} {'launch f/fb':>11} {'1st f/fb s':>11}  note")
+           f"{'host f/fb':>11} {'idle f/fb':>11} {'fwd MiB':>8} {'f+b MiB':>8} {'launch f/fb':>11} "
+           f"{'1st f/fb s':>11}  note")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for r in res.get("forward", []):
@@ -949,11 +972,14 @@ def report(res) -> str:
         first = f"{fmt(r.get('first_call_s_fwd'))}/{fmt(r.get('first_call_s_fwd_bwd'))}" \
             if "first_call_s_fwd" in r else ""
         host = f"{fmt(f.get('host_ms'))}/{fmt(fb.get('host_ms'))}"
+        idle = f"{fmt(f.get('gpu_idle_ms'))}/{fmt(fb.get('gpu_idle_ms'))}"
         lines.append(f"{r['row']:<17} {r['shape']:<9} {fmt(f.get('gpu_ms')):>8} {fmt(f.get('wall_ms')):>9} "
-                     f"{fmt(fb.get('gpu_ms')):>8} {fmt(fb.get('wall_ms')):>9} {host:>11} {fmt(f.get('peak_mib'), 0):>8} "
+                     f"{fmt(fb.get('gpu_ms')):>8} {fmt(fb.get('wall_ms')):>9} {host:>11} {idle:>11} "
+                     f"{fmt(f.get('peak_mib'), 0):>8} "
                      f"{fmt(fb.get('peak_mib'), 0):>8} {lf:>11} {first:>11}  {one_line(note, 110)}")
-    lines.append("(ms; host = the host's cost of issuing one call, GPU kept busy; launches = kernels per call; "
-                 "1st = first call of the row in the main process: see first_call_caches in the JSON)")
+    lines.append("(ms; host = the host's cost of issuing one call, GPU kept busy; idle = GPU idle between a call's "
+                 "first and last kernel: waiting on the host, plus ~1-2 us of launch latency each; launches = kernels per call; 1st = first call of the "
+                 "row in the main process: see first_call_caches in the JSON)")
     if res.get("decode"):
         lines.append("")
         lines.append("Decode, one token per call (us): kernel = profiler kernel sum, graph = CUDA-graph replay, "
