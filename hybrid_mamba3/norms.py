@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.common import halves_layout
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -57,7 +59,7 @@ class GatedRMSNorm(KeepFP32Mixin, nn.Module):
             from .kernels.triton_norm import rms_norm_triton
             return rms_norm_triton(x, self.weight, self.eps, halves)
         if halves:
-            return self(x).unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+            return halves_layout(self(x))
         dtype = x.dtype
         cdt = torch.promote_types(dtype, torch.float32)  # fp32 for 16-bit inputs, fp64 stays fp64
         x = x.to(cdt)

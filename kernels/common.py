@@ -205,3 +205,14 @@ def row_stride(x: torch.Tensor, lead: int = 2) -> int:
     """Elements between consecutive rows of a `rows_of` tensor: positions (lead 2; batches when L == 1), or
     batches (lead 1)."""
     return x.stride(1) if lead == 2 and x.shape[1] > 1 else x.stride(0)
+
+
+def halves_layout(x: torch.Tensor) -> torch.Tensor:
+    """Last dim (2j, 2j+1) pairs -> (j, j + N/2): even dims first, then odd (the Triton scan's rotation layout). One
+    strided copy, and one for its gradient (a cat of the two strided slices costs five launches in the backward)."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def pairs_layout(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `halves_layout`."""
+    return x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)

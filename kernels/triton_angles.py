@@ -38,6 +38,11 @@ def _bk(k: int) -> int:
     return triton.next_power_of_2(k)
 
 
+def _fp32(dt: torch.Tensor) -> torch.Tensor:
+    """dt as the kernels read it: fp32 contiguous (the layer's already is: no copy)."""
+    return dt.to(torch.float32).contiguous()
+
+
 if triton is not None:
 
     @triton.jit
@@ -61,7 +66,7 @@ if triton is not None:
         return tl.where(ax < 0.3, poly, tl.where(x < 0, -big, big))
 
     @triton.jit
-    def _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m):
+    def _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m):
         """(BL, BK) tanh(angles) pi and tanh(angles) from the raw angles (rows AS elements apart)."""
         t = _tanh(tl.load(a_ptr + (b * L + offs_l[:, None]) * AS + offs_k[None, :], mask=m, other=0.0).to(tl.float32))
         return t * 3.141592653589793, t
@@ -72,7 +77,7 @@ if triton is not None:
         table kernels, one program per head, would each recompute it: +80 us a call at SISO b8 x 2048 on H100)."""
         b = tl.program_id(0)
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
-        tp, _ = _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m)
+        tp, _ = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
         tl.store(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], tp, mask=m)
 
     @triton.jit
@@ -83,7 +88,7 @@ if triton is not None:
         return tp * dt[:, None]
 
     @triton.jit
-    def _block_sums_kernel(x_ptr, tp_ptr, dt_ptr, tot_ptr, L, H, K, nb,
+    def _block_sums_kernel(src_ptr, dt_ptr, tot_ptr, L, H, K, nb,
                            INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
         """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks), of the increments (INC)
         or of x (B, L, H, K). Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
@@ -91,9 +96,9 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         if INC:
-            x = _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
+            x = _increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
         else:
-            x = tl.load(x_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
+            x = tl.load(src_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
         tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), tl.sum(x, axis=0), mask=kmask)
 
     @triton.jit
@@ -118,7 +123,7 @@ if triton is not None:
         (B, L, K) contiguous in da's dtype."""
         b = tl.program_id(0)
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
-        tp, t = _tanh_pi(a_ptr, AS, b, L, K, offs_l, offs_k, m)
+        tp, t = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
         acc = tl.zeros([BL, BK], dtype=tl.float32)
         for h in range(H):
             dth = tl.load(dth_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
@@ -168,24 +173,24 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     return off
 
 
-def _block_sums(x: torch.Tensor | None, tp: torch.Tensor | None, dt: torch.Tensor, K: int) -> torch.Tensor:
-    """Block sums of x, or (x None) of the increments tp dt."""
+def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -> torch.Tensor:
+    """Block sums (B, H, K, blocks) of src (B, L, H, K), or with increments of tp dt from src = tp (B, L, K)."""
     B, L, H = dt.shape
     nb = triton.cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
-    _block_sums_kernel[(B * H, nb)](tp if x is None else x, tp if x is None else x, dt, tot, L, H, K, nb,
-                                    INC=x is None, BL=BLOCK, BK=_bk(K))
+    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=_bk(K))
     return tot
 
 
 def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None) -> torch.Tensor:
     """The kernels' rotation table (B, L, H, 2, K) fp32, cos | sin of theta, from the raw angles (B, L, K) (any float
-    dtype; a `rows_of` view), dt (B, L, H) fp32 contiguous, and the initial angle (B, H, K) or None."""
+    dtype; a `rows_of` view), dt (B, L, H), and the initial angle (B, H, K) or None."""
+    dt = _fp32(dt)
     B, L, H = dt.shape
     K, nb = angles.shape[-1], triton.cdiv(L, BLOCK)
     tp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
     _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=_bk(K))
-    off = _block_offsets(_block_sums(None, tp, dt, K),
+    off = _block_offsets(_block_sums(tp, True, dt, K),
                          None if init_angle is None else init_angle.float().contiguous(), reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=torch.float32)
     _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, L, H, K, nb, BL=BLOCK, BK=_bk(K))
@@ -196,9 +201,10 @@ def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
                          dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (d angles (B, L, K) contiguous in angles' dtype, d dt (B, L, H) fp32) of theta from d theta
     (B, L, H, K) fp32 contiguous; angles and dt as `angle_table` takes them."""
+    dt = _fp32(dt)
     B, L, H = dt.shape
     K = angles.shape[-1]
-    suf = _block_offsets(_block_sums(dtheta, None, dt, K), None, reverse=True)  # the later blocks' part of each sum
+    suf = _block_offsets(_block_sums(dtheta, False, dt, K), None, reverse=True)  # the later blocks' part of each sum
     da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],

@@ -28,12 +28,11 @@ torch sums the bias partials.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, fp32_dt, kernel_chunk,
+                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk,
                              tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
@@ -389,7 +388,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
                                       HAS_D=st.has_d, RELOAD=R == 1, **meta)
-        d_angles, d_dt_angles = angle_table_backward(dtheta, angles, fp32_dt(dt))
+        d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt)
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None
     if s0 is not None:

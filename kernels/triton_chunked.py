@@ -26,7 +26,8 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import Mamba3State, check_inputs, heads_from_groups, rotate, row_stride, rows_of, varlen_layout
+from .common import (Mamba3State, check_inputs, halves_layout, heads_from_groups, pairs_layout, rotate, row_stride,
+                     rows_of, varlen_layout)
 from .triton_angles import angle_from_table, angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -231,11 +232,6 @@ def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.
     return entering_state(st.init, nxt0[:, None], mx.transpose(0, 1), None, None, None)
 
 
-def fp32_dt(dt: torch.Tensor) -> torch.Tensor:
-    """dt as the angle kernels read it: fp32 contiguous (the layer's already is: no copy)."""
-    return dt.to(torch.float32).contiguous()
-
-
 class _Setup:
     """Everything both directions need: shapes, fp32 views of the small tensors, launch meta-parameters."""
 
@@ -269,7 +265,7 @@ class _Setup:
 
     def rotation_table(self, angles, dt):
         """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt."""
-        return angle_table(angles, fp32_dt(dt), None if self.init is None else self.init.angle)
+        return angle_table(angles, dt, None if self.init is None else self.init.angle)
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,12 +394,13 @@ def mamba3_chunked_triton(
     if rope_pairwise:  # the kernels pair dims (j, j + N/2): bring the pairs (2j, 2j+1) there and back
         init = initial_state
         if init is not None:
-            init = init._replace(ssm=_halves(init.ssm), k=_halves(init.k))
-        y, fin = mamba3_chunked_triton(q if qk_halves else _halves(q), k if qk_halves else _halves(k), v, adt, dt,
-                                       trap, _halves(q_bias), _halves(k_bias), angles, mimo_x=mimo_x, mimo_z=mimo_z,
-                                       mimo_o=mimo_o, D=D, z=z, initial_state=init,
+            init = init._replace(ssm=halves_layout(init.ssm), k=halves_layout(init.k))
+        if not qk_halves:
+            q, k = halves_layout(q), halves_layout(k)
+        y, fin = mamba3_chunked_triton(q, k, v, adt, dt, trap, halves_layout(q_bias), halves_layout(k_bias), angles,
+                                       mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, initial_state=init,
                                        return_final_state=return_final_state, cu_seqlens=cu_seqlens)
-        return y, (fin._replace(ssm=_pairs(fin.ssm), k=_pairs(fin.k)) if fin is not None else None)
+        return y, (fin._replace(ssm=pairs_layout(fin.ssm), k=pairs_layout(fin.k)) if fin is not None else None)
     if cu_seqlens is None:
         y, *fin = _Mamba3Triton.apply(initial_state, None, return_final_state, q, k, v, adt, dt, trap, q_bias, k_bias,
                                       angles, mimo_x, mimo_z, mimo_o, D, z)
@@ -415,13 +412,3 @@ def mamba3_chunked_triton(
         y = y[valid][None]
     return y, (Mamba3State(*fin) if return_final_state else None)
 
-
-def _halves(x: torch.Tensor) -> torch.Tensor:
-    """Last dim (2j, 2j+1) pairs -> (j, j + N/2): even dims first, then odd. One strided copy, and one for its
-    gradient (a cat of the two strided slices costs five launches in the backward)."""
-    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
-def _pairs(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_halves`."""
-    return x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
