@@ -17,7 +17,12 @@ saving them); the forward keeps only the pre-gate output o per row:
    from dA o S (the mask's entries), the inter-chunk part of d acs, and the chunk decay's part of d atot.
 4. `_bwd_dkdv_kernel` (B*H, chunks): dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end
    (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
-dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. Both take
+dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. What bounds them
+(ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
+conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
+and the atomics are not (plain stores in place of the atomic adds: same time). Tried without gain: 8 warps (dK/dV
+5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register transposes: -3% at R4, +12% for SISO),
+programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
 partial sums for the biases).
 

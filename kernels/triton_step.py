@@ -27,6 +27,7 @@ from .triton_chunked import _pow2, _sm_count, rows_of, triton
 if triton is not None:
     import triton.language as tl
 
+    from .triton_angles import _tanh
     from .triton_scalars import _activations
 
     @triton.jit
@@ -34,7 +35,7 @@ if triton is not None:
         """(angle + tanh(raw) dt pi) mod 2pi at the given angle indices."""
         two_pi = 2.0 * math.pi
         raw = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        th = tl.load(angle_ptr + idx, mask=m, other=0.0) + (2.0 * tl.sigmoid(2.0 * raw) - 1.0) * dt * math.pi
+        th = tl.load(angle_ptr + idx, mask=m, other=0.0) + _tanh(raw) * dt * math.pi  # the chunked op's tanh
         return th - two_pi * tl.floor(th / two_pi)
 
     @triton.jit
