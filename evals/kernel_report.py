@@ -137,7 +137,7 @@ def main() -> None:
     for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
         B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)
-        dy = None
+        dy, base = None, None
         for chunk, bwd_chunk, w, ko, sb in variants:
             records: dict = {}
             _patch(chunk, bwd_chunk, w, records, ko, sb)
@@ -154,6 +154,13 @@ def main() -> None:
 
             try:
                 call()
+                outs = [t.grad for t in [*args, *opts.values()] if t is not None and t.grad is not None]
+                diff = None
+                if base is None:
+                    base = [o.float().clone() for o in outs]
+                else:  # a variant computes the same function: its gradients against the first variant's
+                    diff = max(((o.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                               for o, b in zip(outs, base))
                 times = _profile(call, a.reps)
             except Exception as e:  # an out-of-resources config is a result, not a crash
                 err = f"{type(e).__name__}: {e}"[:300]
@@ -165,8 +172,9 @@ def main() -> None:
                 short = next((k for k in records if k in name), None)
                 rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
             total = sum(times.values())
-            results.append(dict(**tag, total_ms=round(total, 3), kernels=rows))
-            print(f"\n{tag}: total {total:.2f} ms")
+            results.append(dict(**tag, total_ms=round(total, 3), grad_rel_diff=diff, kernels=rows))
+            print(f"\n{tag}: total {total:.2f} ms" + ("" if diff is None else f", gradients vs first variant: "
+                                                       f"max rel diff {diff:.2e}"))
             print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
             for r in rows[:14]:
                 print(f"{r['kernel']:60s} {r['ms']:8.3f} {r.get('regs', ''):>5} {r.get('spills', ''):>6} "
