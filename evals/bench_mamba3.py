@@ -178,19 +178,18 @@ def busy_and_idle_us(intervals: list[tuple[float, float]]) -> tuple[float, float
     """(busy, idle) microseconds of one call's device events (start, duration): busy = the union of the intervals
     (overlapping kernels count once), idle = the rest of the span from the first start to the last end. Idle inside a
     call is time the GPU waited for the host's next launch: what makes wall time exceed GPU time."""
-    busy, start, end = 0.0, None, None
-    for ts, dur in sorted(intervals):
-        if end is None or ts > end:  # a new stretch of work (or the first)
-            if end is not None:
-                busy += end - start
-            start, end = ts, ts + dur
-        else:
-            end = max(end, ts + dur)
-    if end is None:
+    if not intervals:
         return 0.0, 0.0
+    spans = sorted(intervals)
+    first = start = spans[0][0]
+    busy, end = 0.0, start
+    for ts, dur in spans:
+        if ts > end:  # a new stretch of work: close the one before
+            busy += end - start
+            start = ts
+        end = max(end, ts + dur)
     busy += end - start
-    span = max(ts + dur for ts, dur in intervals) - min(ts for ts, _ in intervals)
-    return busy, span - busy
+    return busy, (end - first) - busy
 
 
 def split_trace(trace: dict, reps: int) -> dict:
@@ -978,8 +977,8 @@ def report(res) -> str:
                      f"{fmt(f.get('peak_mib'), 0):>8} "
                      f"{fmt(fb.get('peak_mib'), 0):>8} {lf:>11} {first:>11}  {one_line(note, 110)}")
     lines.append("(ms; host = the host's cost of issuing one call, GPU kept busy; idle = GPU idle between a call's "
-                 "first and last kernel: waiting on the host, plus ~1-2 us of launch latency each; launches = kernels per call; 1st = first call of the "
-                 "row in the main process: see first_call_caches in the JSON)")
+                 "first and last kernel: waiting on the host, plus ~1-2 us of launch latency each; launches = kernels "
+                 "per call; 1st = first call of the row in the main process: see first_call_caches in the JSON)")
     if res.get("decode"):
         lines.append("")
         lines.append("Decode, one token per call (us): kernel = profiler kernel sum, graph = CUDA-graph replay, "

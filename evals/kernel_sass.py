@@ -210,8 +210,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="override an integer constant of hybrid_mamba3.kernels, as in kernel_report.py")
     ap.add_argument("--variants", action="store_true",
-                    help="also compile the varlen / initial-state specialisations and the token activations "
-                         "(a compile check of everything the layer can launch)")
+                    help="also compile the varlen / initial-state specialisations, the token activations, the B/C "
+                         "norm and the decode step (a compile check of everything the layer can launch)")
     ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
