@@ -20,7 +20,8 @@ saving them); the forward keeps only the pre-gate output o per row:
 dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. What bounds them
 (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
 conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
-and the atomics are not (plain stores in place of the atomic adds: same time). Tried without gain: 8 warps (dK/dV
+and the atomics are not (plain stores in place of the atomic adds: same time). So both load their broadcast tables
+(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`). Tried without gain: 8 warps (dK/dV
 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register transposes: -3% at R4, +12% for SISO),
 programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
@@ -37,8 +38,8 @@ import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rank_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk,
-                             tl, triton)
+                             _load_rotated, _rank_rows, _rank_table, _repeat, _rotation_tables, _rows_v, _Setup,
+                             kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -59,11 +60,12 @@ if triton is not None:
         return tl.sum(tl.reshape(x, (CR // RP, RP)), axis=1)
 
     @triton.jit
-    def _rotated16(base, row_off, lmask, ia, ib, jm, bias_row, cos, sin, DOT: tl.constexpr):
+    def _rotated16(base, row_off, lmask, ia, ib, jm, bias_head, r_i, N, R, cos, sin, RP: tl.constexpr,
+                   CR: tl.constexpr, REPEAT: tl.constexpr, DOT: tl.constexpr):
         """Rotated rows as 16-bit halves: the values the matmuls see. The rotation's gradient is taken with the
         same values, so its terms cancel exactly where the function is rotation invariant (scores depend on
         theta_t - theta_s only), which keeps d theta, and through it d dt and d angles, accurate."""
-        xa, xb = _load_rotated(base, row_off, lmask, ia, ib, jm, bias_row, cos, sin)
+        xa, xb = _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, r_i, N, R, cos, sin, RP, CR, REPEAT)
         return xa.to(DOT), xb.to(DOT)
 
     @triton.jit
@@ -172,9 +174,9 @@ if triton is not None:
             decay = tl.exp(tl.load(atot_ptr + pid_bh * nc + c))
             r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
             acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-            cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+            cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
             qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
-                                qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+                                qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, False, DOT)
             do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                          mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
             doe = tl.trans((do * tl.exp(acs)[:, None]).to(DOT))
@@ -201,16 +203,16 @@ if triton is not None:
 
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                        mask=lp, other=0.0).to(DOT)
-        vr16 = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask,
-                       mx_ptr + (h * R + r_i) * P).to(DOT)
+        vr16 = _rows_v(v_ptr + b * L * VS + h * P, c, L, offs_l, lmask, VS, offs_p, pmask, mx_ptr + h * R * P,
+                       r_i, R, P, RP, CR, True).to(DOT)
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
-        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         row_off = (offs_l * R + r_i) * G * N
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            kb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+                            kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+                            qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         dm = da * tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         ts = offs_l[:, None] - offs_l[None, :]
@@ -244,7 +246,7 @@ if triton is not None:
         offs_r = tl.arange(0, RP)
         # reloaded (L2-hot) rather than held since the start: at 255 registers, holding them spills more (R4
         # b8 x 2048 dq kernel, H100: 5.95 -> 5.68 ms, SISO 1.49 -> 1.28)
-        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         _store_unrotated(dq_ptr + b * L * R * G * N + g * N, dqb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dqa, dqb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
@@ -254,7 +256,7 @@ if triton is not None:
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
                          L, H, G, K, N, P, nc, VS,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                         HALF: tl.constexpr, HAS_D: tl.constexpr, RELOAD: tl.constexpr,
+                         HALF: tl.constexpr, HAS_D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
@@ -262,18 +264,18 @@ if triton is not None:
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
-        cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            qb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+                            qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            kb_ptr + (h * R + r_i) * N, cos, sin, DOT)
+                            kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                        mask=lp, other=0.0).to(DOT)
-        vr16 = _rows_v(v_ptr + b * L * VS + h * P, offs_l, lmask, VS, offs_p, pmask,
-                       mx_ptr + (h * R + r_i) * P).to(DOT)
+        vr16 = _rows_v(v_ptr + b * L * VS + h * P, c, L, offs_l, lmask, VS, offs_p, pmask, mx_ptr + h * R * P,
+                       r_i, R, P, RP, CR, True).to(DOT)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
 
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
@@ -307,17 +309,18 @@ if triton is not None:
         dth = _rank_sum(dkb * ka.to(tl.float32) - dka * kb.to(tl.float32), CR, RP, BH)
         tl.store(th_ptr, tl.load(th_ptr, mask=thm, other=0.0) + dth, mask=thm)
         offs_r = tl.arange(0, RP)
-        if RELOAD:  # as in the dq kernel; pays off for SISO only (R4: 5.33 -> 5.95 ms, SISO 1.60 -> 1.40)
-            cos, sin = _rotation_tables(cs_ptr, b, h, L, H, K, offs_l, lmask, offs_j)
+        # reloaded, as in the dq kernel (per-row loads, it paid off for SISO only; repeated, for R4 too: 4.09 ->
+        # 3.96 ms at b8 x 2048, 8.10 -> 7.81 at b1 x 32768)
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         _store_unrotated(dk_ptr + b * L * R * G * N + g * N, dkb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dka, dkb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
         # v_i = mx_r v_t: back to v (summed over ranks) and to mx (summed over positions).
-        mx = tl.load(mx_ptr + (h * R + r_i[:, None]) * P + offs_p[None, :], mask=lp, other=0.0)
+        mx = _rank_table(mx_ptr + h * R * P, P, R, RP, CR, offs_p, pmask)
         tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
                  _rank_sum(dv * mx, CR, RP, BP).to(dv_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
-        vt = tl.load(v_ptr + (b * L + offs_l[:, None]) * VS + h * P + offs_p[None, :], mask=lp,
-                     other=0.0).to(tl.float32)
+        vt = _repeat(tl.load(v_ptr + (b * L + offs_t[:, None]) * VS + h * P + offs_p[None, :],
+                             mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32), CR // RP, RP, BP)
         tl.store(dmx_ptr + ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :],
                  _position_sum(dv * vt, CR, RP, BP), mask=(offs_r < R)[:, None] & pmask[None, :])
 
@@ -392,7 +395,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
-                                      HAS_D=st.has_d, RELOAD=R == 1, **meta)
+                                      HAS_D=st.has_d, **meta)
         d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt)
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None
