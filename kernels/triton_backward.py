@@ -21,7 +21,9 @@ dQ and dK are split (as in flash attention's backward) so each kernel's tiles fi
 (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
 conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
 and the atomics are not (plain stores in place of the atomic adds: same time). So both load their broadcast tables
-(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`). Tried without gain: 8 warps (dK/dV
+(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`).
+A loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads, num_stages 1-3) was slower at
+every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared memory). Tried without gain: 8 warps (dK/dV
 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register transposes: -3% at R4, +12% for SISO),
 programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
