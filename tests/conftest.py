@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+pytest_plugins = ("pytester", "failure_log")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
