@@ -61,6 +61,17 @@ class Mamba3State(NamedTuple):
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for launch grids. Plain Python on purpose: in Triton 3.6 (and 3.8) `triton.cdiv` and
+    `triton.next_power_of_2` are constexpr functions costing ~6 us a host call, and a training step makes dozens."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1 (`triton.next_power_of_2` on the host; see `cdiv`)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """t in fp32, or fp64 when it is fp64 (the layer's per-token math never runs in 16 bits)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import TWO_PI, row_stride
+from .common import TWO_PI, cdiv, next_pow2, row_stride
 
 try:
     import triton
@@ -35,7 +35,7 @@ OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets sc
 
 
 def _bk(k: int) -> int:
-    return triton.next_power_of_2(k)
+    return next_pow2(k)
 
 
 def _fp32(dt: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
 def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -> torch.Tensor:
     """Block sums (B, H, K, blocks) of src (B, L, H, K), or with increments of tp dt from src = tp (B, L, K)."""
     B, L, H = dt.shape
-    nb = triton.cdiv(L, BLOCK)
+    nb = cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
     _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=_bk(K))
     return tot
@@ -187,7 +187,7 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     dtype; a `rows_of` view), dt (B, L, H), and the initial angle (B, H, K) or None."""
     dt = _fp32(dt)
     B, L, H = dt.shape
-    K, nb = angles.shape[-1], triton.cdiv(L, BLOCK)
+    K, nb = angles.shape[-1], cdiv(L, BLOCK)
     tp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
     _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=_bk(K))
     off = _block_offsets(_block_sums(tp, True, dt, K),

@@ -21,11 +21,11 @@ dQ and dK are split (as in flash attention's backward) so each kernel's tiles fi
 (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
 conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
 and the atomics are not (plain stores in place of the atomic adds: same time). So both load their broadcast tables
-(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`).
-A loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads, num_stages 1-3) was slower at
-every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared memory). Tried without gain: 8 warps (dK/dV
-5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register transposes: -3% at R4, +12% for SISO),
-programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
+(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`). A
+loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads, num_stages 1-3) was slower at
+every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared
+memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register
+transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
 partial sums for the biases).
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
+from .common import cdiv
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
                              _load_rotated, _rank_rows, _rank_table, _repeat, _rotation_tables, _rows_v, _Setup,
                              kernel_chunk, tl, triton)
@@ -370,7 +371,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
         dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if st.has_z else do
-        nblk = triton.cdiv(L, DOUT_BLOCK)
+        nblk = cdiv(L, DOUT_BLOCK)
         dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
         dD = empty(B * H, nblk)
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
@@ -384,7 +385,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp = tc.scan_rows(st, B * H, dev)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_scan_bwd_kernel[(B * H, triton.cdiv(P, bp))](q, st.qb, cs, do, acs, atot, down, ds0,
+        _state_scan_bwd_kernel[(B * H, cdiv(P, bp))](q, st.qb, cs, do, acs, atot, down, ds0,
                                                             L, H, G, K, N, P, nc, BPB=bp,
                                                             **{**meta, "num_stages": 1})
         datot_dq = empty(B * H, nc)

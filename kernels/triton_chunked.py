@@ -26,8 +26,8 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import (Mamba3State, check_inputs, halves_layout, heads_from_groups, pairs_layout, rotate, row_stride,
-                     rows_of, varlen_layout)
+from .common import (Mamba3State, cdiv, check_inputs, halves_layout, heads_from_groups, pairs_layout, rotate,
+                     row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_from_table, angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -332,7 +332,7 @@ def state_scan_block(heads: int, P: int, device: torch.device) -> int:
     replaced: 4.8 and 9.5)."""
     sms = _sm_count(device) if device.type == "cuda" else 1
     for bp in (64, 32):
-        if bp <= P and heads * triton.cdiv(P, bp) >= 2 * sms:
+        if bp <= P and heads * cdiv(P, bp) >= 2 * sms:
             return bp
     return 16
 
@@ -355,7 +355,7 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     # call, SISO 0.45 -> 0.40. At 16 rows (few heads) 4 warps: 8 made R4 b1 x 32768 4.2 -> 6.2 ms a call. (The
     # backward's reverse scan stays at 4: 8 made it slower at every size measured.)
     meta = {**st.meta, "num_stages": 1, "num_warps": 8 if bp >= 64 else st.meta["num_warps"]}
-    _state_scan_kernel[(B * H, triton.cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot,
+    _state_scan_kernel[(B * H, cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot,
                                                      s0 if s0 is not None else final, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp,
                                                      HAS_S0=s0 is not None, **meta)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .common import row_stride, rows_of
+from .common import cdiv, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -100,9 +100,9 @@ def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def _launch(n_rows: int, inner: int, ts: int, N: int) -> tuple[tuple[int], dict]:
     """Grid (row blocks,) and the kernels' block sizes and options."""
-    bn = triton.next_power_of_2(N)
-    br = max(1, min(_MAX_ROWS, _TILE // bn, triton.next_power_of_2(n_rows)))
-    grid = (triton.cdiv(n_rows, br),)
+    bn = next_pow2(N)
+    br = max(1, min(_MAX_ROWS, _TILE // bn, next_pow2(n_rows)))
+    grid = (cdiv(n_rows, br),)
     padded = grid[0] * br  # masked rows' offsets are computed too
     reach = max(((padded - 1) // inner) * ts + inner * N, padded * N, grid[0] * N)
     return grid, dict(BLOCK_R=br, BLOCK_N=bn, WIDE=reach >= _INT32_LIMIT, num_warps=4 if bn * br <= _TILE else 8)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
-from .common import A_ACTIVATIONS
+from .common import A_ACTIVATIONS, cdiv, next_pow2
 
 try:
     import triton
@@ -180,9 +180,9 @@ if triton is not None:
 def _launch(dt: torch.Tensor, C: int) -> tuple[tuple[int, int], int, int]:
     """Grid, chunks and heads per program."""
     B, L, H = dt.shape
-    nc = max(1, triton.cdiv(L, C))
-    bhd = min(triton.next_power_of_2(H), max(16, 4096 // C))  # tiles of at most 4096 elements
-    return (B * nc, triton.cdiv(H, bhd)), nc, bhd
+    nc = max(1, cdiv(L, C))
+    bhd = min(next_pow2(H), max(16, 4096 // C))  # tiles of at most 4096 elements
+    return (B * nc, cdiv(H, bhd)), nc, bhd
 
 
 def token_scalars(adt: torch.Tensor, dt: torch.Tensor, trap: torch.Tensor, lengths: torch.Tensor | None,
@@ -235,8 +235,8 @@ class _TokenActivations(torch.autograd.Function):
 
         B, L, H = dd_dt.shape
         dd_dt, dd_A = rows_of(dd_dt), rows_of(dd_A)
-        bhd = min(triton.next_power_of_2(H), 64)
-        grid = (triton.cdiv(B * L, ACT_ROWS), triton.cdiv(H, bhd))
+        bhd = min(next_pow2(H), 64)
+        grid = (cdiv(B * L, ACT_ROWS), cdiv(H, bhd))
         dt, adt = (torch.empty(B, L, H, device=dd_dt.device, dtype=torch.float32) for _ in range(2))
         heavy = a_activation == "heavy_tail"
         _activations_kernel[grid](dd_dt, dd_A, dt_bias, dt, adt, B * L, H, row_stride(dd_dt), row_stride(dd_A),

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import Mamba3State, check_inputs
+from .common import Mamba3State, cdiv, check_inputs, next_pow2
 from .triton_chunked import _pow2, _sm_count, rows_of, triton
 
 if triton is not None:
@@ -221,7 +221,7 @@ def mamba3_step_triton(
     bp, warps = step_launch(B * H, P, q.device)
     low = v.dtype in (torch.bfloat16, torch.float16)
     anyf = q_bias  # any fp32 pointer for the absent optional inputs (never read)
-    _step_kernel[(B * H, triton.cdiv(P, bp))](
+    _step_kernel[(B * H, cdiv(P, bp))](
         q, q.stride(0), k, k.stride(0), _f32(q_bias), _f32(k_bias), v, v.stride(0), adt, adt.stride(0),
         dt, dt.stride(0), trap, trap.stride(0), angles, angles.stride(0),
         anyf if mx is None else mx, anyf if mz is None else mz, anyf if mo is None else mo, anyf if d is None else d,
@@ -229,7 +229,7 @@ def mamba3_step_triton(
         *((anyf,) * 3 if act is None else (_f32(act.dt_bias), _f32(act.c_norm), _f32(act.b_norm))),
         1e-6 if act is None else act.eps, 0.0 if act is None else act.a_floor,
         *state, angle_new, k_new, v_new, out, H, G, K, N, P,
-        R=R, RR=max(16, triton.next_power_of_2(2 * R)), BN=_pow2(N), BP=bp, BK=triton.next_power_of_2(K),
+        R=R, RR=max(16, next_pow2(2 * R)), BN=_pow2(N), BP=bp, BK=next_pow2(K),
         HALF=N // 2, PAIRWISE=rope_pairwise, HAS_D=d is not None, HAS_Z=z is not None, HAS_MX=mx is not None,
         HAS_MZ=mz is not None, CONTRACT=mo is not None, RAW=act is not None,
         HEAVY_TAIL=act is not None and act.a_activation == "heavy_tail",
