@@ -141,3 +141,15 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         a1, o1 = make_op_inputs(B=1, L=8, R=2)
         mamba3_chunked(*a1, **o1, cu_seqlens=torch.tensor([0, 5, 4, 8]))
+
+
+def test_host_grid_helpers_match_triton():
+    """kernels.common.cdiv / next_pow2 stand in for triton.cdiv / triton.next_power_of_2 on the host (cheaper to
+    call); every launch grid and block size depends on them agreeing."""
+    triton = pytest.importorskip("triton")
+    from hybrid_mamba3.kernels.common import cdiv, next_pow2
+
+    for n in list(range(1, 300)) + [2**20 - 1, 2**20, 2**20 + 1, 3 * 2**31]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 7, 16, 64, 129):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
