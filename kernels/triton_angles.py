@@ -34,10 +34,6 @@ BLOCK = 32  # positions per program; the fp32 part of each angle's sum spans at 
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
 
 
-def _bk(k: int) -> int:
-    return next_pow2(k)
-
-
 def _fp32(dt: torch.Tensor) -> torch.Tensor:
     """dt as the kernels read it: fp32 contiguous (the layer's already is: no copy)."""
     return dt.to(torch.float32).contiguous()
@@ -166,7 +162,7 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     mod 2 pi (forward), or the later blocks' sum (reverse, for the gradient's suffix sums)."""
     B, H, K, nb = tot.shape
     off = torch.empty_like(tot)
-    bk = _bk(K)
+    bk = next_pow2(K)
     _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
                                     HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
                                     BB=max(16, OFFSET_TILE // bk))
@@ -178,7 +174,7 @@ def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -
     B, L, H = dt.shape
     nb = cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
-    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=_bk(K))
+    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=next_pow2(K))
     return tot
 
 
@@ -189,11 +185,11 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     B, L, H = dt.shape
     K, nb = angles.shape[-1], cdiv(L, BLOCK)
     tp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
-    _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=_bk(K))
+    _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=next_pow2(K))
     off = _block_offsets(_block_sums(tp, True, dt, K),
                          None if init_angle is None else init_angle.float().contiguous(), reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=torch.float32)
-    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, L, H, K, nb, BL=BLOCK, BK=_bk(K))
+    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, L, H, K, nb, BL=BLOCK, BK=next_pow2(K))
     return cs
 
 
@@ -208,7 +204,7 @@ def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
     da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
-                                          row_stride(angles), BL=BLOCK, BK=_bk(K))
+                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K))
     return da, ddt
 
 

@@ -26,8 +26,8 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import (Mamba3State, cdiv, check_inputs, halves_layout, heads_from_groups, pairs_layout, rotate,
-                     row_stride, rows_of, varlen_layout)
+from .common import (Mamba3State, cdiv, check_inputs, halves_layout, heads_from_groups, next_pow2, pairs_layout,
+                     rotate, row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_from_table, angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -44,7 +44,7 @@ def triton_available() -> bool:
 
 
 def _rank_pad(rank: int) -> int:
-    return 1 << (rank - 1).bit_length()
+    return next_pow2(rank)
 
 
 def kernel_chunk(rank: int) -> int:
@@ -271,7 +271,7 @@ if triton is not None:
 
 
 def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
+    return max(16, next_pow2(n))
 
 
 def _initial_state(st: "_Setup", nxt0: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
-from .common import A_ACTIVATIONS, cdiv, next_pow2
+from .common import A_ACTIVATIONS, cdiv, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -190,8 +190,6 @@ def token_scalars(adt: torch.Tensor, dt: torch.Tensor, trap: torch.Tensor, lengt
     """(gamma, w, acs) (B, L, H) and atot (B, H, nc), fp32 contiguous, from adt, dt, trap (B, L, H), any float
     dtype, each laid out as `rows_of` keeps it (the layer's trap is a view of its in_proj output: read in place),
     and the rows' lengths (B,) of a padded varlen batch or None."""
-    from .triton_chunked import row_stride, rows_of  # the kernels' shared layout rule
-
     B, L, H = dt.shape
     adt, dt, trap = rows_of(adt), rows_of(dt), rows_of(trap)
     grid, nc, bhd = _launch(dt, C)
@@ -212,8 +210,6 @@ def token_scalars_backward(dt: torch.Tensor, trap: torch.Tensor, lengths: torch.
     """Gradients (d adt, d dt, d trap), (B, L, H) in `dtypes`, from those of `token_scalars`' outputs, each of
     w, acs and atot in two parts (summed here), all fp32 contiguous; ddt_angles: dt's gradient through the
     angles (added); dn0 (B, H): the gradient of `first_next` when an initial state took it in, else None."""
-    from .triton_chunked import row_stride, rows_of
-
     B, L, H = dt.shape
     dt, trap = rows_of(dt), rows_of(trap)
     grid, nc, bhd = _launch(dt, C)
@@ -231,8 +227,6 @@ ACT_ROWS = 64  # rows (tokens) per program of the activation kernels
 class _TokenActivations(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dd_dt, dd_A, dt_bias, a_activation, a_floor):
-        from .triton_chunked import row_stride, rows_of
-
         B, L, H = dd_dt.shape
         dd_dt, dd_A = rows_of(dd_dt), rows_of(dd_A)
         bhd = min(next_pow2(H), 64)
@@ -247,8 +241,6 @@ class _TokenActivations(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_dt, g_adt):
-        from .triton_chunked import row_stride
-
         dd_dt, dd_A, dt_bias = ctx.saved_tensors
         grid, bhd, heavy, a_floor = ctx.meta
         B, L, H = dd_dt.shape

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from .common import Mamba3State, cdiv, check_inputs, next_pow2
-from .triton_chunked import _pow2, _sm_count, rows_of, triton
+from .common import Mamba3State, cdiv, check_inputs, next_pow2, rows_of
+from .triton_chunked import _pow2, _sm_count, triton
 
 if triton is not None:
     import triton.language as tl
