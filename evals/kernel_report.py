@@ -37,7 +37,7 @@ _ORIG: dict = {}
 
 
 def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records: dict, kernel_opts: dict,
-           state_block: int | None):
+           state_block: str | None):
     """Override the kernels' chunk length / warps (all kernels) / launch options (per kernel name, e.g.
     num_warps, maxnreg) / headdim rows per program of the state scans, and record each launched kernel's compile metadata."""
     import triton
@@ -48,8 +48,9 @@ def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records:
     orig = _ORIG.setdefault("o", (tc.kernel_chunk, tb.backward_chunk, tc._Setup.__init__,
                                   triton.runtime.jit.JITFunction.run, tc.state_scan_block))
     tc.kernel_chunk, tb.backward_chunk, tc.state_scan_block = orig[0], orig[1], orig[4]
-    if state_block is not None:
-        tc.state_scan_block = lambda heads, P, device: state_block
+    if state_block is not None:  # "rows" or "rowsxpairs"
+        rows, _, pairs = state_block.partition("x")
+        tc.state_scan_block = lambda heads, P, N, device, forward: (int(rows), int(pairs) if pairs else N // 2)
     if chunk is not None:
         tc.kernel_chunk = lambda rank: chunk
     if bwd_chunk is not None:
@@ -114,7 +115,9 @@ def main() -> None:
     ap.add_argument("--kernel-opts", default="{}",
                     help='JSON list (or one object) of per-kernel launch options, one variant each, e.g. '
                          '\'[{}, {"_bwd_dout_kernel": {"num_warps": 4}}]\'')
-    ap.add_argument("--state-blocks", default="default", help="comma list of headdim rows per program of the state scans")
+    ap.add_argument("--state-blocks", default="default",
+                    help="comma list of state blocks per program of the state scans: headdim rows, or ROWSxPAIRS "
+                         "(e.g. 64x32: 64 rows, 32 rotation pairs = 64 state columns)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="override an integer constant of hybrid_mamba3.kernels for this run, e.g. "
                          "triton_backward.DOUT_BLOCK=32 (repeatable)")
@@ -133,7 +136,7 @@ def main() -> None:
     kopts = json.loads(a.kernel_opts)
     kopts = kopts if isinstance(kopts, list) else [kopts]
     variants = [(c, bc, w, ko, sb) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)
-                for ko in kopts for sb in grid(a.state_blocks)]
+                for ko in kopts for sb in [None if x == "default" else x for x in a.state_blocks.split(",")]]
     for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
         B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)

@@ -41,7 +41,7 @@ import torch
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .common import cdiv
 from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _rank_rows, _rank_table, _repeat, _rotation_tables, _rows_v, _Setup,
+                             _load_rotated, _pair_block, _rotate_rows, _rank_rows, _rank_table, _repeat, _rotation_tables, _rows_v, _Setup,
                              kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
@@ -94,7 +94,9 @@ if triton is not None:
         """Grid (B*H, position blocks of BT): the epilogue (z gate, D skip, mimo_o contraction) taken back from dy
         to dO, the pre-gate output's gradient. Elementwise work only, one (BT, P) tile per rank in turn, so the
         sums over ranks and positions are plain accumulations (no row reshapes: at 64-row tiles with reshapes
-        the kernel sat at 255 registers and 2.0 ms for R4 b8 x 2048 on H100)."""
+        the kernel sat at 255 registers and 2.0 ms for R4 b8 x 2048 on H100). At R4 it spills (56 B) yet beats the
+        spill-free variants (H100, b8 x 2048 / b1 x 32768: 1.13 / 2.20 ms; 32 positions a program 1.65 / 3.16; the
+        rank loop not unrolled 1.28 / 2.48, both 1.73 / 3.30)."""
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_t = blk * BT + tl.arange(0, BT)
@@ -148,9 +150,10 @@ if triton is not None:
                                L, H, G, K, N, P, nc,
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
                                BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                               BPB: tl.constexpr):
-        """Grid (B*H, P / BPB), the forward's state scan run backwards: rows offs_p of d run (the gradient of the
-        state entering the next chunk) in fp32 registers, carried from the last chunk to the first:
+                               BPB: tl.constexpr, BJ: tl.constexpr):
+        """Grid (B*H, P / BPB * N / (2 BJ)), the forward's state scan run backwards: a (BPB rows, BJ pairs) block of
+        d run (the gradient of the state entering the next chunk) in fp32 registers, carried from the last chunk to
+        the first:
         d run_c = dE_c + exp(atot_c) d run_c+1, with the chunk's own term dE_c = (exp(acs) dO)^T qr made here
         (one matmul accumulate), so no per-chunk dE is ever written and read back. Stores d run_c+1, the
         gradient of chunk c's own state (an operand of the dQ and dK/dV kernels); the state entering the first
@@ -160,15 +163,21 @@ if triton is not None:
         Against the per-chunk dE it replaced (written by the dQ kernel, read by an elementwise reverse pass), the
         R4 fwd+bwd op went 19.7 -> 18.6 ms at b8 x 2048 (and 1 GB less memory), but 41.3 -> 42.2 ms at
         b1 x 32768, where 256 programs (4 per head) leave this serial chain exposed."""
-        pid_bh, pb = tl.program_id(0), tl.program_id(1)
+        pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
-        offs_p = pb * BPB + tl.arange(0, BPB)
+        NJ: tl.constexpr = (HALF + BJ - 1) // BJ
+        offs_p = tl.program_id(1) // NJ * BPB + tl.arange(0, BPB)
         pmask = offs_p < P
-        offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        offs_j, jm, ia, ib = _pair_block(tl.program_id(1) % NJ, HALF, BJ)
         m = pmask[:, None] & jm[None, :]
-        run_a = tl.zeros([BPB, BH], dtype=tl.float32)  # the final state carries no gradient
-        run_b = tl.zeros([BPB, BH], dtype=tl.float32)
+        run_a = tl.zeros([BPB, BJ], dtype=tl.float32)  # the final state carries no gradient
+        run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
+        r0 = tl.arange(0, CR) % RP  # the bias rows, loaded once, as in the forward scan
+        qba = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ia[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+                      other=0.0)
+        qbb = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ib[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+                      other=0.0)
         for i in range(nc):
             c = nc - 1 - i
             row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
@@ -178,8 +187,9 @@ if triton is not None:
             r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
             acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
             cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-            qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib, jm,
-                                qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, False, DOT)
+            qa, qb = _rotate_rows(q_ptr + b * L * R * G * N + g * N + ((offs_l * R + r_i) * G * N)[:, None],
+                                  lmask[:, None] & jm[None, :], ia, ib, qba, qbb, cos, sin)
+            qa, qb = qa.to(DOT), qb.to(DOT)
             do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                          mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
             doe = tl.trans((do * tl.exp(acs)[:, None]).to(DOT))
@@ -382,12 +392,12 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
-        bp = tc.scan_rows(st, B * H, dev)
+        bp, bj = tc.scan_block(st, B * H, dev, forward=False)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_scan_bwd_kernel[(B * H, cdiv(P, bp))](q, st.qb, cs, do, acs, atot, down, ds0,
-                                                            L, H, G, K, N, P, nc, BPB=bp,
-                                                            **{**meta, "num_stages": 1})
+        _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,
+                                                                L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
+                                                                **{**meta, "num_stages": 1})
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)

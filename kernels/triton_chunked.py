@@ -61,7 +61,13 @@ if triton is not None:
         """The rotation pairs state dims (j, j + N/2), j < N/2 (the SISO layout's pairs (2j, 2j+1) are brought
         to this one outside the kernels: read with a stride of 2 inside them, the SISO kernels ran ~5x slower on
         H100). Everything is computed on the two halves, so no lane ever needs another's value."""
-        offs_j = tl.arange(0, BH)
+        return _pair_block(0, HALF, BH)
+
+    @triton.jit
+    def _pair_block(jb, HALF: tl.constexpr, BJ: tl.constexpr):
+        """Pairs jb * BJ .. (jb + 1) * BJ - 1 of `_half_columns`: (offs_j, mask, columns of the first half, of the
+        second). A pair's two columns only ever meet each other, so the state scans split the pairs across programs."""
+        offs_j = jb * BJ + tl.arange(0, BJ)
         return offs_j, offs_j < HALF, offs_j, offs_j + HALF
 
     @triton.jit
@@ -124,6 +130,14 @@ if triton is not None:
         return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
 
     @triton.jit
+    def _rotate_rows(rows, m, ia, ib, bias_a, bias_b, cos, sin):
+        """`_load_rotated` with the bias rows already at hand (the state scans load them once, not per chunk):
+        rows are the pointers of each row's first element, m the rows x columns mask."""
+        xa = tl.load(rows + ia[None, :], mask=m, other=0.0).to(tl.float32) + bias_a
+        xb = tl.load(rows + ib[None, :], mask=m, other=0.0).to(tl.float32) + bias_b
+        return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
+
+    @triton.jit
     def _rank_rows(c, L, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
         """The chunk's rows: row i is (position c*C + i // RP, rank i % RP), RP = R rounded up to a power of
         two (rows of ranks >= R are masked off). Inputs laid out (B, L, R, ...) are then one strided tile,
@@ -181,25 +195,35 @@ if triton is not None:
                            final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
-                           HAS_S0: tl.constexpr):
-        """Grid (B*H, P / BPB): rows offs_p of the state, in fp32 registers, carried through the chunks:
-        E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand dtype) on entry to
-        each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more in traffic
-        (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
+                           BJ: tl.constexpr, HAS_S0: tl.constexpr):
+        """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
+        through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
+        dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
+        in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
-        offs_p = tl.program_id(1) * BPB + tl.arange(0, BPB)
+        NJ: tl.constexpr = (HALF + BJ - 1) // BJ
+        offs_p = tl.program_id(1) // NJ * BPB + tl.arange(0, BPB)
         pmask = offs_p < P
-        offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        offs_j, jm, ia, ib = _pair_block(tl.program_id(1) % NJ, HALF, BJ)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
         if HAS_S0:
             run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
             run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
         else:  # a zero start needs no buffer (nor its fill launch)
-            run_a = tl.zeros([BPB, BH], dtype=tl.float32)
-            run_b = tl.zeros([BPB, BH], dtype=tl.float32)
+            run_a = tl.zeros([BPB, BJ], dtype=tl.float32)
+            run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
+        # The chunk rows' ranks are the same in every chunk, so are their bias and mimo_x rows: loaded once, ahead of
+        # the chunk loop (R4 H100, a call at full width: b8 x 2048 1.29 -> 1.26 ms, b1 x 32768 4.20 -> 3.83)
+        r0 = tl.arange(0, CR) % RP
+        kba = tl.load(kb_ptr + h * R * N + r0[:, None] * N + ia[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+                      other=0.0)
+        kbb = tl.load(kb_ptr + h * R * N + r0[:, None] * N + ib[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+                      other=0.0)
+        mxr = tl.load(mx_ptr + h * R * P + r0[:, None] * P + offs_p[None, :], mask=(r0 < R)[:, None] & pmask[None, :],
+                      other=0.0)
         for c in range(nc):
             out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
@@ -209,10 +233,10 @@ if triton is not None:
             w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
             atot = tl.load(atot_ptr + pid_bh * nc + c)
             cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-            ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, (offs_l * R + r_i) * G * N, lmask, ia, ib,
-                                   jm, kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, False)
-            vr = _rows_v(v_ptr + b * L * VS + h * P, c, L, offs_l, lmask, VS, offs_p, pmask, mx_ptr + h * R * P,
-                         r_i, R, P, RP, CR, False)
+            ka, kb = _rotate_rows(k_ptr + b * L * R * G * N + g * N + ((offs_l * R + r_i) * G * N)[:, None],
+                                  lmask[:, None] & jm[None, :], ia, ib, kba, kbb, cos, sin)
+            vr = tl.load(v_ptr + b * L * VS + h * P + offs_l[:, None] * VS + offs_p[None, :],
+                         mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32) * mxr
             vt = tl.trans(vr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
             decay = tl.exp(atot)
             run_a = tl.dot(vt, ka.to(DOT), run_a * decay, input_precision=PREC)
@@ -323,23 +347,39 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def state_scan_block(heads: int, P: int, device: torch.device) -> int:
-    """Headdim rows per program of the state scans (forward, and the backward's reverse one): the largest of 64,
-    32, 16 that still gives 2 programs per SM.
-    Each program walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower
-    programs win. The forward scan (run twice per fwd+bwd: forward, and the backward's recompute) on H100, ms for
-    64 / 32 / 16 rows: R4 b8 x 2048 3.0 / 3.2 / 4.5, R4 b1 x 32768 17.8 / 9.4 / 8.4 (the two-kernel scan it
-    replaced: 4.8 and 9.5)."""
+def state_scan_block(heads: int, P: int, N: int, device: torch.device, forward: bool) -> tuple[int, int]:
+    """(headdim rows, rotation pairs) of the state block each program of a state scan carries through the chunks.
+
+    The forward scan: 64 rows x 32 pairs (half the state's columns at N = 128). The backward's reverse scan: all
+    pairs, rows the largest of 64, 32, 16 that still gives 2 programs per SM. Each program walks all chunks in turn,
+    so at few heads the serial chain sets the time and more, narrower programs win, up to where each one's share of
+    the per-chunk loads and rotations (repeated across the blocks of rows, not of pairs) outweighs that.
+    Measured on H100 (evals/kernel_report.py), ms per fwd+bwd for the forward scan (run twice: the forward, and the
+    backward's recompute) / the reverse scan, at rows x pairs:
+      R4 b8 x 2048:    64x64 2.53 / 1.04,  64x32 2.26 / 1.56,  32x32 3.78 / 2.30
+      R4 b1 x 32768:   16x64 7.66 / 5.12,  64x32 7.20 / 5.87,  32x32 7.72 / 5.15
+      SISO b8 x 2048:  64x64 0.73 / 0.32,  64x32 0.79 / 0.43
+      SISO b1 x 32768: 16x64 2.16 / 1.46,  64x32 2.09 / 1.47,  32x32 2.21 / 1.37
+    (rows only, before the pairs split: R4 b8 x 2048 64 / 32 / 16 rows 3.0 / 3.2 / 4.5, R4 b1 x 32768 17.8 / 9.4 /
+    8.4; the two-kernel scan it replaced: 4.8 and 9.5)."""
+    if forward:
+        return 64, 32
     sms = _sm_count(device) if device.type == "cuda" else 1
     for bp in (64, 32):
         if bp <= P and heads * cdiv(P, bp) >= 2 * sms:
-            return bp
-    return 16
+            return bp, N // 2
+    return 16, N // 2
 
 
-def scan_rows(st: _Setup, heads: int, device: torch.device) -> int:
-    """Headdim rows per program of both state scans (the forward's, and the backward's reverse one)."""
-    return min(st.meta["BP"], state_scan_block(heads, st.P, device))
+def scan_block(st: _Setup, heads: int, device: torch.device, forward: bool) -> tuple[int, int]:
+    """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan."""
+    bp, bj = state_scan_block(heads, st.P, st.N, device, forward)
+    return min(st.meta["BP"], bp), min(st.meta["BH"], _pow2(bj))
+
+
+def scan_grid(st: _Setup, heads: int, bp: int, bj: int) -> tuple[int, int]:
+    """Launch grid of a state scan: (batch x heads, blocks of rows x blocks of pairs)."""
+    return heads, cdiv(st.P, bp) * cdiv(st.N // 2, bj)
 
 
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
@@ -349,15 +389,16 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    bp = scan_rows(st, B * H, k.device)
+    bp, bj = scan_block(st, B * H, k.device, forward=True)
     # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured.
-    # 8 warps for the 64-row state tile: 255 -> ~205 registers, no spills; R4 b8 x 2048 on H100 1.42 -> 1.28 ms a
-    # call, SISO 0.45 -> 0.40. At 16 rows (few heads) 4 warps: 8 made R4 b1 x 32768 4.2 -> 6.2 ms a call. (The
-    # backward's reverse scan stays at 4: 8 made it slower at every size measured.)
-    meta = {**st.meta, "num_stages": 1, "num_warps": 8 if bp >= 64 else st.meta["num_warps"]}
-    _state_scan_kernel[(B * H, cdiv(P, bp))](k, st.kb, cs, v, st.mx, acs, w, atot,
+    # 8 warps for a 64 x 64-pair state tile: 255 -> ~205 registers, no spills; R4 b8 x 2048 on H100 1.42 -> 1.28 ms a
+    # call, SISO 0.45 -> 0.40. Smaller tiles 4 warps: 8 made R4 b1 x 32768 4.2 -> 6.2 ms a call at 16 rows, and
+    # 2.26 -> 3.03 ms (two calls) at b8 x 2048, 64 x 32 pairs. (The backward's reverse scan stays at 4: 8 made it
+    # slower at every size measured.)
+    meta = {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
+    _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
                                                      s0 if s0 is not None else final, enter, final, st.L, H,
-                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp,
+                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
                                                      HAS_S0=s0 is not None, **meta)
     return enter, final
 

@@ -63,15 +63,23 @@ def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
         assert L % kernel_chunk(R)  # the grid above covers partial last chunks
 
 
-def test_state_scan_headdim_blocks():
-    """With few heads both state scans (forward, and the backward's reverse one) split the headdim over programs
-    (`state_scan_block`): one head of P = 48 runs as blocks of 32 rows, the second one partly masked. Forward and
-    final state vs the reference; every gradient, the initial state's included, vs fp64 autograd."""
-    from hybrid_mamba3.kernels.triton_chunked import state_scan_block
+@pytest.mark.parametrize("N,K,pairs", [(16, 4, None), (64, 24, 16)])
+def test_state_scan_blocks(N, K, pairs, monkeypatch):
+    """Both state scans (forward, and the backward's reverse one) split the state over programs
+    (`state_scan_block`): with few heads, the reverse scan runs one head of P = 48 as blocks of 32 rows, the second
+    one partly masked; the forward one runs it as one block of 64 rows (16 masked); and (monkeypatched, both) as
+    blocks of 32 rows x 16 rotation pairs, here the first block of pairs rotated, the second partly (K = 24).
+    Forward and final state vs the reference; every gradient, the initial state's included, vs fp64 autograd."""
+    from hybrid_mamba3.kernels import triton_chunked as tc
 
-    assert state_scan_block(1, 48, torch.device("cpu")) == 32
-    args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=16, P=48)
-    st = _state(1, 2, 4, H=1, P=48, N=16)
+    assert tc.state_scan_block(1, 48, N, torch.device("cpu"), forward=False) == (32, N // 2)
+    want_blocks = {(64, 16), (32, 16)} if N == 16 else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
+    if pairs is not None:
+        monkeypatch.setattr(tc, "state_scan_block", lambda heads, P, N, device, forward: (32, pairs))
+    blocks, scan_block = [], tc.scan_block
+    monkeypatch.setattr(tc, "scan_block", lambda *a, **kw: blocks.append(scan_block(*a, **kw)) or blocks[-1])
+    args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=N, P=48, K=K)
+    st = _state(1, 2, K, H=1, P=48, N=N)
     ref, ref_fin = mamba3_reference(*args, **opts, initial_state=st, return_final_state=True)
     a32, o32 = _f32(args, opts)
     y, fin = mamba3_chunked_triton(*a32, **o32, initial_state=st.to(torch.float32), return_final_state=True)
@@ -82,6 +90,7 @@ def test_state_scan_headdim_blocks():
     _, want = _grads(mamba3_chunked, args, opts, dy, initial_state=st)
     _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
     _assert_grads(got, want)
+    assert set(blocks) == want_blocks
 
 
 def test_per_rank_output():
