@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
-from .common import cdiv
-from .triton_chunked import (_chunk_positions, _chunk_tile, _decay_mask, _entering_states, _half_columns,
-                             _load_rotated, _pair_block, _rotate_rows, _rank_rows, _rank_table, _repeat, _rotation_tables, _rows_v, _Setup,
-                             kernel_chunk, tl, triton)
+from .common import cdiv, pairs_layout
+from .triton_chunked import (_bias_columns, _chunk_positions, _chunk_tile, _decay_mask, _entering_states,
+                             _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table, _repeat,
+                             _rotate_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -63,12 +63,13 @@ if triton is not None:
         return tl.sum(tl.reshape(x, (CR // RP, RP)), axis=1)
 
     @triton.jit
-    def _rotated16(base, row_off, lmask, ia, ib, jm, bias_head, r_i, N, R, cos, sin, RP: tl.constexpr,
+    def _rotated16(base, row_off, lmask, ia, ib, jm, bias_head, ba, bb, r_i, N, R, cos, sin, RP: tl.constexpr,
                    CR: tl.constexpr, REPEAT: tl.constexpr, DOT: tl.constexpr):
         """Rotated rows as 16-bit halves: the values the matmuls see. The rotation's gradient is taken with the
         same values, so its terms cancel exactly where the function is rotation invariant (scores depend on
         theta_t - theta_s only), which keeps d theta, and through it d dt and d angles, accurate."""
-        xa, xb = _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, r_i, N, R, cos, sin, RP, CR, REPEAT)
+        xa, xb = _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, ba, bb, r_i, N, R, cos, sin, RP, CR,
+                               REPEAT)
         return xa.to(DOT), xb.to(DOT)
 
     @triton.jit
@@ -150,7 +151,7 @@ if triton is not None:
                                L, H, G, K, N, P, nc,
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
                                BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                               BPB: tl.constexpr, BJ: tl.constexpr):
+                               BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)), the forward's state scan run backwards: a (BPB rows, BJ pairs) block of
         d run (the gradient of the state entering the next chunk) in fp32 registers, carried from the last chunk to
         the first:
@@ -170,13 +171,14 @@ if triton is not None:
         offs_p = tl.program_id(1) // NJ * BPB + tl.arange(0, BPB)
         pmask = offs_p < P
         offs_j, jm, ia, ib = _pair_block(tl.program_id(1) % NJ, HALF, BJ)
+        ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
         run_a = tl.zeros([BPB, BJ], dtype=tl.float32)  # the final state carries no gradient
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
         r0 = tl.arange(0, CR) % RP  # the bias rows, loaded once, as in the forward scan
-        qba = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ia[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+        qba = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ba[None, :], mask=(r0 < R)[:, None] & jm[None, :],
                       other=0.0)
-        qbb = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ib[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+        qbb = tl.load(qb_ptr + h * R * N + r0[:, None] * N + bb[None, :], mask=(r0 < R)[:, None] & jm[None, :],
                       other=0.0)
         for i in range(nc):
             c = nc - 1 - i
@@ -204,7 +206,7 @@ if triton is not None:
                        states_ptr, down_ptr, do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
                        L, H, G, K, N, P, nc, VS,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                       HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                       HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr):
         """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
         (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's part of
@@ -212,6 +214,7 @@ if triton is not None:
         exp(atot) <dOwn, E> (dOwn = d run_c+1 from the reverse scan, `_state_scan_bwd_kernel`)."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
@@ -223,9 +226,9 @@ if triton is not None:
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         row_off = (offs_l * R + r_i) * G * N
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
+                            kb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, True, DOT)
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
+                            qb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, True, DOT)
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         dm = da * tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         ts = offs_l[:, None] - offs_l[None, :]
@@ -270,19 +273,20 @@ if triton is not None:
                          L, H, G, K, N, P, nc, VS,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, HAS_D: tl.constexpr,
-                         DOT: tl.constexpr, PREC: tl.constexpr):
+                         DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         offs_t, tmask = _chunk_positions(c, L, CR, RP)
 
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _rotated16(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
+                            qb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, True, DOT)
         ka, kb = _rotated16(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                            kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, True, DOT)
+                            kb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, True, DOT)
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         do16 = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
@@ -353,13 +357,13 @@ def _partial_sum(part: torch.Tensor, B: int, H: int, R: int, n: int) -> torch.Te
 
 
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                     initial_state, lengths) -> list[torch.Tensor | None]:
+                     initial_state, lengths, bias_pairs: bool) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
     opre: the forward's pre-gate output per row (B, L, R, H, P)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                backward_chunk(q.shape[2]))
+                backward_chunk(q.shape[2]), bias_pairs)
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
@@ -419,12 +423,16 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
                                                  (datot, datot_dq), d_dt_angles, dnxt0,
                                                  (adt.dtype, dt.dtype, trap.dtype))
 
+    def bias_grad(part):  # the partials are in the kernels' halves layout
+        g = _partial_sum(part, B, H, R, N)
+        return pairs_layout(g) if bias_pairs else g
+
     def cast(fn, like):  # gradients only for the inputs that exist, in their dtypes
         return None if like is None else fn().to(like.dtype)
 
     return [cast(lambda: dq, q), cast(lambda: dk, k), cast(lambda: dv, v),
             cast(lambda: d_adt, adt), cast(lambda: d_dt, dt), cast(lambda: d_trap, trap),
-            cast(lambda: _partial_sum(dqb, B, H, R, N), q_bias), cast(lambda: _partial_sum(dkb, B, H, R, N), k_bias),
+            cast(lambda: bias_grad(dqb), q_bias), cast(lambda: bias_grad(dkb), k_bias),
             cast(lambda: d_angles, angles), cast(lambda: dmx_total, mimo_x),
             cast(lambda: _partial_sum(dmz, B, H, R, P), mimo_z), cast(lambda: _partial_sum(dmo, B, H, R, P), mimo_o),
             cast(lambda: dD.view(B, H, -1).sum((0, 2)), D), cast(lambda: dz, z)]

@@ -26,8 +26,8 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import (Mamba3State, cdiv, check_inputs, halves_layout, heads_from_groups, next_pow2, pairs_layout,
-                     rotate, row_stride, rows_of, varlen_layout)
+from .common import (Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups, next_pow2,
+                     pairs_layout, rotate, row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_from_table, angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -69,6 +69,15 @@ if triton is not None:
         second). A pair's two columns only ever meet each other, so the state scans split the pairs across programs."""
         offs_j = jb * BJ + tl.arange(0, BJ)
         return offs_j, offs_j < HALF, offs_j, offs_j + HALF
+
+    @triton.jit
+    def _bias_columns(offs_j, HALF: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+        """The q/k biases' columns for pair j's two state columns: (j, j + N/2), or (2j, 2j + 1) for biases in the
+        pairs layout (SISO: the layer's own parameters, read in place rather than copied to this layout each call)."""
+        if BIAS_PAIRS:
+            return 2 * offs_j, 2 * offs_j + 1
+        else:
+            return offs_j, offs_j + HALF
 
     @triton.jit
     def _repeat(x, C: tl.constexpr, RP: tl.constexpr, BX: tl.constexpr):
@@ -114,19 +123,20 @@ if triton is not None:
             return tl.load(ptr, mask=m, other=1.0), tl.load(ptr + K, mask=m, other=0.0)
 
     @triton.jit
-    def _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, r_i, N, R, cos, sin,
+    def _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, ba, bb, r_i, N, R, cos, sin,
                       RP: tl.constexpr, CR: tl.constexpr, REPEAT: tl.constexpr):
         """Bias-added, rotated q or k rows as two (rows, BH) fp32 halves; zero outside the sequence.
-        row_off: element offset of each row; bias_head: the head's (R, N) bias; r_i: each row's rank."""
+        row_off: element offset of each row; bias_head: the head's (R, N) bias, ba / bb its columns for ia / ib
+        (`_bias_columns`); r_i: each row's rank."""
         m = lmask[:, None] & jm[None, :]
         xa = tl.load(base + row_off[:, None] + ia[None, :], mask=m, other=0.0).to(tl.float32)
         xb = tl.load(base + row_off[:, None] + ib[None, :], mask=m, other=0.0).to(tl.float32)
         if REPEAT:
-            xa += _rank_table(bias_head, N, R, RP, CR, ia, jm)
-            xb += _rank_table(bias_head, N, R, RP, CR, ib, jm)
+            xa += _rank_table(bias_head, N, R, RP, CR, ba, jm)
+            xb += _rank_table(bias_head, N, R, RP, CR, bb, jm)
         else:
-            xa += tl.load(bias_head + r_i[:, None] * N + ia[None, :], mask=m, other=0.0)
-            xb += tl.load(bias_head + r_i[:, None] * N + ib[None, :], mask=m, other=0.0)
+            xa += tl.load(bias_head + r_i[:, None] * N + ba[None, :], mask=m, other=0.0)
+            xb += tl.load(bias_head + r_i[:, None] * N + bb[None, :], mask=m, other=0.0)
         return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
 
     @triton.jit
@@ -195,7 +205,7 @@ if triton is not None:
                            final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
-                           BJ: tl.constexpr, HAS_S0: tl.constexpr):
+                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
         through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
         dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
@@ -207,6 +217,7 @@ if triton is not None:
         offs_p = tl.program_id(1) // NJ * BPB + tl.arange(0, BPB)
         pmask = offs_p < P
         offs_j, jm, ia, ib = _pair_block(tl.program_id(1) % NJ, HALF, BJ)
+        ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
         if HAS_S0:
@@ -218,9 +229,9 @@ if triton is not None:
         # The chunk rows' ranks are the same in every chunk, so are their bias and mimo_x rows: loaded once, ahead of
         # the chunk loop (R4 H100, a call at full width: b8 x 2048 1.29 -> 1.26 ms, b1 x 32768 4.20 -> 3.83)
         r0 = tl.arange(0, CR) % RP
-        kba = tl.load(kb_ptr + h * R * N + r0[:, None] * N + ia[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+        kba = tl.load(kb_ptr + h * R * N + r0[:, None] * N + ba[None, :], mask=(r0 < R)[:, None] & jm[None, :],
                       other=0.0)
-        kbb = tl.load(kb_ptr + h * R * N + r0[:, None] * N + ib[None, :], mask=(r0 < R)[:, None] & jm[None, :],
+        kbb = tl.load(kb_ptr + h * R * N + r0[:, None] * N + bb[None, :], mask=(r0 < R)[:, None] & jm[None, :],
                       other=0.0)
         mxr = tl.load(mx_ptr + h * R * P + r0[:, None] * P + offs_p[None, :], mask=(r0 < R)[:, None] & pmask[None, :],
                       other=0.0)
@@ -250,17 +261,19 @@ if triton is not None:
                              L, H, G, K, N, P, nc, VS, ZS,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                             CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                             CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                             BIAS_PAIRS: tl.constexpr):
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
+        ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
 
         acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _load_rotated(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                               qb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, False)
+                               qb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, False)
         ka, kb = _load_rotated(k_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
-                               kb_ptr + h * R * N, r_i, N, R, cos, sin, RP, CR, False)
+                               kb_ptr + h * R * N, ba, bb, r_i, N, R, cos, sin, RP, CR, False)
         qa, qb, ka, kb = qa.to(DOT), qb.to(DOT), ka.to(DOT), kb.to(DOT)
         vr = _rows_v(v_ptr + b * L * VS + h * P, c, L, offs_l, lmask, VS, offs_p, pmask, mx_ptr + h * R * P,
                      r_i, R, P, RP, CR, False)
@@ -309,19 +322,21 @@ class _Setup:
     """Everything both directions need: shapes, fp32 views of the small tensors, launch meta-parameters."""
 
     def __init__(self, q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                 C: int):
+                 C: int, bias_pairs: bool):
         self.B, self.L, self.R, self.G, self.N = q.shape
         self.H, self.P = v.shape[2:]
         self.K = angles.shape[-1]
         self.C, self.nc = C, max(1, -(-self.L // C))
         dev, f32 = q.device, torch.float32
-        # ones stand in for absent projections (and D); not made when nothing is absent (one launch less)
+        # ones stand in for absent projections (and D)
         absent = any(t is None for t in (mimo_x, mimo_z, mimo_o, D))
-        ones = torch.ones(self.H, self.R, self.P, device=dev, dtype=f32) if absent else None
+        ones = _ones(self.H, self.R, self.P, dev) if absent else None
         self.mx = mimo_x.to(f32).contiguous() if mimo_x is not None else ones
         self.mz = mimo_z.to(f32).contiguous() if mimo_z is not None else ones
         self.mo = mimo_o.to(f32).contiguous() if mimo_o is not None else ones
+        # biases in the pairs layout (bias_pairs: SISO) are read so by the kernels (`_bias_columns`)
         self.qb, self.kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
+        self.bias_pairs = bias_pairs
         self.D = D.to(f32).contiguous() if D is not None else ones
         self.has_d, self.has_z, self.contract = D is not None, z is not None, mimo_o is not None
         self.init, self.lengths = init, lengths
@@ -330,7 +345,7 @@ class _Setup:
         self.operand_dtype = q.dtype if low else torch.float32
         rp = _rank_pad(self.R)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=_pow2(self.N // 2), BP=_pow2(self.P), HALF=self.N // 2,
-                         DOT=dot, PREC="tf32" if low else "ieee",
+                         BIAS_PAIRS=bias_pairs, DOT=dot, PREC="tf32" if low else "ieee",
                          # 4 warps: the tiles take ~255 registers a thread either way (a few spill at 4), and
                          # 4 warps let 2 programs share an SM, hiding each other's load latency: R4 b8 x 2048
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
@@ -339,6 +354,14 @@ class _Setup:
     def rotation_table(self, angles, dt):
         """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt."""
         return angle_table(angles, dt, None if self.init is None else self.init.angle)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(H: int, R: int, P: int, device: torch.device) -> torch.Tensor:
+    """A (H, R, P) fp32 ones tensor standing in for absent mimo projections and D, made once per shape and device
+    (the kernels only read it): a fill launch less per call each way, ~0.1 ms of the GPU machine's host time."""
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when first made under inference mode
+        return torch.ones(H, R, P, device=device, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,14 +427,14 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
-                     lengths, save_o: bool = False, need_final: bool = True):
+                     lengths, bias_pairs: bool, save_o: bool = False, need_final: bool = True):
     """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32 (None without
     need_final: a training forward skips its ~15 gathers and small ops), and with save_o the pre-gate output per
     row (B, L, R, H, P) in v's dtype, else None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                kernel_chunk(q.shape[2]))
+                kernel_chunk(q.shape[2]), bias_pairs)
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
     s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
@@ -430,7 +453,8 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
         return angle_from_table(cs[rows, last])
 
     def kr_last(rows, last):
-        kh = heads_from_groups(k[rows, last].to(f32), H, 2) + st.kb.transpose(0, 1)
+        kb = halves_layout(st.kb) if bias_pairs else st.kb
+        kh = heads_from_groups(k[rows, last].to(f32), H, 2) + kb.transpose(0, 1)
         return rotate(kh, angle_last(rows, last)[:, None], False)
 
     return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
@@ -440,11 +464,11 @@ class _Mamba3Triton(torch.autograd.Function):
     """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
 
     @staticmethod
-    def forward(ctx, initial_state, lengths, need_final, *tensors):
+    def forward(ctx, initial_state, lengths, need_final, bias_pairs, *tensors):
         with torch.no_grad():
-            y, fin, opre = _forward_batched(*tensors, initial_state, lengths,
-                                            save_o=any(ctx.needs_input_grad[3:]), need_final=need_final)
-        ctx.initial_state, ctx.lengths = initial_state, lengths
+            y, fin, opre = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
+                                            save_o=any(ctx.needs_input_grad[4:]), need_final=need_final)
+        ctx.initial_state, ctx.lengths, ctx.bias_pairs = initial_state, lengths, bias_pairs
         ctx.save_for_backward(opre, *tensors)
         if fin is None:
             return (y,)
@@ -456,8 +480,8 @@ class _Mamba3Triton(torch.autograd.Function):
         from .triton_backward import chunked_backward  # imports this module's kernels
 
         opre, *tensors = ctx.saved_tensors
-        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths)
-        return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
+        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs)
+        return (None,) * 4 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:]))
 
 
 def mamba3_chunked_triton(
@@ -485,24 +509,27 @@ def mamba3_chunked_triton(
         raise ValueError(f"d_state must be even for the rotation, got {q.shape[-1]}")
     if initial_state is not None and cu_seqlens is None and initial_state.ssm.shape[0] != q.shape[0]:
         raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
-    if rope_pairwise:  # the kernels pair dims (j, j + N/2): bring the pairs (2j, 2j+1) there and back
-        init = initial_state
-        if init is not None:
-            init = init._replace(ssm=halves_layout(init.ssm), k=halves_layout(init.k))
+    bias_pairs = rope_pairwise
+    if rope_pairwise:  # the kernels pair dims (j, j + N/2): bring the pairs (2j, 2j+1) there and back (the biases
+        # excepted: the kernels read them in place)
+        if initial_state is not None:
+            initial_state = initial_state._replace(ssm=halves_layout(initial_state.ssm),
+                                                   k=halves_layout(initial_state.k))
         if not qk_halves:
             q, k = halves_layout(q), halves_layout(k)
-        y, fin = mamba3_chunked_triton(q, k, v, adt, dt, trap, halves_layout(q_bias), halves_layout(k_bias), angles,
-                                       mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, initial_state=init,
-                                       return_final_state=return_final_state, cu_seqlens=cu_seqlens)
-        return y, (fin._replace(ssm=pairs_layout(fin.ssm), k=pairs_layout(fin.k)) if fin is not None else None)
-    if cu_seqlens is None:
-        y, *fin = _Mamba3Triton.apply(initial_state, None, return_final_state, q, k, v, adt, dt, trap, q_bias, k_bias,
-                                      angles, mimo_x, mimo_z, mimo_o, D, z)
-    else:
+    lengths, valid = None, None
+    if cu_seqlens is not None:  # packed sequences -> a padded batch, and back below
         lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
-        y, *fin = _Mamba3Triton.apply(initial_state, lengths, return_final_state, pad(q), pad(k), pad(v), pad(adt),
-                                      pad(dt), pad(trap), q_bias, k_bias, pad(angles), mimo_x, mimo_z, mimo_o, D,
-                                      pad(z))
+        q, k, v, adt, dt, trap, angles, z = (pad(t) for t in (q, k, v, adt, dt, trap, angles, z))
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
+    if grad_needed(*tensors):
+        y, *fin = _Mamba3Triton.apply(initial_state, lengths, return_final_state, bias_pairs, *tensors)
+    else:  # inference: the forward without autograd's bookkeeping
+        with torch.no_grad():
+            y, fin, _ = _forward_batched(*tensors, initial_state, lengths, bias_pairs, need_final=return_final_state)
+    if valid is not None:
         y = y[valid][None]
-    return y, (Mamba3State(*fin) if return_final_state else None)
-
+    if not return_final_state:
+        return y, None
+    fin = Mamba3State(*fin)  # (the autograd path returns its tensors as a list)
+    return y, (fin._replace(ssm=pairs_layout(fin.ssm), k=pairs_layout(fin.k)) if rope_pairwise else fin)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .common import cdiv, next_pow2, row_stride, rows_of
+from .common import cdiv, grad_needed, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -108,16 +108,22 @@ def _launch(n_rows: int, inner: int, ts: int, N: int) -> tuple[tuple[int], dict]
     return grid, dict(BLOCK_R=br, BLOCK_N=bn, WIDE=reach >= _INT32_LIMIT, num_warps=4 if bn * br <= _TILE else 8)
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, halves: bool):
+    """(y, x as the kernel read it)."""
+    x, inner, ts = _rows_layout(x)
+    N = x.shape[-1]
+    n_rows = x.numel() // N if N else 0
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if n_rows and N:
+        grid, meta = _launch(n_rows, inner, ts, N)
+        _rms_norm_fwd_kernel[grid](x, weight, y, n_rows, inner, ts, N, eps, HALVES=halves, **meta)
+    return y, x
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, halves):
-        x, inner, ts = _rows_layout(x)
-        N = x.shape[-1]
-        n_rows = x.numel() // N if N else 0
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        if n_rows and N:
-            grid, meta = _launch(n_rows, inner, ts, N)
-            _rms_norm_fwd_kernel[grid](x, weight, y, n_rows, inner, ts, N, eps, HALVES=halves, **meta)
+        y, x = _rms_norm_forward(x, weight, eps, halves)
         ctx.save_for_backward(x, weight)
         ctx.eps, ctx.halves = eps, halves
         return y
@@ -173,4 +179,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, halves: b
         raise ValueError(f"{x.numel() // N} rows are more than the kernels' int32 row ids hold: split x")
     if halves and N % 2:
         raise ValueError(f"halves pairs dims (2j, 2j+1): the last dim must be even, got {N}")
+    if not grad_needed(x, weight):
+        return _rms_norm_forward(x, weight.contiguous(), float(eps), bool(halves))[0]
     return _RMSNorm.apply(x, weight.contiguous(), float(eps), bool(halves))

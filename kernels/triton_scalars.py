@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
-from .common import A_ACTIVATIONS, cdiv, next_pow2, row_stride, rows_of
+from .common import A_ACTIVATIONS, cdiv, grad_needed, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -224,19 +224,24 @@ def token_scalars_backward(dt: torch.Tensor, trap: torch.Tensor, lengths: torch.
 ACT_ROWS = 64  # rows (tokens) per program of the activation kernels
 
 
+def _activations_forward(dd_dt, dd_A, dt_bias, a_activation, a_floor):
+    """(dt, adt, the inputs as the kernel read them, launch meta)."""
+    B, L, H = dd_dt.shape
+    dd_dt, dd_A = rows_of(dd_dt), rows_of(dd_A)
+    bhd = min(next_pow2(H), 64)
+    grid = (cdiv(B * L, ACT_ROWS), cdiv(H, bhd))
+    dt, adt = (torch.empty(B, L, H, device=dd_dt.device, dtype=torch.float32) for _ in range(2))
+    heavy = a_activation == "heavy_tail"
+    _activations_kernel[grid](dd_dt, dd_A, dt_bias, dt, adt, B * L, H, row_stride(dd_dt), row_stride(dd_A),
+                              float(a_floor), BL=ACT_ROWS, BHD=bhd, HEAVY_TAIL=heavy)
+    return dt, adt, (dd_dt, dd_A), (grid, bhd, heavy, float(a_floor))
+
+
 class _TokenActivations(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dd_dt, dd_A, dt_bias, a_activation, a_floor):
-        B, L, H = dd_dt.shape
-        dd_dt, dd_A = rows_of(dd_dt), rows_of(dd_A)
-        bhd = min(next_pow2(H), 64)
-        grid = (cdiv(B * L, ACT_ROWS), cdiv(H, bhd))
-        dt, adt = (torch.empty(B, L, H, device=dd_dt.device, dtype=torch.float32) for _ in range(2))
-        heavy = a_activation == "heavy_tail"
-        _activations_kernel[grid](dd_dt, dd_A, dt_bias, dt, adt, B * L, H, row_stride(dd_dt), row_stride(dd_A),
-                                  float(a_floor), BL=ACT_ROWS, BHD=bhd, HEAVY_TAIL=heavy)
+        dt, adt, (dd_dt, dd_A), ctx.meta = _activations_forward(dd_dt, dd_A, dt_bias, a_activation, a_floor)
         ctx.save_for_backward(dd_dt, dd_A, dt_bias)
-        ctx.meta = (grid, bhd, heavy, float(a_floor))
         return dt, adt
 
     @staticmethod
@@ -259,4 +264,6 @@ def token_activations_triton(dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: t
     dd_dt and dd_A (B, L, H) (views of it are read in place) and dt_bias (H,) (the layer keeps it fp32)."""
     if a_activation not in A_ACTIVATIONS:
         raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
+    if not grad_needed(dd_dt, dd_A, dt_bias):
+        return _activations_forward(dd_dt, dd_A, dt_bias.contiguous(), a_activation, a_floor)[:2]
     return _TokenActivations.apply(dd_dt, dd_A, dt_bias.contiguous(), a_activation, a_floor)
