@@ -40,9 +40,9 @@ import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .common import cdiv, pairs_layout
-from .triton_chunked import (_bias_columns, _chunk_positions, _chunk_tile, _decay_mask, _entering_states,
-                             _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table, _repeat,
-                             _rotate_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
+from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
+                             _entering_states, _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table,
+                             _repeat, _rotate_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -175,11 +175,7 @@ if triton is not None:
         m = pmask[:, None] & jm[None, :]
         run_a = tl.zeros([BPB, BJ], dtype=tl.float32)  # the final state carries no gradient
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
-        r0 = tl.arange(0, CR) % RP  # the bias rows, loaded once, as in the forward scan
-        qba = tl.load(qb_ptr + h * R * N + r0[:, None] * N + ba[None, :], mask=(r0 < R)[:, None] & jm[None, :],
-                      other=0.0)
-        qbb = tl.load(qb_ptr + h * R * N + r0[:, None] * N + bb[None, :], mask=(r0 < R)[:, None] & jm[None, :],
-                      other=0.0)
+        qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
         for i in range(nc):
             c = nc - 1 - i
             row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
