@@ -122,6 +122,9 @@ def main() -> None:
                     help="override an integer constant of hybrid_mamba3.kernels for this run, e.g. "
                          "triton_backward.DOUT_BLOCK=32 (repeatable)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profiler-range", action="store_true",
+                    help="for Nsight Compute: after the warm-up call, one more inside cudaProfilerStart/Stop and no "
+                         "timing (ncu --profile-from-start off -k regex:NAME python3 evals/kernel_report.py ...)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
     overrides = {}
@@ -164,6 +167,13 @@ def main() -> None:
                 else:  # a variant computes the same function: its gradients against the first variant's
                     diff = max(((o.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                for o, b in zip(outs, base))
+                if a.profiler_range:
+                    torch.cuda.synchronize()
+                    torch.cuda.cudart().cudaProfilerStart()
+                    call()
+                    torch.cuda.synchronize()
+                    torch.cuda.cudart().cudaProfilerStop()
+                    continue
                 times = _profile(call, a.reps)
             except Exception as e:  # an out-of-resources config is a result, not a crash
                 err = f"{type(e).__name__}: {e}"[:300]

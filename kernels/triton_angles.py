@@ -6,7 +6,8 @@ pi and the backward's (1 - tanh^2) pi were six more launches, all issued before 
 theta is (B, L, H, K), the largest per-token tensor of the scan. In torch, its cumsum, offsets, cos, sin and stack,
 and their autograd replay in the backward, cost ~2.9 ms of a b8 x 2048 forward+backward (R4 op 25.6 -> 22.7 ms on
 H100 when they moved here: more than the whole forward state pass). Here the forward writes only the
-(B, L, H, 2, K) table the kernels read, and the backward reads d theta once.
+(B, L, H, 2, K) table the kernels read (fp16 for the 16-bit kernels: `triton_chunked.TABLE_BITS`) and, for a final
+state, theta at each row's last position; the backward reads d theta once.
 
 The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions, and the
 blocks' offsets summed in float64 and reduced mod 2 pi, so theta stays accurate at any length. The gradient is the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import TWO_PI, cdiv, next_pow2, row_stride
+from .common import cdiv, next_pow2, row_stride
 
 try:
     import triton
@@ -98,17 +99,25 @@ if triton is not None:
         tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), tl.sum(x, axis=0), mask=kmask)
 
     @triton.jit
-    def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, L, H, K, nb, BL: tl.constexpr, BK: tl.constexpr):
+    def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
+                            BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr):
         """Grid (B*H, blocks): theta = the block's offset + the cumsum within it, stored as cos | sin
-        (B, L, H, 2, K)."""
+        (B, L, H, 2, K) in the table's dtype; with LAST also theta itself (fp32) at each row's last position
+        (L - 1, or its length - 1, at least 0) into last (B, H, K)."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
         theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m), axis=0) + off[None, :]
         out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
-        tl.store(out, tl.cos(theta), mask=m)
-        tl.store(out + K, tl.sin(theta), mask=m)
+        tl.store(out, tl.cos(theta).to(cs_ptr.dtype.element_ty), mask=m)
+        tl.store(out + K, tl.sin(theta).to(cs_ptr.dtype.element_ty), mask=m)
+        if LAST:
+            last = L - 1
+            if HAS_LEN:
+                last = tl.maximum(tl.load(len_ptr + b).to(tl.int32) - 1, 0)
+            tl.store(last_ptr + pid_bh * K + offs_k[None, :] + 0 * offs_l[:, None], theta,
+                     mask=m & (offs_l == last)[:, None])
 
     @triton.jit
     def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS,
@@ -178,9 +187,13 @@ def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -
     return tot
 
 
-def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None) -> torch.Tensor:
-    """The kernels' rotation table (B, L, H, 2, K) fp32, cos | sin of theta, from the raw angles (B, L, K) (any float
-    dtype; a `rows_of` view), dt (B, L, H), and the initial angle (B, H, K) or None."""
+def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32, lengths: torch.Tensor | None = None,
+                final: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernels' rotation table (B, L, H, 2, K) in `dtype`, cos | sin of theta, from the raw angles (B, L, K) (any
+    float dtype; a `rows_of` view), dt (B, L, H), and the initial angle (B, H, K) or None; with `final`, also theta
+    (fp32, B, H, K) at each row's last position (L - 1, or lengths - 1): the final state's angle, exact whatever
+    the table's dtype. theta is computed in fp32 either way; a 16-bit table rounds only its cos and sin."""
     dt = _fp32(dt)
     B, L, H = dt.shape
     K, nb = angles.shape[-1], cdiv(L, BLOCK)
@@ -188,9 +201,12 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=next_pow2(K))
     off = _block_offsets(_block_sums(tp, True, dt, K),
                          None if init_angle is None else init_angle.float().contiguous(), reverse=False)
-    cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=torch.float32)
-    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, L, H, K, nb, BL=BLOCK, BK=next_pow2(K))
-    return cs
+    cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=dtype)
+    last = torch.empty(B, H, K, device=dt.device, dtype=torch.float32) if final else None
+    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, lengths if lengths is not None else dt,
+                                     last if final else off, L, H, K, nb, BL=BLOCK, BK=next_pow2(K), LAST=final,
+                                     HAS_LEN=lengths is not None)
+    return cs, last
 
 
 def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
@@ -206,8 +222,3 @@ def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
                                           row_stride(angles), BL=BLOCK, BK=next_pow2(K))
     return da, ddt
-
-
-def angle_from_table(cs: torch.Tensor) -> torch.Tensor:
-    """theta mod 2 pi back from cos | sin rows (..., 2, K): the final state's angle (fp32 ulp-accurate)."""
-    return torch.remainder(torch.atan2(cs[..., 1, :], cs[..., 0, :]), TWO_PI)

@@ -376,7 +376,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
-        cs = st.rotation_table(angles, dt)
+        cs, _ = st.rotation_table(angles, dt)
         states, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)

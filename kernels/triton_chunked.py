@@ -28,7 +28,7 @@ import torch
 from .chunked import entering_state, final_state
 from .common import (Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups, next_pow2,
                      pairs_layout, rotate, row_stride, rows_of, varlen_layout)
-from .triton_angles import angle_from_table, angle_table
+from .triton_angles import angle_table
 from .triton_scalars import first_next, token_scalars
 
 try:
@@ -108,19 +108,20 @@ if triton is not None:
     @triton.jit
     def _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR: tl.constexpr, RP: tl.constexpr,
                          REPEAT: tl.constexpr):
-        """cos/sin of each row's angle for pair j (the identity for the pairs j >= K), from the (B, L, H, 2, K)
+        """cos/sin (fp32) of each row's angle for pair j (the identity for the pairs j >= K), from the (B, L, H, 2, K)
         table `triton_angles.angle_table` made once per call (cheaper to load than to recompute in every kernel)."""
         if REPEAT:
             offs_t, tmask = _chunk_positions(c, L, CR, RP)
             m = tmask[:, None] & (offs_j < K)[None, :]
             ptr = cs_ptr + ((b * L + offs_t[:, None]) * H + h) * 2 * K + offs_j[None, :]
             BX: tl.constexpr = offs_j.shape[0]
-            return (_repeat(tl.load(ptr, mask=m, other=1.0), CR // RP, RP, BX),
-                    _repeat(tl.load(ptr + K, mask=m, other=0.0), CR // RP, RP, BX))
+            return (_repeat(tl.load(ptr, mask=m, other=1.0).to(tl.float32), CR // RP, RP, BX),
+                    _repeat(tl.load(ptr + K, mask=m, other=0.0).to(tl.float32), CR // RP, RP, BX))
         else:
             m = lmask[:, None] & (offs_j < K)[None, :]
             ptr = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_j[None, :]
-            return tl.load(ptr, mask=m, other=1.0), tl.load(ptr + K, mask=m, other=0.0)
+            return (tl.load(ptr, mask=m, other=1.0).to(tl.float32),
+                    tl.load(ptr + K, mask=m, other=0.0).to(tl.float32))
 
     @triton.jit
     def _load_rotated(base, row_off, lmask, ia, ib, jm, bias_head, ba, bb, r_i, N, R, cos, sin,
@@ -131,7 +132,10 @@ if triton is not None:
         m = lmask[:, None] & jm[None, :]
         xa = tl.load(base + row_off[:, None] + ia[None, :], mask=m, other=0.0).to(tl.float32)
         xb = tl.load(base + row_off[:, None] + ib[None, :], mask=m, other=0.0).to(tl.float32)
-        if REPEAT:
+        if RP == 1:  # one rank: one bias row for all rows
+            xa += tl.load(bias_head + ba, mask=jm, other=0.0)[None, :]
+            xb += tl.load(bias_head + bb, mask=jm, other=0.0)[None, :]
+        elif REPEAT:
             xa += _rank_table(bias_head, N, R, RP, CR, ba, jm)
             xb += _rank_table(bias_head, N, R, RP, CR, bb, jm)
         else:
@@ -151,10 +155,15 @@ if triton is not None:
     def _chunk_bias_rows(bias_head, N, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, ba, bb, jm):
         """The head's q or k bias for every row of a chunk, as two (CR, BJ) halves (columns ba / bb). A row's rank
         is the same in every chunk, so the state scans load these once, ahead of their chunk loop."""
-        r0 = tl.arange(0, CR) % RP
-        m = (r0 < R)[:, None] & jm[None, :]
-        return (tl.load(bias_head + r0[:, None] * N + ba[None, :], mask=m, other=0.0),
-                tl.load(bias_head + r0[:, None] * N + bb[None, :], mask=m, other=0.0))
+        if RP == 1:  # one rank: a (1, BJ) row, broadcast where it is added
+            a = tl.load(bias_head + ba, mask=jm, other=0.0)[None, :]
+            b = tl.load(bias_head + bb, mask=jm, other=0.0)[None, :]
+        else:
+            r0 = tl.arange(0, CR) % RP
+            m = (r0 < R)[:, None] & jm[None, :]
+            a = tl.load(bias_head + r0[:, None] * N + ba[None, :], mask=m, other=0.0)
+            b = tl.load(bias_head + r0[:, None] * N + bb[None, :], mask=m, other=0.0)
+        return a, b
 
     @triton.jit
     def _rank_rows(c, L, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
@@ -313,6 +322,13 @@ if triton is not None:
                      mask=lp)
 
 
+# The 16-bit kernels' cos/sin table in fp16 (16), else fp32 (32; evals/kernel_report.py --set for an A/B). fp16's
+# rounding (< 2.5e-4) is ~16x below that of the bf16 operands the rotated rows become. The table holds a cos and a
+# sin per (position, head, angle) and five kernels read it: at b8 x 2048, 64 heads, K 32 it is 268 MB in fp32,
+# against 34 MB for q and k together at R4.
+TABLE_BITS = 16
+
+
 def _pow2(n: int) -> int:
     return max(16, next_pow2(n))
 
@@ -356,9 +372,13 @@ class _Setup:
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
                          num_warps=4)
 
-    def rotation_table(self, angles, dt):
-        """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt."""
-        return angle_table(angles, dt, None if self.init is None else self.init.angle)
+    def rotation_table(self, angles, dt, final: bool = False):
+        """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt, and with
+        `final` the angle at each row's last position (else None). The 16-bit kernels get it in fp16
+        (`TABLE_BITS`); fp32 inputs, the tests' exact path, in fp32."""
+        low = TABLE_BITS == 16 and self.operand_dtype != torch.float32
+        return angle_table(angles, dt, None if self.init is None else self.init.angle,
+                           torch.float16 if low else torch.float32, self.lengths, final)
 
 
 @functools.lru_cache(maxsize=16)
@@ -443,7 +463,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
     s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
-    cs = st.rotation_table(rows_of(angles), dt)
+    cs, theta_last = st.rotation_table(rows_of(angles), dt, need_final)
     states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
@@ -454,13 +474,13 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
                                          row_stride(z if z is not None else v), HAS_D=st.has_d,
                                          HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
 
-    def angle_last(rows, last):
-        return angle_from_table(cs[rows, last])
+    def angle_last(rows, last):  # the table kernel took it at each row's last position already
+        return theta_last
 
     def kr_last(rows, last):
         kb = halves_layout(st.kb) if bias_pairs else st.kb
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + kb.transpose(0, 1)
-        return rotate(kh, angle_last(rows, last)[:, None], False)
+        return rotate(kh, theta_last[:, None], False)
 
     return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
 

@@ -169,7 +169,10 @@ def test_angle_table_over_many_blocks(monkeypatch):
     order or reduction mod 2 pi fails. The raw angles are a bf16 strided view (read in place, tanh in the kernels),
     with values near 0 (tanh's small-argument branch), around its switch at 0.3 and large (saturated). theta reaches
     ~1000 rad: the table's cos/sin are checked to 5e-5 (fp32 sums within a block of 32, ~1e-5 at these magnitudes),
-    d dt to 1e-5 relative, d angles (stored in bf16) to 8e-3; the kernels' tanh alone to 5e-7 relative."""
+    in fp16 (the 16-bit kernels' table) to 3e-4 (that plus fp16's half ulp below 1, 2.4e-4); the final angle at
+    each row's last position (L - 1, or lengths - 1 with a zero length taken as 0) to 5e-5 mod 2 pi whatever the
+    table's dtype; d dt to 1e-5 relative, d angles (stored in bf16) to 8e-3; the kernels' tanh alone to 5e-7
+    relative."""
     from hybrid_mamba3.kernels import triton_angles as ta
 
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
@@ -185,8 +188,23 @@ def test_angle_table_over_many_blocks(monkeypatch):
     tp = torch.tanh(angles.double()) * torch.pi
     theta = init.double()[:, None] + torch.cumsum(tp[:, :, None, :] * dt.double()[..., None], dim=1)
     assert theta.abs().max() > 500
-    cs = ta.angle_table(angles, dt, init)
+    cs, none = ta.angle_table(angles, dt, init)
+    assert cs.dtype == torch.float32 and none is None
     assert (cs[..., 0, :] - theta.cos()).abs().max() < 5e-5 and (cs[..., 1, :] - theta.sin()).abs().max() < 5e-5
+
+    def wrapped(a, b):  # distance mod 2 pi
+        d = torch.remainder(a.double() - b + torch.pi, 2 * torch.pi) - torch.pi
+        return d.abs().max()
+
+    # three rows: full length, part of it, and empty (its "last" position is 0)
+    angles3, dt3 = proj.repeat(3, 1, 1)[..., K:2 * K], dt.repeat(3, 1, 1)
+    init3 = init.repeat(3, 1, 1)
+    for lengths, last in [(None, [L - 1] * 3), (torch.tensor([L, 300, 0]), [L - 1, 299, 0])]:
+        cs16, theta_last = ta.angle_table(angles3, dt3, init3, torch.float16, lengths, final=True)
+        assert cs16.dtype == torch.float16 and theta_last.shape == (3, H, K)
+        assert (cs16[..., 0, :].float() - theta.cos()).abs().max() < 3e-4
+        assert (cs16[..., 1, :].float() - theta.sin()).abs().max() < 3e-4
+        assert wrapped(theta_last, theta[0, last].double()) < 5e-5
 
     dtheta = torch.randn(B, L, H, K)
     da, ddt = ta.angle_table_backward(dtheta, angles, dt)
