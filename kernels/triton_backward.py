@@ -26,12 +26,12 @@ loop over 1-4 chunks per program (so Triton could pipeline the next chunk's load
 every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared
 memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register
 transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
-the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows, with per-chunk
-partial sums for the biases).
+the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the
+chunk, into each (batch, head)'s bias gradient).
 
 Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
 adt, dt and trap through `triton_scalars`, the initial state's entering term (small) through torch autograd, and
-torch sums the bias partials.
+torch sums the per-(batch, head) and per-block parts of the parameters' gradients.
 """
 
 from __future__ import annotations
@@ -76,16 +76,21 @@ if triton is not None:
     def _store_unrotated(dst_ptr, part_ptr, rows, head_off, hm, ia, ib, dxa, dxb, cos, sin,
                          CR: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, offs_r, rm, jm):
         """(dra, drb) in the rotated frame -> (dxa, dxb) = R(-theta) (dra, drb): added (atomically: all heads of
-        a group share the q/k rows) into the group's gradient, and each rank's sum over the chunk stored as
-        this (head, chunk)'s partial bias gradient. The adds are relaxed (no ordering is needed, only the sum):
-        the default acq_rel atomics cost the dq and dk/dv kernels 9.1 -> 6.1 and 11.2 -> 8.3 ms (R4, b8 x 2048, H100)."""
+        a group share the q/k rows) into the group's gradient, and each rank's sum over the chunk added into
+        this (batch, head)'s bias gradient (part_ptr + head_off: (RP, 2 BH), summed over the batch by torch).
+        The programs running at once are mostly of different (batch, head)s, so those adds rarely collide; per-chunk
+        partials instead were 268 MB at R4 b8 x 2048, and a reduce over them. The adds are relaxed (no ordering is
+        needed, only the sum): the default acq_rel atomics cost the dq and dk/dv kernels 9.1 -> 6.1 and 11.2 -> 8.3 ms
+        (R4, b8 x 2048, H100)."""
         ua = dxa * cos + dxb * sin
         ub = dxb * cos - dxa * sin
         tl.atomic_add(dst_ptr + rows[:, None] + ia[None, :], ua, mask=hm, sem="relaxed")
         tl.atomic_add(dst_ptr + rows[:, None] + ib[None, :], ub, mask=hm, sem="relaxed")
         pm = rm[:, None] & jm[None, :]
-        tl.store(part_ptr + head_off + offs_r[:, None] * 2 * BH + ia[None, :], _position_sum(ua, CR, RP, BH), mask=pm)
-        tl.store(part_ptr + head_off + offs_r[:, None] * 2 * BH + ib[None, :], _position_sum(ub, CR, RP, BH), mask=pm)
+        tl.atomic_add(part_ptr + head_off + offs_r[:, None] * 2 * BH + ia[None, :], _position_sum(ua, CR, RP, BH),
+                      mask=pm, sem="relaxed")
+        tl.atomic_add(part_ptr + head_off + offs_r[:, None] * 2 * BH + ib[None, :], _position_sum(ub, CR, RP, BH),
+                      mask=pm, sem="relaxed")
 
     @triton.jit
     def _bwd_dout_kernel(v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr, dy_ptr,
@@ -259,7 +264,7 @@ if triton is not None:
         # reloaded (L2-hot) rather than held since the start: at 255 registers, holding them spills more (R4
         # b8 x 2048 dq kernel, H100: 5.95 -> 5.68 ms, SISO 1.49 -> 1.28)
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
-        _store_unrotated(dq_ptr + b * L * R * G * N + g * N, dqb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
+        _store_unrotated(dq_ptr + b * L * R * G * N + g * N, dqb_ptr, row_off, pid_bh * RP * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dqa, dqb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
     @triton.jit
@@ -325,17 +330,18 @@ if triton is not None:
         # reloaded, as in the dq kernel (per-row loads, it paid off for SISO only; repeated, for R4 too: 4.09 ->
         # 3.96 ms at b8 x 2048, 8.10 -> 7.81 at b1 x 32768)
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
-        _store_unrotated(dk_ptr + b * L * R * G * N + g * N, dkb_ptr, row_off, ((pid_bh * nc + c) * RP) * 2 * BH,
+        _store_unrotated(dk_ptr + b * L * R * G * N + g * N, dkb_ptr, row_off, pid_bh * RP * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dka, dkb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
 
-        # v_i = mx_r v_t: back to v (summed over ranks) and to mx (summed over positions).
+        # v_i = mx_r v_t: back to v (summed over ranks) and to mx (summed over positions, added into the
+        # (batch, head)'s sum as the bias gradients are).
         mx = _rank_table(mx_ptr + h * R * P, P, R, RP, CR, offs_p, pmask)
         tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
                  _rank_sum(dv * mx, CR, RP, BP).to(dv_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
         vt = _repeat(tl.load(v_ptr + (b * L + offs_t[:, None]) * VS + h * P + offs_p[None, :],
                              mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32), CR // RP, RP, BP)
-        tl.store(dmx_ptr + ((pid_bh * nc + c) * RP + offs_r[:, None]) * P + offs_p[None, :],
-                 _position_sum(dv * vt, CR, RP, BP), mask=(offs_r < R)[:, None] & pmask[None, :])
+        tl.atomic_add(dmx_ptr + (pid_bh * RP + offs_r[:, None]) * P + offs_p[None, :],
+                      _position_sum(dv * vt, CR, RP, BP), mask=(offs_r < R)[:, None] & pmask[None, :], sem="relaxed")
 
 
 DOUT_BLOCK = 64  # positions per program of the elementwise dO kernel (its own blocking, not the chunks')
@@ -348,7 +354,7 @@ def backward_chunk(rank: int) -> int:
 
 
 def _partial_sum(part: torch.Tensor, B: int, H: int, R: int, n: int) -> torch.Tensor:
-    """(B*H, nc, RP, >= n) per-chunk partial sums -> (H, R, n)."""
+    """(B*H, blocks, RP, >= n) partial sums (per block of positions, or one block: the whole row) -> (H, R, n)."""
     return part.view(B, H, -1, part.shape[-2], part.shape[-1])[:, :, :, :R, :n].sum((0, 2))
 
 
@@ -388,8 +394,9 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
                                         nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z,
                                         CONTRACT=st.contract,
                                         **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")})
-        dq, dk = torch.zeros(B, L, R, G, N, device=dev, dtype=f32), torch.zeros(B, L, R, G, N, device=dev, dtype=f32)
-        dqb, dkb = empty(B * H, nc, RP, 2 * BH), empty(B * H, nc, RP, 2 * BH)
+        # the kernels add into these (one zero fill each: dq | dk, and the bias gradients' (batch, head) sums)
+        dq, dk = torch.zeros(2, B, L, R, G, N, device=dev, dtype=f32).unbind(0)
+        dqb, dkb = torch.zeros(2, B * H, 1, RP, 2 * BH, device=dev, dtype=f32).unbind(0)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
         bp, bj = tc.scan_block(st, B * H, dev, forward=False)
@@ -403,7 +410,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)
         del states
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
-        dmx = empty(B * H, nc, RP, P)
+        dmx = torch.zeros(B * H, 1, RP, P, device=dev, dtype=f32)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
