@@ -3,13 +3,32 @@
 A Mamba-3 layer's slot in a `DynamicCache(config=...)` is transformers' own `LinearAttentionLayer`
 (config.layer_types says "linear_attention"; config.number_of_conv_states = 4). Its four recurrent
 states hold (angle, ssm, last k, last v) in that order.
+
+transformers 5.24 renamed the cache keyword and output field `past_key_values` -> `cache` (the old name is
+deprecated until 5.40). The model takes either name and hands the cache on under the installed version's
+(`CACHE_KWARG`): its attention layers, `create_causal_mask` and gradient checkpointing's cache drop read that one.
 """
 
 from __future__ import annotations
 
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+import inspect
+
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 from .kernels import Mamba3State
+
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either keyword (`cache`, or the older `past_key_values`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got both `cache` and `past_key_values`: pass the cache once, as `cache` (transformers "
+                         ">= 5.24) or `past_key_values` (older)")
+    return cache if cache is not None else past_key_values
 
 NUM_STATES = len(Mamba3State._fields)
 

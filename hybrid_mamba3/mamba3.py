@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .cache import read_mamba_state, write_mamba_state
+from .cache import one_cache, read_mamba_state, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
 from .kernels.common import A_ACTIVATIONS, at_least_fp32, token_activations
 from .norms import GatedRMSNorm, KeepFP32Mixin
@@ -39,8 +39,8 @@ class Mamba3(KeepFP32Mixin, nn.Module):
     """Mamba-3 mixer, MIMO of rank `mimo_rank` (`is_mimo=True`) or SISO.
 
     Takes the official constructor's keyword arguments. `forward(u)` maps (batch, seqlen, d_model) to
-    the same shape; the extras are keyword-only: `past_key_values` (a transformers cache built from a
-    hybrid config), `attention_mask` (2D, left padding), `cu_seqlens` (packed sequences, batch 1),
+    the same shape; the extras are keyword-only: `cache` (a transformers cache built from a hybrid config;
+    `past_key_values` is the same, its name before transformers 5.24), `attention_mask` (2D, left padding), `cu_seqlens` (packed sequences, batch 1),
     `initial_state` / `return_final_state` (a `Mamba3State`, for use without a cache).
     """
 
@@ -228,18 +228,19 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return None if bool(m.all()) else m
 
     # ------------------------------------------------------------------ forward / step
-    def forward(self, u: torch.Tensor, *, past_key_values=None, attention_mask: torch.Tensor | None = None,
+    def forward(self, u: torch.Tensor, *, cache=None, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
-                return_final_state: bool = False, **kwargs):
+                return_final_state: bool = False, past_key_values=None, **kwargs):
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")  # transformers' packed-sequence (flattening collator) kwarg
         state = initial_state
-        if past_key_values is not None:
+        cache = one_cache(cache, past_key_values)
+        if cache is not None:
             if self.layer_idx is None:
                 raise ValueError("a Mamba3 layer used with a cache needs layer_idx")
-            cached = read_mamba_state(past_key_values, self.layer_idx)
+            cached = read_mamba_state(cache, self.layer_idx)
             state = cached if cached is not None else state
         mask = self._padding_mask(attention_mask, u.shape[1])
         if mask is not None and cu_seqlens is not None:
@@ -250,9 +251,9 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             out = out[:, None]
         else:
             out, new_state = self._scan(u, state, mask, cu_seqlens, need_state=return_final_state or
-                                        past_key_values is not None)
-        if past_key_values is not None:
-            write_mamba_state(past_key_values, self.layer_idx, new_state)
+                                        cache is not None)
+        if cache is not None:
+            write_mamba_state(cache, self.layer_idx, new_state)
         return (out, new_state) if return_final_state else out
 
     def _scan(self, u, state, mask, cu_seqlens, need_state):

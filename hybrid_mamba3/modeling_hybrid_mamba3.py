@@ -3,7 +3,8 @@
 Embeddings, RMSNorms, MLPs and rotary embedding are Llama's own modules, and kept attention layers
 are transformers' `LlamaAttention` under the attribute `self_attn`, so a Llama state dict maps key
 for key. Attention mixers get the causal mask from `create_causal_mask`; recurrent mixers get the 2D
-padding mask. Caching goes through transformers' `DynamicCache(config=...)`.
+padding mask. Caching goes through transformers' `DynamicCache(config=...)`, passed as `cache` (or, as before
+transformers 5.24, `past_key_values`; see `cache.CACHE_KWARG`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .cache import CACHE_FIELD, CACHE_KWARG, one_cache
 from .configuration_hybrid_mamba3 import HybridMamba3Config
 from .mamba3 import Mamba3
 from .registry import get_mixer
@@ -43,14 +45,16 @@ class HybridMamba3DecoderLayer(GradientCheckpointingLayer):
         return getattr(self, self.spec.attr)
 
     def forward(self, hidden_states: torch.Tensor, causal_mask=None, padding_mask=None, position_embeddings=None,
-                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
+                **kwargs) -> torch.Tensor:
+        """The cache comes in kwargs under `CACHE_KWARG` (there gradient checkpointing finds it to drop it), and
+        goes on to the mixer under that name."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.spec.is_attention:
             out = self.mixer(hidden_states, position_embeddings=position_embeddings, attention_mask=causal_mask,
-                             past_key_values=past_key_values, **kwargs)
+                             **kwargs)
         else:
-            out = self.mixer(hidden_states, attention_mask=padding_mask, past_key_values=past_key_values, **kwargs)
+            out = self.mixer(hidden_states, attention_mask=padding_mask, **kwargs)
         hidden_states = residual + (out[0] if isinstance(out, tuple) else out)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -63,7 +67,7 @@ class HybridMamba3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridMamba3DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -104,17 +108,18 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                past_key_values: Cache | None = None, **kwargs) -> BaseModelOutputWithPast:
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = _past_length(past_key_values)
+            past_seen = _past_length(cache)
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -123,17 +128,17 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
                              "honoured by a recurrent layer (pack sequences with cu_seqlens instead)")
         causal_mask = None
         if any(get_mixer(m).is_attention for m in self.config.mixers):
-            causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                             attention_mask=attention_mask, past_key_values=past_key_values,
+            # the cache positionally: its keyword is `cache` from transformers 5.24, `past_key_values` before
+            causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache,
                                              position_ids=position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(hidden_states, causal_mask=causal_mask, padding_mask=padding_mask,
                                   position_embeddings=position_embeddings, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                                  use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
 def _past_length(cache: Cache | None) -> int:
@@ -161,18 +166,18 @@ class HybridMamba3ForCausalLM(HybridMamba3PreTrainedModel, GenerationMixin):
 
     @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)

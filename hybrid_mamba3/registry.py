@@ -4,7 +4,8 @@ The cache kind is in transformers' cache vocabulary ("full_attention" for key/va
 "linear_attention" for recurrent states), so `config.layer_types` derives from the mixer list and
 `DynamicCache(config=...)` builds the right slots. Register your own mixer with `register_mixer`:
 its builder takes (config, layer_idx) and returns a module whose forward takes the normed hidden
-states plus keyword arguments (position_embeddings, attention_mask, past_key_values, ...) and returns
+states plus keyword arguments (position_embeddings, attention_mask, the cache under transformers' keyword for
+it: `cache` from transformers 5.24, `past_key_values` before, `hybrid_mamba3.cache.CACHE_KWARG`) and returns
 the mixer output (or a tuple whose first item is the output).
 """
 

@@ -41,7 +41,7 @@ def test_bf16_hybrid_generates_and_cache_matches_full_forward_on_cuda():
         full = model(ids).logits
         from transformers import DynamicCache
         cache = DynamicCache(config=model.config)
-        parts = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in
+        parts = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in
                  [(0, 30), (30, 31), (31, 40)]]
     assert rel_err(torch.cat(parts, 1), full) < 1e-4  # fp32 model: only summation order differs
     out = model.to(torch.bfloat16).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 import hybrid_mamba3 as hm
 from hybrid_mamba3 import HybridMamba3Config, HybridMamba3ForCausalLM, register_mixer, resolve_positions
+from hybrid_mamba3.cache import CACHE_FIELD
 
 MAMBA = dict(d_state=16, headdim=16, mimo_rank=2, chunk_size=4)
 
@@ -61,17 +62,27 @@ def test_dynamic_cache_from_config_builds_recurrent_slots():
     assert cache.layers[1].number_of_states == 4
 
 
-@pytest.mark.parametrize("layers", [(1, 3), (0, 1, 2, 3)], ids=["hybrid", "all-mamba"])
-def test_cached_incremental_decoding_equals_full_forward(layers):
+@pytest.mark.parametrize("layers,keyword", [((1, 3), "cache"), ((0, 1, 2, 3), "cache"), ((1, 3), "past_key_values")],
+                         ids=["hybrid", "all-mamba", "old-keyword"])
+def test_cached_incremental_decoding_equals_full_forward(layers, keyword):
+    """Both cache keywords: `cache` (transformers >= 5.24) and `past_key_values` (its name before)."""
     model = hybrid(layers).double()
     ids = torch.randint(3, 97, (2, 17))
     full = model(ids).logits
     cache = DynamicCache(config=model.config)
-    parts = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-             for a, b in [(0, 7), (7, 8), (8, 9), (9, 14), (14, 17)]]  # prefill, single steps, several at once
-    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-10
+    outs = [model(ids[:, a:b], use_cache=True, **{keyword: cache})
+            for a, b in [(0, 7), (7, 8), (8, 9), (9, 14), (14, 17)]]  # prefill, single steps, several at once
+    assert (torch.cat([o.logits for o in outs], 1) - full).abs().max().item() < 1e-10
+    assert all(getattr(o, CACHE_FIELD) is cache for o in outs)
     state = cache.layers[1].recurrent_states[1]
     assert state.shape == (2, model.model.layers[1].mamba.nheads, 16, 16)  # constant size, whatever the length
+
+
+def test_cache_passed_twice_is_refused():
+    model = hybrid((1, 3))
+    ids = torch.randint(3, 97, (1, 5))
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 def test_generate_greedy_sampling_and_left_padding():
