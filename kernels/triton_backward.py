@@ -81,7 +81,9 @@ if triton is not None:
         The programs running at once are mostly of different (batch, head)s, so those adds rarely collide; per-chunk
         partials instead were 268 MB at R4 b8 x 2048, and a reduce over them. The adds are relaxed (no ordering is
         needed, only the sum): the default acq_rel atomics cost the dq and dk/dv kernels 9.1 -> 6.1 and 11.2 -> 8.3 ms
-        (R4, b8 x 2048, H100)."""
+        (R4, b8 x 2048, H100). Relaxed, they cost nothing measurable even though all heads of a group add into the
+        same rows at about the same time: plain stores in their place (wrong sums, timed only) left the kernels at
+        3.49 -> 3.48 and 3.93 -> 3.92 ms (R4 b8 x 2048, H200)."""
         ua = dxa * cos + dxb * sin
         ub = dxb * cos - dxa * sin
         tl.atomic_add(dst_ptr + rows[:, None] + ia[None, :], ua, mask=hm, sem="relaxed")
@@ -102,7 +104,10 @@ if triton is not None:
         sums over ranks and positions are plain accumulations (no row reshapes: at 64-row tiles with reshapes
         the kernel sat at 255 registers and 2.0 ms for R4 b8 x 2048 on H100). At R4 it spills (56 B) yet beats the
         spill-free variants (H100, b8 x 2048 / b1 x 32768: 1.13 / 2.20 ms; 32 positions a program 1.65 / 3.16; the
-        rank loop not unrolled 1.28 / 2.48, both 1.73 / 3.30)."""
+        rank loop not unrolled 1.28 / 2.48, both 1.73 / 3.30). Also slower at R4: (positions, ranks, P) tiles loaded
+        in 3D, each program walking 128-512 positions in tiles of 4-16 with the sums kept elementwise and reduced
+        once at its end (H200, b8 x 2048 / b1 x 32768: 1.10 / 2.18 ms -> at best 1.28 / 2.53, 16-position tiles;
+        SISO gained 0.26 / 0.52 -> 0.23 / 0.43, ~1% of its forward+backward)."""
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_t = blk * BT + tl.arange(0, BT)
