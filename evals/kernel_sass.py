@@ -107,13 +107,26 @@ def _sass_mix(cubin: bytes, tools: str) -> tuple[dict, dict]:
     return dict(count), dict(nbytes)
 
 
+def _ptxas(tools: str) -> str:
+    """The ptxas Triton itself assembles sm_90 code with: Triton 3.9 writes PTX 9.x and takes its bundled CUDA 13
+    ptxas ("ptxas-blackwell") for sm_90 too, while the plain bundled ptxas (CUDA 12.9) reads PTX up to 8.8."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, TypeError, AttributeError):  # an older Triton: the bundled ptxas it shipped
+        return os.path.join(tools, "ptxas")
+
+
 def _ptxas_spills(ptx: str, tools: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--gpu-name=sm_90a", src, "-o",
-                            os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+        r = subprocess.run([_ptxas(tools), "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"ptxas failed on the PTX Triton wrote: {r.stderr.strip()[-2000:]}")
     text = r.stdout + r.stderr
     grab = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
     return dict(regs=grab(r"Used (\d+) registers"), spill_store_bytes=grab(r"(\d+) bytes spill stores"),
