@@ -40,8 +40,9 @@ class Mamba3(KeepFP32Mixin, nn.Module):
 
     Takes the official constructor's keyword arguments. `forward(u)` maps (batch, seqlen, d_model) to
     the same shape; the extras are keyword-only: `cache` (a transformers cache built from a hybrid config;
-    `past_key_values` is the same, its name before transformers 5.24), `attention_mask` (2D, left padding), `cu_seqlens` (packed sequences, batch 1),
-    `initial_state` / `return_final_state` (a `Mamba3State`, for use without a cache).
+    `past_key_values` is the same, its name before transformers 5.24), `attention_mask` (2D, left padding),
+    `cu_seqlens` (packed sequences, batch 1), `initial_state` / `return_final_state` (a `Mamba3State`, for use
+    without a cache).
     """
 
     _fp32_params = ("dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "D")
