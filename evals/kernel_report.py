@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Per-kernel report of the Triton scan (a tuning aid, run on the device): for each kernel of one forward+backward
-call of `mamba3_chunked_triton`, its registers per thread, spilled registers, shared memory and GPU time
-(torch.profiler, median over --reps calls), for a grid of kernel chunk lengths and warp counts.
+call of `mamba3_chunked_triton` (or, with --forward, of its inference forward), its registers per thread, spilled
+registers, shared memory and GPU time (torch.profiler, median over --reps calls), for a grid of kernel chunk lengths,
+warp counts, launch options and module constants (--set NAME=A,B: one variant per value).
 
     python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (--shapes for others)
+    python3 evals/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
 
 Prints one table per variant and writes kernel_report.json. The variants override the kernels' chunk length
 and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`.
@@ -93,16 +95,29 @@ def _profile(fn, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in per.items()}
 
 
-def _override(item: str) -> None:
-    """MODULE.NAME=INT: set an existing integer constant of a hybrid_mamba3.kernels module."""
+def _overrides(items: list[str]) -> list[dict[str, int]]:
+    """MODULE.NAME=INT[,INT...] items -> one {MODULE.NAME: INT} variant per combination of their values (checked:
+    each names an existing integer constant of a hybrid_mamba3.kernels module)."""
+    import importlib
+    import itertools
+
+    axes = []
+    for item in items:
+        target, _, values = item.partition("=")
+        mod_name, _, name = target.rpartition(".")
+        mod = importlib.import_module(f"hybrid_mamba3.kernels.{mod_name}")
+        if not isinstance(getattr(mod, name, None), int):
+            raise SystemExit(f"--set {item}: hybrid_mamba3.kernels.{mod_name} has no integer constant {name}")
+        axes.append([(target, int(v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _apply(overrides: dict[str, int]) -> None:
     import importlib
 
-    target, _, value = item.partition("=")
-    mod_name, _, name = target.rpartition(".")
-    mod = importlib.import_module(f"hybrid_mamba3.kernels.{mod_name}")
-    if not isinstance(getattr(mod, name, None), int):
-        raise SystemExit(f"--set {item}: hybrid_mamba3.kernels.{mod_name} has no integer constant {name}")
-    setattr(mod, name, int(value))
+    for target, value in overrides.items():
+        mod_name, _, name = target.rpartition(".")
+        setattr(importlib.import_module(f"hybrid_mamba3.kernels.{mod_name}"), name, value)
 
 
 def main() -> None:
@@ -118,19 +133,18 @@ def main() -> None:
     ap.add_argument("--state-blocks", default="default",
                     help="comma list of state blocks per program of the state scans: headdim rows, or ROWSxPAIRS "
                          "(e.g. 64x32: 64 rows, 32 rotation pairs = 64 state columns)")
-    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
-                    help="override an integer constant of hybrid_mamba3.kernels for this run, e.g. "
-                         "triton_backward.DOUT_BLOCK=32 (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT[,INT...]",
+                    help="override an integer constant of hybrid_mamba3.kernels, e.g. triton_backward.DOUT_BLOCK=32 "
+                         "(repeatable; a comma list makes one variant per value)")
+    ap.add_argument("--forward", action="store_true",
+                    help="time the inference forward alone (no autograd, no final state) instead of forward+backward")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profiler-range", action="store_true",
                     help="for Nsight Compute: after the warm-up call, one more inside cudaProfilerStart/Stop and no "
                          "timing (ncu --profile-from-start off -k regex:NAME python3 evals/kernel_report.py ...)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
-    overrides = {}
-    for item in a.set:
-        _override(item)
-        overrides[item.split("=")[0]] = int(item.split("=")[1])
+    sets = _overrides(a.set)
     H, P, N = 64, 64, 128
     from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
 
@@ -138,19 +152,27 @@ def main() -> None:
     grid = lambda arg: [None] if arg == "default" else [int(c) for c in arg.split(",")]  # noqa: E731
     kopts = json.loads(a.kernel_opts)
     kopts = kopts if isinstance(kopts, list) else [kopts]
-    variants = [(c, bc, w, ko, sb) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)
-                for ko in kopts for sb in [None if x == "default" else x for x in a.state_blocks.split(",")]]
+    variants = [(c, bc, w, ko, sb, ov) for c in grid(a.chunks) for bc in grid(a.bwd_chunks) for w in grid(a.warps)
+                for ko in kopts for sb in [None if x == "default" else x for x in a.state_blocks.split(",")]
+                for ov in sets]
     for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
         B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)
         dy, base = None, None
-        for chunk, bwd_chunk, w, ko, sb in variants:
+        for chunk, bwd_chunk, w, ko, sb, ov in variants:
             records: dict = {}
             _patch(chunk, bwd_chunk, w, records, ko, sb)
-            tag = dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, kernel_opts=ko, state_block=sb)
+            _apply(ov)
+            tag = dict(shape=shape, R=R, chunk=chunk, bwd_chunk=bwd_chunk, warps=w, kernel_opts=ko, state_block=sb,
+                       set=ov)
+            y = None
 
             def call():
-                nonlocal dy
+                nonlocal dy, y
+                if a.forward:
+                    with torch.no_grad():
+                        y, _ = mamba3_chunked_triton(*args, **opts)
+                    return
                 for t in [*args, *opts.values()]:
                     if t is not None:
                         t.grad = None
@@ -160,7 +182,8 @@ def main() -> None:
 
             try:
                 call()
-                outs = [t.grad for t in [*args, *opts.values()] if t is not None and t.grad is not None]
+                outs = [y] if a.forward else [t.grad for t in [*args, *opts.values()]
+                                              if t is not None and t.grad is not None]
                 diff = None
                 if base is None:
                     base = [o.float().clone() for o in outs]
@@ -186,7 +209,8 @@ def main() -> None:
                 rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
             total = sum(times.values())
             results.append(dict(**tag, total_ms=round(total, 3), grad_rel_diff=diff, kernels=rows))
-            print(f"\n{tag}: total {total:.2f} ms" + ("" if diff is None else f", gradients vs first variant: "
+            what = "output" if a.forward else "gradients"
+            print(f"\n{tag}: total {total:.2f} ms" + ("" if diff is None else f", {what} vs first variant: "
                                                        f"max rel diff {diff:.2e}"))
             print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
             for r in rows[:14]:
@@ -194,7 +218,7 @@ def main() -> None:
                       f"{r.get('shared', ''):>7} {r.get('warps', ''):>5}", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernel_report.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(0), overrides=overrides, results=results), f, indent=1)
+        json.dump(dict(gpu=torch.cuda.get_device_name(0), forward_only=a.forward, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -228,10 +228,12 @@ def main() -> None:
     ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
-    from kernel_report import _override
+    from kernel_report import _apply, _overrides
 
-    for item in a.set:
-        _override(item)
+    sets = _overrides(a.set)
+    if len(sets) > 1:
+        raise SystemExit("--set: one value per constant here (a compile report is of one variant)")
+    _apply(sets[0])
     import triton
     from triton.runtime.jit import JITFunction
 
