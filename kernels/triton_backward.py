@@ -17,7 +17,9 @@ saving them); the forward keeps only the pre-gate output o per row:
    from dA o S (the mask's entries), the inter-chunk part of d acs, and the chunk decay's part of d atot.
 4. `_bwd_dkdv_kernel` (B*H, chunks): dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end
    (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
-dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. What bounds them
+dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers: one program doing
+both (loads, rotations, S and dA once, 14 matmuls instead of 17, d theta written once) was slower, H200 R4 b8 x 2048
+7.47 -> 7.90 ms at 4 warps (146 registers spilled), 11.8 at 8; b1 x 32768 14.8 -> 15.7; SISO 2.15 -> 2.24. What bounds them
 (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
 conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
 and the atomics are not (plain stores in place of the atomic adds: same time). So both load their broadcast tables
