@@ -27,7 +27,9 @@ and the atomics are not (plain stores in place of the atomic adds: same time). S
 loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads, num_stages 1-3) was slower at
 every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared
 memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register
-transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768). Both take
+transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768), dK/dV
+held to 168 registers (maxnreg; H200, b8 x 2048 / b1 x 32768: R4 3.93 / 7.85 -> 3.80 / 7.56 ms, SISO 1.20 / 2.36 ->
+1.38 / 2.70; dQ, the chunk output and dO kernels held so all ran slower). Both take
 the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the
 chunk, into each (batch, head)'s bias gradient).
 
@@ -44,7 +46,7 @@ from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_repo
 from .common import cdiv, pairs_layout
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table,
-                             _repeat, _rotate_rows, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
+                             _repeat, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -159,6 +161,24 @@ if triton is not None:
             tl.store(dd_ptr + pid_bh * nblk + blk, tl.sum(dd, axis=0))
 
     @triton.jit
+    def _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, P, nc,
+                     offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+        """What the reverse state scan reads for chunk c (c = -1, past the first chunk: rows masked, atot clamped):
+        the rows' acs, the chunk's atot, the rotation table, the raw query halves and dO."""
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        lmask = lmask & (offs_l >= 0)
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        atot = tl.load(atot_ptr + pid_bh * nc + tl.maximum(c, 0))
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
+        rows = qbase + ((offs_l * R + r_i) * G * N)[:, None]
+        qm = lmask[:, None] & jm[None, :]
+        xa = tl.load(rows + ia[None, :], mask=qm, other=0.0)
+        xb = tl.load(rows + ib[None, :], mask=qm, other=0.0)
+        do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
+                     mask=lmask[:, None] & pmask[None, :], other=0.0)
+        return acs, atot, cos, sin, xa, xb, do
+
+    @triton.jit
     def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, down_ptr, ds0_ptr,
                                L, H, G, K, N, P, nc,
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
@@ -188,21 +208,26 @@ if triton is not None:
         run_a = tl.zeros([BPB, BJ], dtype=tl.float32)  # the final state carries no gradient
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
         qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
+        qbase = q_ptr + b * L * R * G * N + g * N
+        acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b,
+                                                                     h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
+                                                                     offs_p, pmask, R, RP, CR)
         for i in range(nc):
             c = nc - 1 - i
             row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(down_ptr + row + ia[None, :], run_a.to(down_ptr.dtype.element_ty), mask=m)
             tl.store(down_ptr + row + ib[None, :], run_b.to(down_ptr.dtype.element_ty), mask=m)
-            decay = tl.exp(tl.load(atot_ptr + pid_bh * nc + c))
-            r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-            acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-            cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-            qa, qb = _rotate_rows(q_ptr + b * L * R * G * N + g * N + ((offs_l * R + r_i) * G * N)[:, None],
-                                  lmask[:, None] & jm[None, :], ia, ib, qba, qbb, cos, sin)
-            qa, qb = qa.to(DOT), qb.to(DOT)
-            do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
-                         mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-            doe = tl.trans((do * tl.exp(acs)[:, None]).to(DOT))
+            acs, atot, cos, sin, xa, xb, do = acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n
+            # as in the forward scan: the next (earlier) chunk's loads issued a chunk ahead
+            acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
+                qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c - 1, L, H, G, K, N, P, nc, offs_j, jm,
+                ia, ib, offs_p, pmask, R, RP, CR)
+            decay = tl.exp(atot)
+            xa = xa.to(tl.float32) + qba  # rows past the sequence get the bias too, but their dO is 0
+            xb = xb.to(tl.float32) + qbb
+            qa = (xa * cos - xb * sin).to(DOT)
+            qb = (xa * sin + xb * cos).to(DOT)
+            doe = tl.trans((do.to(tl.float32) * tl.exp(acs)[:, None]).to(DOT))
             run_a = tl.dot(doe, qa, run_a * decay, input_precision=PREC)
             run_b = tl.dot(doe, qb, run_b * decay, input_precision=PREC)
         row = (pid_bh * P + offs_p[:, None]) * N
@@ -411,7 +436,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
         _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,
                                                                 L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
-                                                                **{**meta, "num_stages": 1})
+                                                                **tc.scan_meta(st, bp, bj))
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)

@@ -144,14 +144,6 @@ if triton is not None:
         return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
 
     @triton.jit
-    def _rotate_rows(rows, m, ia, ib, bias_a, bias_b, cos, sin):
-        """`_load_rotated` with the bias rows already at hand (the state scans load them once, not per chunk):
-        rows are the pointers of each row's first element, m the rows x columns mask."""
-        xa = tl.load(rows + ia[None, :], mask=m, other=0.0).to(tl.float32) + bias_a
-        xb = tl.load(rows + ib[None, :], mask=m, other=0.0).to(tl.float32) + bias_b
-        return tl.where(m, xa * cos - xb * sin, 0.0), tl.where(m, xa * sin + xb * cos, 0.0)
-
-    @triton.jit
     def _chunk_bias_rows(bias_head, N, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, ba, bb, jm):
         """The head's q or k bias for every row of a chunk, as two (CR, BJ) halves (columns ba / bb). A row's rank
         is the same in every chunk, so the state scans load these once, ahead of their chunk loop."""
@@ -219,6 +211,24 @@ if triton is not None:
         return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
 
     @triton.jit
+    def _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, VS,
+                    offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+        """What the forward state scan reads for chunk c (nothing past the sequence: all masked, atot clamped):
+        the rows' acs and w, the chunk's atot, the rotation table, the raw key halves (zero outside the
+        sequence) and the inputs v."""
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        atot = tl.load(atot_ptr + pid_bh * nc + tl.minimum(c, nc - 1))
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
+        rows = kbase + ((offs_l * R + r_i) * G * N)[:, None]
+        km = lmask[:, None] & jm[None, :]
+        xa = tl.load(rows + ia[None, :], mask=km, other=0.0)
+        xb = tl.load(rows + ib[None, :], mask=km, other=0.0)
+        v = tl.load(vbase + offs_l[:, None] * VS + offs_p[None, :], mask=lmask[:, None] & pmask[None, :], other=0.0)
+        return acs, w, atot, cos, sin, xa, xb, v
+
+    @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
                            final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
@@ -250,23 +260,29 @@ if triton is not None:
         r0 = tl.arange(0, CR) % RP
         mxr = tl.load(mx_ptr + h * R * P + r0[:, None] * P + offs_p[None, :], mask=(r0 < R)[:, None] & pmask[None, :],
                       other=0.0)
+        # Each chunk's loads do not depend on the state: issued one chunk ahead, so their latency overlaps the
+        # previous chunk's matmul and state stores instead of stalling the serial chain.
+        kbase = k_ptr + b * L * R * G * N + g * N
+        vbase = v_ptr + b * L * VS + h * P
+        acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr,
+                                                                        pid_bh, b, h, 0, L, H, G, K, N, nc, VS,
+                                                                        offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
         for c in range(nc):
             out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
             tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
-            r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-            acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-            w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-            atot = tl.load(atot_ptr + pid_bh * nc + c)
-            cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-            ka, kb = _rotate_rows(k_ptr + b * L * R * G * N + g * N + ((offs_l * R + r_i) * G * N)[:, None],
-                                  lmask[:, None] & jm[None, :], ia, ib, kba, kbb, cos, sin)
-            vr = tl.load(v_ptr + b * L * VS + h * P + offs_l[:, None] * VS + offs_p[None, :],
-                         mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32) * mxr
-            vt = tl.trans(vr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
+            acs, w, atot, cos, sin, xa, xb, v = acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n
+            acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
+                kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
+                offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
+            xa = xa.to(tl.float32) + kba  # rows past the sequence get the bias too, but their v is 0
+            xb = xb.to(tl.float32) + kbb
+            ka = (xa * cos - xb * sin).to(DOT)
+            kb = (xa * sin + xb * cos).to(DOT)
+            vt = tl.trans(v.to(tl.float32) * mxr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
             decay = tl.exp(atot)
-            run_a = tl.dot(vt, ka.to(DOT), run_a * decay, input_precision=PREC)
-            run_b = tl.dot(vt, kb.to(DOT), run_b * decay, input_precision=PREC)
+            run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
+            run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
         tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
         tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
 
@@ -406,27 +422,23 @@ def _sm_count(device: torch.device) -> int:
 
 
 def state_scan_block(heads: int, P: int, N: int, device: torch.device, forward: bool) -> tuple[int, int]:
-    """(headdim rows, rotation pairs) of the state block each program of a state scan carries through the chunks.
-
-    The forward scan: 64 rows x 32 pairs (half the state's columns at N = 128). The backward's reverse scan: all
-    pairs, rows the largest of 64, 32, 16 that still gives 2 programs per SM. Each program walks all chunks in turn,
-    so at few heads the serial chain sets the time and more, narrower programs win, up to where each one's share of
-    the per-chunk loads and rotations (repeated across the blocks of rows, not of pairs) outweighs that.
-    Measured on H100 (evals/kernel_report.py), ms per fwd+bwd for the forward scan (run twice: the forward, and the
-    backward's recompute) / the reverse scan, at rows x pairs:
-      R4 b8 x 2048:    64x64 2.53 / 1.04,  64x32 2.26 / 1.56,  32x32 3.78 / 2.30
-      R4 b1 x 32768:   16x64 7.66 / 5.12,  64x32 7.20 / 5.87,  32x32 7.72 / 5.15
-      SISO b8 x 2048:  64x64 0.73 / 0.32,  64x32 0.79 / 0.43
-      SISO b1 x 32768: 16x64 2.16 / 1.46,  64x32 2.09 / 1.47,  32x32 2.21 / 1.37
-    (rows only, before the pairs split: R4 b8 x 2048 64 / 32 / 16 rows 3.0 / 3.2 / 4.5, R4 b1 x 32768 17.8 / 9.4 /
-    8.4; the two-kernel scan it replaced: 4.8 and 9.5)."""
-    if forward:
-        return 64, 32
-    sms = _sm_count(device) if device.type == "cuda" else 1
-    for bp in (64, 32):
-        if bp <= P and heads * cdiv(P, bp) >= 2 * sms:
-            return bp, N // 2
-    return 16, N // 2
+    """(headdim rows, rotation pairs) of the state block each program of a state scan (the forward one and the
+    backward's reverse one) carries through the chunks: 64 rows x all pairs, at 8 warps (`scan_meta`). Each program
+    walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower programs could win,
+    but each one's share of the per-chunk loads and rotations (repeated across the blocks) outweighs that now that the
+    scans prefetch their loads and the chain no longer waits on them. (The arguments are those a policy by head
+    count, which this replaced, needed: evals/kernel_report.py --state-blocks overrides this function.)
+    Measured on H200 (evals/kernel_report.py), prefetching, ms per fwd+bwd for the forward scan (run twice: the
+    forward, and the backward's recompute) / the reverse scan, at rows x pairs (64x64 and 64x32 are 8 and 4 warps):
+      R4 b8 x 2048:     64x64 1.75 / 0.93,  64x32 2.06 / -
+      R4 b2 x 8192:     64x64 1.76 / 0.92,  64x32 1.92 / -,  32x32 2.58 / 1.44,  32x64 3.89 / 1.39,  16x64 3.94 / 1.65
+      R4 b1 x 32768:    64x64 5.78 / 3.09,  64x32 6.67 / -,  32x32 5.25 / 2.98,  32x64 12.8 / 3.97,  16x64 7.56 / 3.26
+      SISO b8 x 2048:   64x64 0.52 / 0.25,  64x32 0.56 / -
+      SISO b2 x 8192:   64x64 0.51 / 0.25,  64x32 0.49 / -,  32x32 0.86 / 0.41,  32x64 0.98 / 0.40,  16x64 1.14 / 0.56
+      SISO b1 x 32768:  64x64 1.78 / 0.82,  64x32 1.51 / -,  32x32 1.72 / 0.83,  32x64 3.04 / 1.22,  16x64 2.21 / 1.05
+    (Before the prefetch: the forward scan 64x32, the reverse 16-64 rows by head count for 2 programs per SM at
+    4 warps; H200 R4 2.14 / 0.95, 2.22 / 2.59, 7.49 / 5.04 ms, SISO 0.64 / 0.33, 0.64 / 1.00, 1.96 / 1.85.)"""
+    return 64, N // 2
 
 
 def scan_block(st: _Setup, heads: int, device: torch.device, forward: bool) -> tuple[int, int]:
@@ -440,6 +452,14 @@ def scan_grid(st: _Setup, heads: int, bp: int, bj: int) -> tuple[int, int]:
     return heads, cdiv(st.P, bp) * cdiv(st.N // 2, bj)
 
 
+def scan_meta(st: _Setup, bp: int, bj: int) -> dict:
+    """Launch options of both state scans for a (bp rows, bj pairs) block. num_stages 1: Triton's software
+    pipelining of the chunk loop's loads made them slower at every size measured (the scans prefetch the next chunk's
+    loads themselves). 8 warps for a 64 x 64-pair block: at 4 its tiles spill (reverse scan, R4 b8 x 2048, H200,
+    prefetching: 1.42 -> 0.93 ms). Smaller blocks (tests, other shapes) 4 warps."""
+    return {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
+
+
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
@@ -448,16 +468,10 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp, bj = scan_block(st, B * H, k.device, forward=True)
-    # num_stages 1: software pipelining of the chunk loop's loads made it slower at every size measured.
-    # 8 warps for a 64 x 64-pair state tile: 255 -> ~205 registers, no spills; R4 b8 x 2048 on H100 1.42 -> 1.28 ms a
-    # call, SISO 0.45 -> 0.40. Smaller tiles 4 warps: 8 made R4 b1 x 32768 4.2 -> 6.2 ms a call at 16 rows, and
-    # 2.26 -> 3.03 ms (two calls) at b8 x 2048, 64 x 32 pairs. (The backward's reverse scan stays at 4: 8 made it
-    # slower at every size measured.)
-    meta = {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
     _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
                                                      s0 if s0 is not None else final, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
-                                                     HAS_S0=s0 is not None, **meta)
+                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj))
     return enter, final
 
 

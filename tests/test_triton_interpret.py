@@ -66,14 +66,14 @@ def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
 @pytest.mark.parametrize("N,K,pairs", [(16, 4, None), (64, 24, 16)])
 def test_state_scan_blocks(N, K, pairs, monkeypatch):
     """Both state scans (forward, and the backward's reverse one) split the state over programs
-    (`state_scan_block`): with few heads, the reverse scan runs one head of P = 48 as blocks of 32 rows, the second
-    one partly masked; the forward one runs it as one block of 64 rows (16 masked); and (monkeypatched, both) as
-    blocks of 32 rows x 16 rotation pairs, here the first block of pairs rotated, the second partly (K = 24).
-    Forward and final state vs the reference; every gradient, the initial state's included, vs fp64 autograd."""
+    (`state_scan_block`): by default one head of P = 48 is one block of 64 rows (16 masked) in both; monkeypatched,
+    blocks of 32 rows (the second partly masked) x 16 rotation pairs, here the first block of pairs rotated, the
+    second partly (K = 24). Forward and final state vs the reference; every gradient, the initial state's included,
+    vs fp64 autograd."""
     from hybrid_mamba3.kernels import triton_chunked as tc
 
-    assert tc.state_scan_block(1, 48, N, torch.device("cpu"), forward=False) == (32, N // 2)
-    want_blocks = {(64, 16), (32, 16)} if N == 16 else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
+    assert tc.state_scan_block(1, 48, N, torch.device("cpu"), forward=False) == (64, N // 2)
+    want_blocks = {(64, 16)} if pairs is None else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
     if pairs is not None:
         monkeypatch.setattr(tc, "state_scan_block", lambda heads, P, N, device, forward: (32, pairs))
     blocks, scan_block = [], tc.scan_block
