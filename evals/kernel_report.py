@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Per-kernel report of the Triton scan (a tuning aid, run on the device): for each kernel of one forward+backward
 call of `mamba3_chunked_triton` (or, with --forward, of its inference forward), its registers per thread, spilled
-registers, shared memory and GPU time (torch.profiler, median over --reps calls), for a grid of kernel chunk lengths,
+registers, shared memory and GPU time (torch.profiler, median over --reps calls), and the call's elapsed GPU time
+(CUDA events: the kernels' sum less their overlap), for a grid of kernel chunk lengths,
 warp counts, launch options and module constants (--set NAME=A,B: one variant per value).
 
     python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (--shapes for others)
@@ -93,6 +94,21 @@ def _profile(fn, reps: int) -> dict[str, float]:
         for k, v in tot.items():
             per[k].append(v)
     return {k: statistics.median(v) for k, v in per.items()}
+
+
+def _elapsed(fn, reps: int) -> float:
+    """Median ms from the call's first launch to its last kernel's end (CUDA events): less than the kernels' sum
+    where they overlap (the backward's side stream), more where the GPU waits for the host."""
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return statistics.median(times)
 
 
 def _overrides(items: list[str]) -> list[dict[str, int]]:
@@ -198,6 +214,7 @@ def main() -> None:
                     torch.cuda.cudart().cudaProfilerStop()
                     continue
                 times = _profile(call, a.reps)
+                elapsed = _elapsed(call, a.reps)
             except Exception as e:  # an out-of-resources config is a result, not a crash
                 err = f"{type(e).__name__}: {e}"[:300]
                 results.append(dict(**tag, error=err))
@@ -208,10 +225,11 @@ def main() -> None:
                 short = next((k for k in records if k in name), None)
                 rows.append(dict(kernel=name[:60], ms=round(ms, 3), **(records.get(short) or {})))
             total = sum(times.values())
-            results.append(dict(**tag, total_ms=round(total, 3), grad_rel_diff=diff, kernels=rows))
+            results.append(dict(**tag, total_ms=round(total, 3), elapsed_ms=round(elapsed, 3), grad_rel_diff=diff,
+                                kernels=rows))
             what = "output" if a.forward else "gradients"
-            print(f"\n{tag}: total {total:.2f} ms" + ("" if diff is None else f", {what} vs first variant: "
-                                                       f"max rel diff {diff:.2e}"))
+            print(f"\n{tag}: total {total:.2f} ms, elapsed {elapsed:.2f} ms"
+                  + ("" if diff is None else f", {what} vs first variant: max rel diff {diff:.2e}"))
             print(f"{'kernel':60s} {'ms':>8s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'warps':>5s}")
             for r in rows[:14]:
                 print(f"{r['kernel']:60s} {r['ms']:8.3f} {r.get('regs', ''):>5} {r.get('spills', ''):>6} "
