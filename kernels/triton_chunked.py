@@ -302,8 +302,9 @@ if triton is not None:
         written or read. R4 b8 x 2048 3.15 -> 3.08 (512 programs, no scan); but R4 b1 x 32768 7.83 -> 9.67 at
         best (17 segments a head), SISO b8 x 2048 0.78 -> 0.90, SISO b1 x 32768 1.90 -> 2.31. Each chunk step
         is latency bound (255 registers, 84-160 spilled at 4 warps; 8 warps spill less and ran slower), and
-        walking programs are too few to hide it. (Pipelined by Triton, num_stages 3, it needed 330 KB of shared
-        memory at R4.)"""
+        walking programs are too few to hide it. Since the scan prefetches, the walk loses at R4 b8 x 2048 too
+        (2.94 -> 3.03 ms); pipelined by Triton it is slower still (num_stages 2: 6.96 ms; 3 needs 330 KB of shared
+        memory at R4)."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
