@@ -113,7 +113,10 @@ if triton is not None:
         rank loop not unrolled 1.28 / 2.48, both 1.73 / 3.30). Also slower at R4: (positions, ranks, P) tiles loaded
         in 3D, each program walking 128-512 positions in tiles of 4-16 with the sums kept elementwise and reduced
         once at its end (H200, b8 x 2048 / b1 x 32768: 1.10 / 2.18 ms -> at best 1.28 / 2.53, 16-position tiles;
-        SISO gained 0.26 / 0.52 -> 0.23 / 0.43, ~1% of its forward+backward)."""
+        SISO gained 0.26 / 0.52 -> 0.23 / 0.43, ~1% of its forward+backward). Also slower: dO made inside the reverse
+        state scan, which reads a chunk's dO rows anyway (the parameter sums kept per row over its chunks), in place of
+        this kernel: H100, this kernel + the reverse scan, R4 b8 x 2048 2.11 -> 3.97 ms, b1 x 32768 5.34 -> 13.2,
+        SISO 0.58 -> 0.76, 1.48 -> 2.48 (the scan went to 255 registers, 82-166 spilled, in its serial chain)."""
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_t = blk * BT + tl.arange(0, BT)
