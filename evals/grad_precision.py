@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""How far the 16-bit Triton op's output and gradients are from its fp32 path, per input, at long sequences (run on
+the device; the GPU tests check short ones against the chunked torch op).
+
+    python3 evals/grad_precision.py --out $OUT/precision          # R4 and SISO at b8 x 2048 and b1 x 32768
+
+Same random inputs (tests' generator, d_model 2048 sizes: 64 heads x P64, N128, 32 angles) through
+`mamba3_chunked_triton` twice: in fp32 (exact fp32 matmuls) and in bf16 (tensor cores, fp32 state); for the output
+and each gradient, the max-norm relative error max|bf16 - fp32| / max|fp32|. Prints a line per shape and writes
+grad_precision.json.
+
+First run (H100, 2026-11-26, kernels of 21dce80), max-norm relative error of the bf16 gradients:
+  R4 b1 x 32768: angles 4.5e-2, dt 2.2e-2, adt 1.5e-2, q 1.4e-2, others 0.5-1.0e-2, output 8.1e-3
+  R4 b8 x 2048:  angles 1.4e-2, dt 1.0e-2, others 0.5-0.9e-2
+  SISO b1 x 32768: angles 2.3e-2, dt 1.7e-2, others 0.3-1.0e-2
+The angles' gradient is a suffix sum over the sequence of per-position terms that mostly cancel (the scores depend
+on angle differences only), so its relative error grows with the length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_x", "mimo_z", "mimo_o", "D", "z")
+
+
+def errors(B: int, L: int, R: int, H: int, P: int, N: int, K: int, device: str, low: torch.dtype) -> dict[str, float]:
+    """{name: max-norm relative error of the `low`-precision op against its fp32 path} for y and every gradient."""
+    from conftest import make_op_inputs
+
+    from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
+
+    args, opts = make_op_inputs(B=B, L=L, R=R, G=1, N=N, H=H, P=P, K=K, dtype=torch.float32, mimo=R > 1, gate=True,
+                                skip=True, gen=torch.Generator().manual_seed(0))
+    dy = None
+    res = {}
+    for dt in (torch.float32, low):
+        a = [t.detach().to(device, dt).requires_grad_() for t in args]
+        o = {k: None if v is None else v.detach().to(device, dt).requires_grad_() for k, v in opts.items()}
+        y, _ = mamba3_chunked_triton(*a, **o, rope_pairwise=R == 1)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device) if dy is None else dy
+        (y.float() * dy).sum().backward()
+        res[dt] = dict(y=y.detach().float(), **{n: t.grad.float() for n, t in zip(NAMES, a + list(o.values()))
+                                                if t is not None and t.grad is not None})
+    ref, got = res[torch.float32], res[low]
+    return {n: ((got[n] - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for n, r in ref.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8x2048,1x32768", help="comma list of BxL")
+    ap.add_argument("--ranks", default="4,1")
+    ap.add_argument("--sizes", default="64,64,128,32", help="H,P,N,K (d_model 2048 by default)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args()
+    H, P, N, K = map(int, a.sizes.split(","))
+    rows = []
+    for shape in a.shapes.split(","):
+        B, L = map(int, shape.split("x"))
+        for R in map(int, a.ranks.split(",")):
+            err = errors(B, L, R, H, P, N, K, a.device, getattr(torch, a.dtype))
+            rows.append(dict(shape=shape, R=R, max_rel_err=err))
+            print(f"R{R} b{B} x {L}: " + ", ".join(f"{n} {e:.1e}" for n, e in err.items()), flush=True)
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+    os.makedirs(a.out, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else a.device
+    with open(os.path.join(a.out, "grad_precision.json"), "w") as f:
+        json.dump(dict(gpu=gpu, dtype=a.dtype, sizes=dict(H=H, P=P, N=N, K=K), results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
