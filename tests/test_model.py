@@ -143,15 +143,23 @@ def test_bf16_loading_keeps_fp32_parameters(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointed decoder layers (transformers' switch: activation_checkpointing_enable from 5.24, before that
+    gradient_checkpointing_enable) rerun their forward in the backward, Mamba-3 mixers included, and give the same
+    gradients."""
     model = hybrid((1, 3)).double().train()
     ids = torch.randint(3, 97, (2, 10))
-    grads = []
+    calls = []
+    model.model.layers[1].mamba.register_forward_hook(lambda *_: calls.append(1))
+    grads, runs = [], []
     for ckpt in (False, True):
         model.zero_grad()
         if ckpt:
-            model.gradient_checkpointing_enable()
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        calls.clear()
         model(ids, labels=ids).loss.backward()
+        runs.append(len(calls))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert runs == [1, 2]  # the checkpointed mixer's forward ran again in the backward
     assert grads[0].keys() == grads[1].keys() and any(".mamba.dt_bias" in n for n in grads[0])
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-12), n
