@@ -53,7 +53,8 @@ def _signature(fn, args, kwargs):
     import triton.language as tl
 
     params = inspect.signature(fn).parameters
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    # launch options (num_warps, num_stages, enable_fp_fusion, maxnreg, ...): every keyword that is no parameter
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in params}
     bound = dict(zip(params, args), **kwargs)
     sig, constexprs, attrs = {}, {}, {}
     for i, (name, p) in enumerate(params.items()):
@@ -163,7 +164,7 @@ class _Compiler:
                     f.write(k.asm[ext])
         count, nbytes = _sass_mix(k.asm["cubin"], self.tools)
         rep = dict(kernel=fn.__name__, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-                   shared=k.metadata.shared, **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
+                   fp_fusion=options.get("enable_fp_fusion"), shared=k.metadata.shared, **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
                    sass_bytes=nbytes, memory_kb=round(sum(nbytes.values()) / 1024, 1),
                    constexprs={sig_name: str(v) for (i,), v in constexprs.items()
                                for j, sig_name in enumerate(sig) if j == i})

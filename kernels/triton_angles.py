@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cdiv, next_pow2, row_stride
+from .common import FMA, cdiv, next_pow2, row_stride
 
 try:
     import triton
@@ -174,7 +174,7 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     bk = next_pow2(K)
     _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
                                     HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
-                                    BB=max(16, OFFSET_TILE // bk))
+                                    BB=max(16, OFFSET_TILE // bk), **FMA)
     return off
 
 
@@ -183,7 +183,7 @@ def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -
     B, L, H = dt.shape
     nb = cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
-    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=next_pow2(K))
+    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=next_pow2(K), **FMA)
     return tot
 
 
@@ -198,14 +198,14 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     B, L, H = dt.shape
     K, nb = angles.shape[-1], cdiv(L, BLOCK)
     tp = torch.empty(B, L, K, device=dt.device, dtype=torch.float32)
-    _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=next_pow2(K))
+    _tanh_pi_kernel[(B, nb)](angles, tp, L, K, row_stride(angles), BL=BLOCK, BK=next_pow2(K), **FMA)
     off = _block_offsets(_block_sums(tp, True, dt, K),
                          None if init_angle is None else init_angle.float().contiguous(), reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=dtype)
     last = torch.empty(B, H, K, device=dt.device, dtype=torch.float32) if final else None
     _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, lengths if lengths is not None else dt,
                                      last if final else off, L, H, K, nb, BL=BLOCK, BK=next_pow2(K), LAST=final,
-                                     HAS_LEN=lengths is not None)
+                                     HAS_LEN=lengths is not None, **FMA)
     return cs, last
 
 
@@ -220,5 +220,5 @@ def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
     da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
-                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K))
+                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K), **FMA)
     return da, ddt

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
-from .common import cdiv, pairs_layout
+from .common import FMA, cdiv, pairs_layout
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table,
                              _repeat, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
@@ -214,9 +214,9 @@ if triton is not None:
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
         qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
         qbase = q_ptr + b * L * R * G * N + g * N
-        acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b,
-                                                                     h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
-                                                                     offs_p, pmask, R, RP, CR)
+        acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
+            qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
+            offs_p, pmask, R, RP, CR)
         for i in range(nc):
             c = nc - 1 - i
             row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
@@ -430,7 +430,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
                                         nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z,
                                         CONTRACT=st.contract,
-                                        **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")})
+                                        **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")}, **FMA)
         # the kernels add into these (one zero fill each: dq | dk, and the bias gradients' (batch, head) sums)
         dq, dk = torch.zeros(2, B, L, R, G, N, device=dev, dtype=f32).unbind(0)
         dqb, dkb = torch.zeros(2, B * H, 1, RP, 2 * BH, device=dev, dtype=f32).unbind(0)
@@ -441,10 +441,10 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
         _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,
                                                                 L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
-                                                                **tc.scan_meta(st, bp, bj))
+                                                                **tc.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
-                                    dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta)
+                                    dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta, **FMA)
         del states
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
         dmx = torch.zeros(B * H, 1, RP, P, device=dev, dtype=f32)
@@ -452,7 +452,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
-                                      HAS_D=st.has_d, **meta)
+                                      HAS_D=st.has_d, **meta, **FMA)
         d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt)
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None

@@ -26,8 +26,8 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import (Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups, next_pow2,
-                     pairs_layout, rotate, row_stride, rows_of, varlen_layout)
+from .common import (FMA, Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups,
+                     next_pow2, pairs_layout, rotate, row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_table
 from .triton_scalars import first_next, token_scalars
 
@@ -472,7 +472,7 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
                                                      s0 if s0 is not None else final, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
-                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj))
+                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj), **FMA)
     return enter, final
 
 
@@ -497,7 +497,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
                                          z if z is not None else v, acs, gam, w, states, out,
                                          opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, row_stride(v),
                                          row_stride(z if z is not None else v), HAS_D=st.has_d,
-                                         HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta)
+                                         HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta, **FMA)
 
     def angle_last(rows, last):  # the table kernel took it at each row's last position already
         return theta_last

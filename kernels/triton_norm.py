@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .common import cdiv, grad_needed, next_pow2, row_stride, rows_of
+from .common import FMA, cdiv, grad_needed, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -116,7 +116,7 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, halves:
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if n_rows and N:
         grid, meta = _launch(n_rows, inner, ts, N)
-        _rms_norm_fwd_kernel[grid](x, weight, y, n_rows, inner, ts, N, eps, HALVES=halves, **meta)
+        _rms_norm_fwd_kernel[grid](x, weight, y, n_rows, inner, ts, N, eps, HALVES=halves, **meta, **FMA)
     return y, x
 
 
@@ -142,7 +142,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # computed even when only the weight needs it
         partial = torch.empty(grid[0], N, device=x.device, dtype=torch.float32) if need_dw else dx
         _rms_norm_bwd_kernel[grid](x, weight, dy.contiguous(), dx, partial, n_rows, inner, ts, N, ctx.eps,
-                                   HAS_DW=need_dw, HALVES=ctx.halves, **meta)
+                                   HAS_DW=need_dw, HALVES=ctx.halves, **meta, **FMA)
         return dx if need_dx else None, partial.sum(0).to(weight.dtype) if need_dw else None, None, None
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
-from .common import A_ACTIVATIONS, cdiv, grad_needed, next_pow2, row_stride, rows_of
+from .common import A_ACTIVATIONS, FMA, cdiv, grad_needed, next_pow2, row_stride, rows_of
 
 try:
     import triton
@@ -197,7 +197,7 @@ def token_scalars(adt: torch.Tensor, dt: torch.Tensor, trap: torch.Tensor, lengt
     atot = torch.empty(B, H, nc, device=dt.device, dtype=torch.float32)
     _token_scalars_kernel[grid](adt, dt, trap, lengths if lengths is not None else dt, gam, w, acs, atot, L, H, nc,
                                 row_stride(adt), row_stride(dt), row_stride(trap), C=C, BHD=bhd,
-                                HAS_LEN=lengths is not None)
+                                HAS_LEN=lengths is not None, **FMA)
     return gam, w, acs, atot
 
 
@@ -217,7 +217,7 @@ def token_scalars_backward(dt: torch.Tensor, trap: torch.Tensor, lengths: torch.
     _token_scalars_bwd_kernel[grid](dt, trap, lengths if lengths is not None else dt, dgam, *dw, *dacs, *datot,
                                     ddt_angles, dn0 if dn0 is not None else dgam, dadt, ddt, dtrap, L, H, nc,
                                     row_stride(dt), row_stride(trap), C=C, BHD=bhd, HAS_LEN=lengths is not None,
-                                    HAS_N0=dn0 is not None)
+                                    HAS_N0=dn0 is not None, **FMA)
     return dadt, ddt, dtrap
 
 
@@ -233,7 +233,7 @@ def _activations_forward(dd_dt, dd_A, dt_bias, a_activation, a_floor):
     dt, adt = (torch.empty(B, L, H, device=dd_dt.device, dtype=torch.float32) for _ in range(2))
     heavy = a_activation == "heavy_tail"
     _activations_kernel[grid](dd_dt, dd_A, dt_bias, dt, adt, B * L, H, row_stride(dd_dt), row_stride(dd_A),
-                              float(a_floor), BL=ACT_ROWS, BHD=bhd, HEAVY_TAIL=heavy)
+                              float(a_floor), BL=ACT_ROWS, BHD=bhd, HEAVY_TAIL=heavy, **FMA)
     return dt, adt, (dd_dt, dd_A), (grid, bhd, heavy, float(a_floor))
 
 
@@ -254,7 +254,7 @@ class _TokenActivations(torch.autograd.Function):
         dbias = torch.empty(grid[0], H, device=dd_dt.device, dtype=torch.float32)
         _activations_bwd_kernel[grid](dd_dt, dd_A, dt_bias, g_dt.contiguous(), g_adt.contiguous(), d_ddt, d_dda,
                                       dbias, B * L, H, row_stride(dd_dt), row_stride(dd_A), a_floor, BL=ACT_ROWS,
-                                      BHD=bhd, HEAVY_TAIL=heavy)
+                                      BHD=bhd, HEAVY_TAIL=heavy, **FMA)
         return d_ddt, d_dda, dbias.sum(0).to(dt_bias.dtype), None, None
 
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import Mamba3State, cdiv, check_inputs, next_pow2, rows_of
+from .common import FMA, Mamba3State, cdiv, check_inputs, next_pow2, rows_of
 from .triton_chunked import _pow2, _sm_count, triton
 
 if triton is not None:
@@ -235,5 +235,5 @@ def mamba3_step_triton(
         HEAVY_TAIL=act is not None and act.a_activation == "heavy_tail",
         # tf32 products on 16-bit inputs (10-bit mantissas against the inputs' 8); the state itself is added in
         # fp32. fp32 inputs (tests) get exact fp32 products.
-        PREC="tf32" if low else "ieee", num_warps=warps)
+        PREC="tf32" if low else "ieee", num_warps=warps, **FMA)
     return out, Mamba3State(angle_new, state.ssm, k_new, v_new)
