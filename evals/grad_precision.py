@@ -33,7 +33,7 @@ NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "mimo
 
 def errors(B: int, L: int, R: int, H: int, P: int, N: int, K: int, device: str, low: torch.dtype) -> dict[str, float]:
     """{name: max-norm relative error of the `low`-precision op against its fp32 path} for y and every gradient."""
-    from conftest import make_op_inputs
+    from conftest import make_op_inputs, rel_err
 
     from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton
 
@@ -50,7 +50,7 @@ def errors(B: int, L: int, R: int, H: int, P: int, N: int, K: int, device: str, 
         res[dt] = dict(y=y.detach().float(), **{n: t.grad.float() for n, t in zip(NAMES, a + list(o.values()))
                                                 if t is not None and t.grad is not None})
     ref, got = res[torch.float32], res[low]
-    return {n: ((got[n] - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for n, r in ref.items()}
+    return {n: rel_err(got[n], r) for n, r in ref.items()}
 
 
 def main() -> None:

@@ -164,7 +164,8 @@ class _Compiler:
                     f.write(k.asm[ext])
         count, nbytes = _sass_mix(k.asm["cubin"], self.tools)
         rep = dict(kernel=fn.__name__, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-                   fp_fusion=options.get("enable_fp_fusion"), shared=k.metadata.shared, **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
+                   fp_fusion=options.get("enable_fp_fusion"), shared=k.metadata.shared,
+                   **_ptxas_spills(k.asm["ptx"], self.tools), sass=count,
                    sass_bytes=nbytes, memory_kb=round(sum(nbytes.values()) / 1024, 1),
                    constexprs={sig_name: str(v) for (i,), v in constexprs.items()
                                for j, sig_name in enumerate(sig) if j == i})

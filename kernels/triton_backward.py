@@ -21,19 +21,19 @@ b1 x 32768 32.3 -> 31.0 / 9.9 -> 9.4 ms, but b8 x 2048 and b2 x 8192 unchanged, 
    (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
 dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers: one program doing
 both (loads, rotations, S and dA once, 14 matmuls instead of 17, d theta written once) was slower, H200 R4 b8 x 2048
-7.47 -> 7.90 ms at 4 warps (146 registers spilled), 11.8 at 8; b1 x 32768 14.8 -> 15.7; SISO 2.15 -> 2.24. What bounds them
-(ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands and layout
-conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the tensor cores
-and the atomics are not (plain stores in place of the atomic adds: same time). So both load their broadcast tables
-(cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers (`triton_chunked._repeat`). A
-loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads, num_stages 1-3) was slower at
-every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills, and the stages' shared
-memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows as rows (no register
-transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10% at b1 x 32768), dK/dV
-held to 168 registers (maxnreg; H200, b8 x 2048 / b1 x 32768: R4 3.93 / 7.85 -> 3.80 / 7.56 ms, SISO 1.20 / 2.36 ->
-1.38 / 2.70; dQ, the chunk output and dO kernels held so all ran slower). Both take
-the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the
-chunk, into each (batch, head)'s bias gradient).
+7.47 -> 7.90 ms at 4 warps (146 registers spilled), 11.8 at 8; b1 x 32768 14.8 -> 15.7; SISO 2.15 -> 2.24. What
+bounds them (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands
+and layout conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the
+tensor cores and the atomics are not (plain stores in place of the atomic adds: same time). So both load their
+broadcast tables (cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers
+(`triton_chunked._repeat`). A loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads,
+num_stages 1-3) was slower at every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills,
+and the stages' shared memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows
+as rows (no register transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10%
+at b1 x 32768), dK/dV held to 168 registers (maxnreg; H200, b8 x 2048 / b1 x 32768: R4 3.93 / 7.85 -> 3.80 / 7.56
+ms, SISO 1.20 / 2.36 -> 1.38 / 2.70; dQ, the chunk output and dO kernels held so all ran slower). Both take the
+rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the chunk,
+into each (batch, head)'s bias gradient).
 
 Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
 adt, dt and trap through `triton_scalars`, the initial state's entering term (small) through torch autograd, and
@@ -48,7 +48,7 @@ from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_repo
 from .common import FMA, cdiv, pairs_layout
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table,
-                             _repeat, _rotation_tables, _rows_v, _Setup, kernel_chunk, tl, triton)
+                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _Setup, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -168,17 +168,9 @@ if triton is not None:
     @triton.jit
     def _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, P, nc,
                      offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
-        """What the reverse state scan reads for chunk c (c = -1, past the first chunk: rows masked, atot clamped):
-        the rows' acs, the chunk's atot, the rotation table, the raw query halves and dO."""
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        lmask = lmask & (offs_l >= 0)
-        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        atot = tl.load(atot_ptr + pid_bh * nc + tl.maximum(c, 0))
-        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-        rows = qbase + ((offs_l * R + r_i) * G * N)[:, None]
-        qm = lmask[:, None] & jm[None, :]
-        xa = tl.load(rows + ia[None, :], mask=qm, other=0.0)
-        xb = tl.load(rows + ib[None, :], mask=qm, other=0.0)
+        """The reverse scan's loads for chunk c: `_scan_chunk_loads` (queries) and dO."""
+        r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb = _scan_chunk_loads(
+            qbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP, CR)
         do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                      mask=lmask[:, None] & pmask[None, :], other=0.0)
         return acs, atot, cos, sin, xa, xb, do
@@ -436,7 +428,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dqb, dkb = torch.zeros(2, B * H, 1, RP, 2 * BH, device=dev, dtype=f32).unbind(0)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
-        bp, bj = tc.scan_block(st, B * H, dev, forward=False)
+        bp, bj = tc.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
         _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,

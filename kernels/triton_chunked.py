@@ -211,20 +211,29 @@ if triton is not None:
         return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
 
     @triton.jit
+    def _scan_chunk_loads(xbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib,
+                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+        """What both state scans read for chunk c, which may be one past either end (c = -1 or nc: rows all masked,
+        atot clamped), as they load a chunk ahead: the rows (`_rank_rows`, the mask also false before position 0),
+        their acs, the chunk's atot, the rotation table, and the raw halves of the keys or queries at xbase."""
+        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
+        lmask = lmask & (offs_l >= 0)
+        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        atot = tl.load(atot_ptr + pid_bh * nc + tl.minimum(tl.maximum(c, 0), nc - 1))
+        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
+        rows = xbase + ((offs_l * R + r_i) * G * N)[:, None]
+        xm = lmask[:, None] & jm[None, :]
+        xa = tl.load(rows + ia[None, :], mask=xm, other=0.0)
+        xb = tl.load(rows + ib[None, :], mask=xm, other=0.0)
+        return r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb
+
+    @triton.jit
     def _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, VS,
                     offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
-        """What the forward state scan reads for chunk c (nothing past the sequence: all masked, atot clamped):
-        the rows' acs and w, the chunk's atot, the rotation table, the raw key halves (zero outside the
-        sequence) and the inputs v."""
-        r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
-        acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
+        """The forward scan's loads for chunk c: `_scan_chunk_loads` (keys), the rows' w and the inputs v."""
+        r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb = _scan_chunk_loads(
+            kbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP, CR)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        atot = tl.load(atot_ptr + pid_bh * nc + tl.minimum(c, nc - 1))
-        cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
-        rows = kbase + ((offs_l * R + r_i) * G * N)[:, None]
-        km = lmask[:, None] & jm[None, :]
-        xa = tl.load(rows + ia[None, :], mask=km, other=0.0)
-        xb = tl.load(rows + ib[None, :], mask=km, other=0.0)
         v = tl.load(vbase + offs_l[:, None] * VS + offs_p[None, :], mask=lmask[:, None] & pmask[None, :], other=0.0)
         return acs, w, atot, cos, sin, xa, xb, v
 
@@ -422,13 +431,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def state_scan_block(heads: int, P: int, N: int, device: torch.device, forward: bool) -> tuple[int, int]:
+def state_scan_block(N: int) -> tuple[int, int]:
     """(headdim rows, rotation pairs) of the state block each program of a state scan (the forward one and the
     backward's reverse one) carries through the chunks: 64 rows x all pairs, at 8 warps (`scan_meta`). Each program
     walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower programs could win,
     but each one's share of the per-chunk loads and rotations (repeated across the blocks) outweighs that now that the
-    scans prefetch their loads and the chain no longer waits on them. (The arguments are those a policy by head
-    count, which this replaced, needed: evals/kernel_report.py --state-blocks overrides this function.)
+    scans prefetch their loads and the chain no longer waits on them (evals/kernel_report.py --state-blocks overrides
+    this function to compare blocks).
     Measured on H200 (evals/kernel_report.py), prefetching, ms per fwd+bwd for the forward scan (run twice: the
     forward, and the backward's recompute) / the reverse scan, at rows x pairs (64x64 and 64x32 are 8 and 4 warps):
       R4 b8 x 2048:     64x64 1.75 / 0.93,  64x32 2.06 / -
@@ -442,9 +451,9 @@ def state_scan_block(heads: int, P: int, N: int, device: torch.device, forward: 
     return 64, N // 2
 
 
-def scan_block(st: _Setup, heads: int, device: torch.device, forward: bool) -> tuple[int, int]:
+def scan_block(st: _Setup) -> tuple[int, int]:
     """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan."""
-    bp, bj = state_scan_block(heads, st.P, st.N, device, forward)
+    bp, bj = state_scan_block(st.N)
     return min(st.meta["BP"], bp), min(st.meta["BH"], _pow2(bj))
 
 
@@ -468,7 +477,7 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    bp, bj = scan_block(st, B * H, k.device, forward=True)
+    bp, bj = scan_block(st)
     _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
                                                      s0 if s0 is not None else final, enter, final, st.L, H,
                                                      st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,

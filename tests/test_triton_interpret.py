@@ -72,10 +72,10 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     vs fp64 autograd."""
     from hybrid_mamba3.kernels import triton_chunked as tc
 
-    assert tc.state_scan_block(1, 48, N, torch.device("cpu"), forward=False) == (64, N // 2)
+    assert tc.state_scan_block(N) == (64, N // 2)
     want_blocks = {(64, 16)} if pairs is None else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
     if pairs is not None:
-        monkeypatch.setattr(tc, "state_scan_block", lambda heads, P, N, device, forward: (32, pairs))
+        monkeypatch.setattr(tc, "state_scan_block", lambda N: (32, pairs))
     blocks, scan_block = [], tc.scan_block
     monkeypatch.setattr(tc, "scan_block", lambda *a, **kw: blocks.append(scan_block(*a, **kw)) or blocks[-1])
     args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=N, P=48, K=K)
