@@ -339,26 +339,15 @@ def load_oracle_module():
     return mod
 
 
-OFFICIAL_TRIMMED = ("ops.triton.mamba3.mamba3_siso_bwd", "ops.triton.mamba3.mamba3_siso_step")
-
-
 def official_class(mimo: bool):
     """(class, None) or (None, reason). The oracle helper raises pytest's Skipped (a BaseException).
 
-    tests/oracle.py trims the official Triton autotuning of the SISO forward, MIMO utilities and angle kernels to
-    the configs with num_warps 4, num_stages <= 2 (no maxnreg); the bench trims the SISO backward (54+27+27+81
-    configs: minutes per kernel on a fresh machine) and the SISO step kernel the same way, unless
-    HM3_ORACLE_FULL_AUTOTUNE=1 (--official-full-autotune).
+    tests/oracle.py trims the official Triton autotuning (SISO forward, backward and step, MIMO utilities, angle
+    kernels; the SISO backward alone has 54+27+27+81 configs: minutes per kernel on a fresh machine) to the configs
+    with num_warps 4, num_stages <= 2 (no maxnreg), unless HM3_ORACLE_FULL_AUTOTUNE=1 (--official-full-autotune).
     """
     try:
-        oracle = load_oracle_module()
-        cls = oracle.load_official_mamba3(mimo=mimo)
-        for name in OFFICIAL_TRIMMED:
-            try:
-                oracle._trim_autotune(oracle.import_oracle(name))
-            except Exception:  # noqa: BLE001 - a module that is not there is not run either
-                pass
-        return cls, None
+        return load_oracle_module().load_official_mamba3(mimo=mimo), None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - pytest.skip, ImportError, anything: official unavailable
@@ -368,21 +357,6 @@ def official_class(mimo: bool):
 def mamba_kwargs(mimo: bool, d_model: int) -> dict:
     return dict(d_model=d_model, d_state=D_STATE, expand=EXPAND, headdim=HEADDIM, rope_fraction=0.5,
                 is_mimo=mimo, mimo_rank=MIMO_RANK if mimo else 1, chunk_size=16 if mimo else 64)
-
-
-def perturb(mod, mimo: bool):
-    """Non-trivial parameters (as the oracle tests do): never time a module on its constant init."""
-    with torch.no_grad():
-        mod.dt_bias.add_(0.5 * torch.randn_like(mod.dt_bias))
-        for p in (mod.B_bias, mod.C_bias, mod.D):
-            p.copy_(1 + 0.5 * torch.randn_like(p))
-        for norm in (mod.B_norm, mod.C_norm):
-            norm.weight.copy_(1 + 0.2 * torch.randn_like(norm.weight))
-        if mimo:
-            R = mod.mimo_rank
-            mod.mimo_x.copy_(1 / R + 0.2 * torch.randn_like(mod.mimo_x))
-            mod.mimo_z.copy_(1 + 0.3 * torch.randn_like(mod.mimo_z))
-            mod.mimo_o.copy_(1 / R + 0.2 * torch.randn_like(mod.mimo_o))
 
 
 def build_mamba(row: str, d_model: int):
@@ -401,7 +375,7 @@ def build_mamba(row: str, d_model: int):
             raise NotAvailable(f"official module unavailable: {why}")
         mod = cls(**kw, layer_idx=0, device=DEV, dtype=DTYPE)
     torch.manual_seed(0)
-    perturb(mod, mimo)
+    load_oracle_module().perturb(mod)  # the oracle tests' non-trivial parameters
     info["params_m"] = round(sum(p.numel() for p in mod.parameters()) / 1e6, 3)
     return mod, info
 

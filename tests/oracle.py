@@ -52,14 +52,21 @@ def _trim_autotune(mod) -> None:
             obj.configs = keep or obj.configs[:2]
 
 
+# the official Triton kernels whose autotuning is trimmed (the SISO backward alone has 54+27+27+81 configs)
+TRIMMED = ("ops.triton.mamba3.mamba3_siso_fwd", "ops.triton.mamba3.mamba3_siso_bwd",
+           "ops.triton.mamba3.mamba3_siso_step", "ops.triton.mamba3.mamba3_mimo_utils", "ops.triton.mamba3.angle_dt")
+
+
 def load_official_mamba3(mimo: bool = False):
     """The official `Mamba3` class, or pytest.skip with the reason. mimo=True also needs its TileLang kernels."""
     try:
         t0 = time.perf_counter()
         mod = import_oracle("modules.mamba3")
-        for name in ("ops.triton.mamba3.mamba3_siso_fwd", "ops.triton.mamba3.mamba3_mimo_utils",
-                     "ops.triton.mamba3.angle_dt"):
-            _trim_autotune(import_oracle(name))
+        for name in TRIMMED:
+            try:
+                _trim_autotune(import_oracle(name))
+            except ImportError:  # a module that is not there is not run either
+                pass
         record_timing("oracle_import_s", time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - any failure to import means: no oracle here
         pytest.skip(f"official mamba-ssm Mamba3 not importable: {type(e).__name__}: {e}")
@@ -71,6 +78,70 @@ def load_official_mamba3(mimo: bool = False):
             why = f"{type(e).__name__}: {e}"
         pytest.skip(f"official MIMO (TileLang) kernels not importable: {why}")
     return mod.Mamba3
+
+
+def perturb(layer) -> None:
+    """Non-trivial Mamba-3 parameters for a comparison (never compare or time a layer on its constant init):
+    in_proj / out_proj keep their random init, the parameters initialised to constants get random values."""
+    import torch
+
+    with torch.no_grad():
+        R = layer.mimo_rank
+        layer.dt_bias.add_(0.5 * torch.randn_like(layer.dt_bias))
+        for p in (layer.B_bias, layer.C_bias, layer.D):
+            p.copy_(1 + 0.5 * torch.randn_like(p))
+        for norm in (layer.B_norm, layer.C_norm) + ((layer.norm,) if layer.is_outproj_norm else ()):
+            norm.weight.copy_(1 + 0.2 * torch.randn_like(norm.weight))
+        if layer.is_mimo:
+            layer.mimo_x.copy_(1 / R + 0.2 * torch.randn_like(layer.mimo_x))
+            layer.mimo_z.copy_(1 + 0.3 * torch.randn_like(layer.mimo_z))
+            layer.mimo_o.copy_(1 / R + 0.2 * torch.randn_like(layer.mimo_o))
+
+
+def official_and_ours(cfg: dict, seed: int = 0):
+    """The official module (bf16, non-trivial random parameters) and our Mamba3 layer holding its state dict.
+
+    cfg: the keyword arguments of both constructors (d_model, d_state, is_mimo, mimo_rank, chunk_size, ...).
+    """
+    import torch
+
+    from hybrid_mamba3 import Mamba3
+
+    Official = load_official_mamba3(mimo=cfg["is_mimo"])
+    torch.manual_seed(seed)
+    off = Official(**cfg, layer_idx=0, device="cuda", dtype=torch.bfloat16)
+    perturb(off)
+    ours = Mamba3(**cfg, layer_idx=0, device="cuda", dtype=torch.bfloat16, backend="auto")
+    ours.load_state_dict(off.state_dict())
+    return off, ours
+
+
+def layer_grads(layer, u, dy, split) -> dict:
+    """fp32 copies of the output, the input's gradient, each parameter's gradient and the in_proj output's
+    gradient per part ("proj.z", "proj.x", ... "proj.angles": per-token gradients, before the sums over tokens
+    that the parameter gradients are) for the loss sum(y * dy). `split` cuts in_proj's output into its parts
+    (our Mamba3._split; the official layout is the same)."""
+    import torch
+
+    layer.zero_grad(set_to_none=True)
+    u = u.detach().clone().requires_grad_()
+    proj = []
+
+    def keep(module, inputs, output) -> None:  # (a hook that returns something replaces the output)
+        output.retain_grad()
+        proj.append(output)
+
+    hook = layer.in_proj.register_forward_hook(keep)
+    try:
+        y = layer(u)
+    finally:
+        hook.remove()
+    (y.float() * dy).sum().backward()
+    names = ("z", "x", "B", "C", "dd_dt", "dd_A", "trap", "angles")
+    out = dict(output=y.detach().float(), input=u.grad.float())
+    out.update({f"proj.{n}": g.float() for n, g in zip(names, split(proj[0].grad))})
+    out.update({n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None})
+    return out
 
 
 def official_step_available() -> bool:
