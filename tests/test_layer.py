@@ -157,3 +157,24 @@ def test_gated_rmsnorm_formula(group_size, gated, before):
     if gated and before:
         want = want * F.silu(z)
     assert torch.allclose(norm(x, z if gated else None), want, rtol=1e-12, atol=0)
+
+
+def test_oracle_layer_grads_reads_the_layer_unchanged():
+    """tests/oracle.py's layer_grads (the gradient oracle's collector): its in_proj hook leaves the output as it is,
+    and the per-token in_proj gradients it returns are the ones the weight's gradient sums (W.grad = G^T u)."""
+    from oracle import layer_grads
+
+    torch.manual_seed(0)
+    m = Mamba3(d_model=32, d_state=16, headdim=16, is_mimo=True, mimo_rank=2, chunk_size=8, backend="torch")
+    u, dy = torch.randn(2, 19, 32), torch.randn(2, 19, 32)
+    g = layer_grads(m, u, dy, m._split)
+    with torch.no_grad():
+        assert torch.equal(g["output"], m(u))
+    parts = ("z", "x", "B", "C", "dd_dt", "dd_A", "trap", "angles")
+    proj = torch.cat([g[f"proj.{n}"] for n in parts], -1).flatten(0, 1)
+    assert proj.shape[1] == m.in_proj.out_features
+    assert rel_err(proj.T @ u.flatten(0, 1), g["in_proj.weight"]) < 1e-5
+    uu = u.clone().requires_grad_()
+    (m(uu) * dy).sum().backward()
+    assert rel_err(g["input"], uu.grad) < 1e-6
+    assert {n for n, _ in m.named_parameters()} <= g.keys()
