@@ -401,13 +401,16 @@ class _Setup:
         dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
         self.operand_dtype = q.dtype if low else torch.float32
         rp = _rank_pad(self.R)
-        # BH, the pair lanes, is at least 64 for 16-bit operands on CUDA: at 32 (d_state 64) Triton 3.6 compiles the
-        # bf16 dQ kernel into out-of-range shared/local memory accesses (compute-sanitizer memcheck, H200, SISO and
-        # MIMO alike: an illegal-address fault or wrong gradients, depending on what lies there). The fp32 kernels
-        # are clean at 32 (memcheck, and gradients within 3e-6 of the chunked op), and at 64 ptxas takes minutes
-        # on them. The padding lanes are masked off like any j >= N/2.
-        bh = max(_pow2(self.N // 2), 64 if q.is_cuda and low else 1)
-        self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=bh, BP=_pow2(self.P), HALF=self.N // 2,
+        # The pair lanes (BH) and headdim lanes (BP) are at least 64 for 16-bit operands on CUDA. At BH 32 (d_state
+        # 64) Triton 3.6 compiled the bf16 dQ kernel into out-of-range shared/local memory accesses (compute-sanitizer
+        # memcheck, H200, SISO and MIMO alike: an illegal-address fault or wrong gradients, depending on what lies
+        # there); others report the same sm_90 fault for kernels with several tl.dot whose dims are 16 or 32, so
+        # headdim 32 gets the same floor. The fp32 kernels are clean at 32 (memcheck, and gradients within 3e-6 of
+        # the chunked op), and at 64 ptxas takes minutes on them. Padding lanes are masked like any j >= N/2, p >= P
+        # (the interpreter tests pass with both floors forced on).
+        floor = 64 if q.is_cuda and low else 1
+        bh, bp = max(_pow2(self.N // 2), floor), max(_pow2(self.P), floor)
+        self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=bh, BP=bp, HALF=self.N // 2,
                          BIAS_PAIRS=bias_pairs, DOT=dot, PREC="tf32" if low else "ieee",
                          # 4 warps: the tiles take ~255 registers a thread either way (a few spill at 4), and
                          # 4 warps let 2 programs share an SM, hiding each other's load latency: R4 b8 x 2048

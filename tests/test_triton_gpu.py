@@ -40,24 +40,25 @@ def _inputs(B, L, R, G, N, H, P, K, mimo, gate, skip, seed):
 
 
 GRID = [
-    # R, G, N, K(=N/4 rope 0.5 | N/2 rope 1.0), pairwise, gate, skip, init
-    (4, 1, 128, 32, False, True, True, False),
-    (4, 2, 128, 64, False, True, True, True),
-    (1, 1, 128, 32, True, True, True, False),   # SISO
-    (1, 2, 128, 64, True, False, True, True),
-    (2, 1, 128, 32, False, False, False, False),
-    (8, 1, 128, 64, False, True, True, True),
-    (3, 1, 128, 32, False, True, True, False),  # ranks padded to 4 inside the kernels
-    (4, 1, 64, 32, False, True, True, True),     # d_state 64 (the oracle's rope 1.0 layers)
-    (1, 1, 64, 16, True, True, False, False),
+    # R, G, N, K(=N/4 rope 0.5 | N/2 rope 1.0), pairwise, gate, skip, init, headdim P
+    (4, 1, 128, 32, False, True, True, False, 64),
+    (4, 2, 128, 64, False, True, True, True, 64),
+    (1, 1, 128, 32, True, True, True, False, 64),   # SISO
+    (1, 2, 128, 64, True, False, True, True, 64),
+    (2, 1, 128, 32, False, False, False, False, 64),
+    (8, 1, 128, 64, False, True, True, True, 64),
+    (3, 1, 128, 32, False, True, True, False, 64),  # ranks padded to 4 inside the kernels
+    (4, 1, 64, 32, False, True, True, True, 64),    # d_state 64 (the oracle's rope 1.0 layers)
+    (1, 1, 64, 16, True, True, False, False, 64),
+    (4, 1, 128, 32, False, True, True, False, 32),  # headdim 32 (lanes padded to 64 on CUDA)
 ]
 
 
-@pytest.mark.parametrize("R,G,N,K,pw,gate,skip,init", GRID)
+@pytest.mark.parametrize("R,G,N,K,pw,gate,skip,init,P", GRID)
 @pytest.mark.parametrize("L", [300, 1024])
-def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, L):
-    B, H, P = 2, 8, 64
-    args, opts = _inputs(B, L, R, G, N, H, P, K, R > 1, gate, skip, seed=hash((R, G, N, K, L)) % 2 ** 31)
+def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L):
+    B, H = 2, 8
+    args, opts = _inputs(B, L, R, G, N, H, P, K, R > 1, gate, skip, seed=hash((R, G, N, K, P, L)) % 2 ** 31)
     st = None
     if init:
         st = Mamba3State(torch.rand(B, H, K, device="cuda") * 6, torch.randn(B, H, P, N, device="cuda") * 0.1,

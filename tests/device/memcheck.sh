@@ -3,7 +3,7 @@
 # those that do not fault (an access that lands in mapped memory reads garbage silently; which ones fault depends on
 # what else is allocated). Needs a CUDA machine with compute-sanitizer (the device has /usr/local/cuda/bin).
 #   bash tests/device/memcheck.sh                                   # tests/test_triton_gpu.py
-#   bash tests/device/memcheck.sh "tests/test_triton_gpu.py::test_forward_and_gradients_vs_chunked[300-4-1-64-32-False-True-True-True]"
+#   bash tests/device/memcheck.sh "tests/test_triton_gpu.py::test_forward_and_gradients_vs_chunked[300-4-1-64-32-False-True-True-True-64]"
 # Prints, per kernel and source line, how many accesses were out of range, then the error summary and pytest's
 # result line; the full log goes to $OUT/memcheck.log. Exit status: pytest's, or 3 when memcheck found errors.
 # Kernels run ~10-100x slower under it: keep the selection small (one grid case takes ~25 s on an H200).
