@@ -6,8 +6,10 @@
 # pytest takes testpaths (tests/). pytest gets SIGINT after HM3_TIMEOUT s (default 560, inside the device's
 # 600 s), so it still prints its summary; oracle_report.json is rewritten after every figure anyway, and each failure
 # goes to failures.log as it happens (a pytest stuck in a native compile ignores SIGINT and is killed).
-# Cold-start compile is long (TileLang MIMO kernels, Triton): if one call cannot hold it all, split it, e.g.
-#   run_gpu_tests.sh tests/test_oracle_gpu.py -k mimo   then   run_gpu_tests.sh -k "not mimo"
+# Cold-start compile is long (TileLang MIMO kernels, Triton): one call cannot hold it all, so split it, e.g.
+#   run_gpu_tests.sh tests/test_oracle_gpu.py -k "mimo and not gradients"     (~270 s on a fresh H200)
+#   run_gpu_tests.sh tests/test_oracle_gpu.py -k "mimo and gradients"         (~150 s per config: TileLang backward JIT)
+#   run_gpu_tests.sh -k "not mimo"                                            (Triton tests + SISO oracle)
 # on the same warm machine (TileLang's ~/.tilelang and Triton's ~/.triton caches stay while it is held).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
