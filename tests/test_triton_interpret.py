@@ -163,7 +163,8 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
     _assert_grads(got, ref)
 
 
-def test_angle_table_over_many_blocks(monkeypatch):
+@pytest.mark.parametrize("sub,stages", [(1, 1), (3, 2)])  # the defaults, and kernel_report A/B variants
+def test_angle_table_over_many_blocks(monkeypatch, sub, stages):
     """The rotation table and its gradient against theta = init + cumsum(tanh(angles) pi dt) in fp64, over 40 blocks
     of positions with the offsets scan made to take three steps (the last one partial) each way, so a wrong carry,
     order or reduction mod 2 pi fails. The raw angles are a bf16 strided view (read in place, tanh in the kernels),
@@ -176,6 +177,8 @@ def test_angle_table_over_many_blocks(monkeypatch):
     from hybrid_mamba3.kernels import triton_angles as ta
 
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
+    monkeypatch.setattr(ta, "TABLE_SUB", sub)  # 3: the last program holds one block (of 40), partly masked
+    monkeypatch.setattr(ta, "GRAD_STAGES", stages)
     torch.manual_seed(0)
     B, H, K = 1, 2, 4
     L = ta.BLOCK * 40 - 5
