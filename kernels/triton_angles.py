@@ -41,6 +41,9 @@ TABLE_SUB = 1
 # and each walks all heads; the loads of one head do not depend on the previous head's sums, so they could be in
 # flight together (to be measured: evals/kernel_report.py --set triton_angles.GRAD_STAGES=1,2,3)
 GRAD_STAGES = 1
+# the same for the offsets scan's loop over tiles of blocks (one program per (batch, head): 0.13 ms a call at
+# b1 x 32768, H200; its steps' loads do not depend on the carry either)
+OFFSET_STAGES = 1
 
 
 def _fp32(dt: torch.Tensor) -> torch.Tensor:
@@ -161,7 +164,7 @@ if triton is not None:
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                              BK: tl.constexpr, BB: tl.constexpr):
+                              BK: tl.constexpr, BB: tl.constexpr, STAGES: tl.constexpr):
         """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb), summed in float64 over the
         blocks before it (REVERSE: after it), written fp32 to off (same shape). Forward: plus the initial angle,
         reduced mod 2 pi (as torch.remainder)."""
@@ -171,7 +174,7 @@ if triton is not None:
         carry = tl.zeros([BK], dtype=tl.float64)
         if HAS_INIT:
             carry += tl.load(init_ptr + pid * K + offs_k, mask=kmask, other=0.0).to(tl.float64)
-        for start in range(0, nb, BB):
+        for start in tl.range(0, nb, BB, num_stages=STAGES):
             offs_b = start + tl.arange(0, BB)
             if REVERSE:
                 offs_b = nb - 1 - offs_b
@@ -194,7 +197,7 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     bk = next_pow2(K)
     _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
                                     HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
-                                    BB=max(16, OFFSET_TILE // bk), **FMA)
+                                    BB=max(16, OFFSET_TILE // bk), STAGES=OFFSET_STAGES, **FMA)
     return off
 
 

@@ -179,6 +179,7 @@ def test_angle_table_over_many_blocks(monkeypatch, sub, stages):
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
     monkeypatch.setattr(ta, "TABLE_SUB", sub)  # 3: the last program holds one block (of 40), partly masked
     monkeypatch.setattr(ta, "GRAD_STAGES", stages)
+    monkeypatch.setattr(ta, "OFFSET_STAGES", stages)
     torch.manual_seed(0)
     B, H, K = 1, 2, 4
     L = ta.BLOCK * 40 - 5
