@@ -115,7 +115,8 @@ if triton is not None:
                 x = _increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
             else:
                 x = tl.load(src_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
-            tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + blk, tl.sum(x, axis=0), mask=kmask & (blk < nb))
+            bm = kmask & (blk + 0 * offs_k < nb)  # (a lane tensor: Triton 3.9's interpreter rejects a scalar here)
+            tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + blk, tl.sum(x, axis=0), mask=bm)
 
     @triton.jit
     def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
@@ -129,7 +130,8 @@ if triton is not None:
         for i in tl.static_range(SUB):
             blk = tl.program_id(1) * SUB + i
             offs_l, lmask, offs_k, kmask, m = _block_at(blk, L, K, BL, BK)
-            off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + blk, mask=kmask & (blk < nb), other=0.0)
+            off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + blk, mask=kmask & (blk + 0 * offs_k < nb),
+                          other=0.0)
             inc = _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
             theta = tl.cumsum(inc, axis=0) + off[None, :]
             out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
