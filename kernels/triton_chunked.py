@@ -239,14 +239,20 @@ if triton is not None:
 
     @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
-                           final_ptr, L, H, G, K, N, P, nc, VS,
+                           final_ptr, seg_ptr, segdec_ptr, L, H, G, K, N, P, nc, VS, CPS, NSEG,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
-                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr):
-        """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
-        through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
-        dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
-        in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
+                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr, PASS: tl.constexpr):
+        """Grid (B*H, P / BPB * N / (2 BJ), segments): a (BPB rows, BJ pairs) block of the state, in fp32 registers,
+        carried through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored
+        (operand dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32
+        cost more in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768.
+
+        Segments (`scan_segments`), for when batch x heads alone leave SMs idle: the chunks are cut into NSEG runs
+        of CPS. PASS 1 (grid's last axis: the first NSEG - 1 segments) walks each from a zero state, storing nothing
+        but its end state into seg (B*H, NSEG, P, N) fp32; PASS 2 (all segments) starts each from the true entering
+        state, E_s = exp(segdec_s-1) E_s-1 + seg_s-1 folded over the earlier segments (segdec: their atot sums),
+        and walks it as PASS 0 (one segment) does. Twice the walking, NSEG times the programs."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -257,12 +263,21 @@ if triton is not None:
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
-        if HAS_S0:
+        seg = tl.program_id(2)
+        c0 = seg * CPS
+        c1 = tl.minimum(c0 + CPS, nc)
+        if HAS_S0 and PASS != 1:
             run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
             run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
         else:  # a zero start needs no buffer (nor its fill launch)
             run_a = tl.zeros([BPB, BJ], dtype=tl.float32)
             run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
+        if PASS == 2:
+            for i in range(seg):  # the earlier segments' end states, each from zero, carried to this one's start
+                dec = tl.exp(tl.load(segdec_ptr + pid_bh * NSEG + i))
+                srow = ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
+                run_a = run_a * dec + tl.load(seg_ptr + srow + ia[None, :], mask=m, other=0.0)
+                run_b = run_b * dec + tl.load(seg_ptr + srow + ib[None, :], mask=m, other=0.0)
         # The chunk rows' ranks are the same in every chunk, so are their bias and mimo_x rows: loaded once, ahead of
         # the chunk loop (R4 H100, a call at full width: b8 x 2048 1.29 -> 1.26 ms, b1 x 32768 4.20 -> 3.83)
         kba, kbb = _chunk_bias_rows(kb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
@@ -274,12 +289,13 @@ if triton is not None:
         kbase = k_ptr + b * L * R * G * N + g * N
         vbase = v_ptr + b * L * VS + h * P
         acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr,
-                                                                        pid_bh, b, h, 0, L, H, G, K, N, nc, VS,
+                                                                        pid_bh, b, h, c0, L, H, G, K, N, nc, VS,
                                                                         offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
-        for c in range(nc):
-            out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
-            tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
-            tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
+        for c in range(c0, c1):
+            if PASS != 1:
+                out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+                tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
+                tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
             acs, w, atot, cos, sin, xa, xb, v = acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n
             acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
                 kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
@@ -292,8 +308,14 @@ if triton is not None:
             decay = tl.exp(atot)
             run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
             run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
-        tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
-        tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
+        if PASS == 1:
+            srow = ((pid_bh * NSEG + seg) * P + offs_p[:, None]) * N
+            tl.store(seg_ptr + srow + ia[None, :], run_a, mask=m)
+            tl.store(seg_ptr + srow + ib[None, :], run_b, mask=m)
+        else:  # (only the last segment's programs reach the end of the sequence)
+            fm = m & ((offs_p * 0 + c1) == nc)[:, None]  # (a lane tensor: Triton 3.9's interpreter wants one)
+            tl.store(final_ptr + row + ia[None, :], run_a, mask=fm)
+            tl.store(final_ptr + row + ib[None, :], run_b, mask=fm)
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
@@ -479,6 +501,26 @@ def scan_meta(st: _Setup, bp: int, bj: int) -> dict:
     return {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
 
 
+# Segments per state scan (1: one walk over all chunks per program). More cut the sequence into that many runs
+# walked in parallel twice (`_state_scan_kernel`), for batch x heads too few to fill the GPU (b1 x 32768: 64
+# programs at 64 x 64 blocks). To be measured before it is made a policy: kernel_report --set
+# triton_chunked.SCAN_SEGMENTS=1,2,4,8 (it applies to both directions' scans).
+SCAN_SEGMENTS = 1
+
+
+def scan_segments(nc: int) -> tuple[int, int]:
+    """(segments, chunks per segment) of a state scan over nc chunks: SCAN_SEGMENTS, fewer when the chunks run
+    out (no empty segment)."""
+    cps = cdiv(nc, max(1, min(SCAN_SEGMENTS, nc)))
+    return cdiv(nc, cps), cps
+
+
+def segment_decays(atot: torch.Tensor, nseg: int, cps: int) -> torch.Tensor:
+    """Each segment's log decay, the sum of its chunks' atot: (B*H, nseg) fp32 from atot (B*H, nc)."""
+    pad = nseg * cps - atot.shape[-1]
+    return torch.nn.functional.pad(atot.reshape(-1, atot.shape[-1]), (0, pad)).view(-1, nseg, cps).sum(-1)
+
+
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
@@ -487,10 +529,16 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp, bj = scan_block(st)
-    _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
-                                                     s0 if s0 is not None else final, enter, final, st.L, H,
-                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
-                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj), **FMA)
+    nseg, cps = scan_segments(nc)
+    seg = segdec = final  # (unread with one segment)
+    if nseg > 1:
+        seg = torch.empty(B * H, nseg, P, N, device=k.device, dtype=torch.float32)
+        segdec = segment_decays(atot, nseg, cps)
+    for pas, count in ((1, nseg - 1), (2, nseg)) if nseg > 1 else ((0, 1),):
+        _state_scan_kernel[scan_grid(st, B * H, bp, bj) + (count,)](
+            k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else final, enter, final, seg, segdec, st.L, H,
+            st.G, st.K, N, P, nc, row_stride(v), cps, nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None, PASS=pas,
+            **scan_meta(st, bp, bj), **FMA)
     return enter, final
 
 

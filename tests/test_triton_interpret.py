@@ -93,6 +93,35 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     assert set(blocks) == want_blocks
 
 
+@pytest.mark.parametrize("segments,lengths", [(3, (3, 3, 1)), (2, (4, 3)), (9, (1,) * 7)])
+def test_state_scans_in_segments(segments, lengths, monkeypatch):
+    """Both state scans cut into segments walked in parallel (`SCAN_SEGMENTS`, `scan_segments`): a first pass from
+    zero states per segment, the second from the states the earlier (forward) or later (reverse) segments hand on.
+    7 chunks (R4: 16 positions each, the last partial): one segment, uneven ones, and more asked than chunks.
+    Forward and final state vs the reference from an initial state; every gradient (the initial state's part of
+    mimo_x's included) vs fp64 autograd. The final states get 1e-5, not TOL: over 107 positions the fp32 angle
+    sums' rounding moves the (rotated) k and ssm states by up to 4e-6 (seeds 0-3, one segment or several alike)."""
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
+    monkeypatch.setattr(tc, "SCAN_SEGMENTS", segments)
+    L = 7 * kernel_chunk(4) - 5
+    nseg, cps = tc.scan_segments(7)
+    assert [min(cps, 7 - i * cps) for i in range(nseg)] == list(lengths)
+    gen = torch.Generator().manual_seed(0)
+    args, opts = make_op_inputs(B=2, L=L, R=4, K=4, gen=gen, **SIZES)
+    st = _state(2, 4, 4)
+    ref, ref_fin = mamba3_reference(*args, **opts, initial_state=st, return_final_state=True)
+    a32, o32 = _f32(args, opts)
+    y, fin = mamba3_chunked_triton(*a32, **o32, initial_state=st.to(torch.float32), return_final_state=True)
+    assert rel_err(y, ref) < TOL
+    for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
+        assert rel_err(a, b) < 1e-5, name
+    dy = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    _, want = _grads(mamba3_chunked, args, opts, dy, initial_state=st)
+    _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
+    _assert_grads(got, want)
+
+
 def test_per_rank_output():
     args, opts = make_op_inputs(B=1, L=20, R=2, **SIZES)
     opts["mimo_o"] = None
