@@ -452,13 +452,14 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp, bj = tc.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        nseg, cps = tc.scan_segments(nc)
+        grid = tc.scan_grid(st, B * H, bp, bj)
+        nseg, cps = tc.scan_segments(nc, grid[0] * grid[1], dev)
         seg = segdec = ds0  # (unread with one segment)
         if nseg > 1:
             seg = torch.empty(B * H, nseg, P, N, device=dev, dtype=f32)
             segdec = tc.segment_decays(atot, nseg, cps)
         for pas, count in ((1, nseg - 1), (2, nseg)) if nseg > 1 else ((0, 1),):
-            _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj) + (count,)](
+            _state_scan_bwd_kernel[grid + (count,)](
                 q, st.qb, cs, do, acs, atot, down, ds0, seg, segdec, L, H, G, K, N, P, nc, cps, nseg, BPB=bp, BJ=bj,
                 PASS=pas, **tc.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)

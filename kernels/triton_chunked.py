@@ -503,15 +503,24 @@ def scan_meta(st: _Setup, bp: int, bj: int) -> dict:
 
 # Segments per state scan (1: one walk over all chunks per program). More cut the sequence into that many runs
 # walked in parallel twice (`_state_scan_kernel`), for batch x heads too few to fill the GPU (b1 x 32768: 64
-# programs at 64 x 64 blocks). To be measured before it is made a policy: kernel_report --set
-# triton_chunked.SCAN_SEGMENTS=1,2,4,8 (it applies to both directions' scans).
+# programs at 64 x 64 blocks). 0: as many as give SCAN_WAVES programs per SM, at most 8. To be measured before
+# either is the default: kernel_report --set triton_chunked.SCAN_SEGMENTS=1,0,2,4,8 (both directions' scans).
 SCAN_SEGMENTS = 1
+SCAN_WAVES = 2
 
 
-def scan_segments(nc: int) -> tuple[int, int]:
-    """(segments, chunks per segment) of a state scan over nc chunks: SCAN_SEGMENTS, fewer when the chunks run
-    out (no empty segment)."""
-    cps = cdiv(nc, max(1, min(SCAN_SEGMENTS, nc)))
+def _scan_sms(device: torch.device) -> int:
+    """The SMs a scan's programs spread over (1 off CUDA: the interpreter)."""
+    return _sm_count(device) if device.type == "cuda" else 1
+
+
+def scan_segments(nc: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(segments, chunks per segment) of a state scan over nc chunks whose grid has `programs` programs per segment:
+    SCAN_SEGMENTS (0: enough for SCAN_WAVES programs per SM), fewer when the chunks run out (no empty segment)."""
+    want = SCAN_SEGMENTS
+    if want == 0:
+        want = min(8, cdiv(SCAN_WAVES * _scan_sms(device), programs))
+    cps = cdiv(nc, max(1, min(want, nc)))
     return cdiv(nc, cps), cps
 
 
@@ -529,13 +538,14 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp, bj = scan_block(st)
-    nseg, cps = scan_segments(nc)
+    grid = scan_grid(st, B * H, bp, bj)
+    nseg, cps = scan_segments(nc, grid[0] * grid[1], k.device)
     seg = segdec = final  # (unread with one segment)
     if nseg > 1:
         seg = torch.empty(B * H, nseg, P, N, device=k.device, dtype=torch.float32)
         segdec = segment_decays(atot, nseg, cps)
     for pas, count in ((1, nseg - 1), (2, nseg)) if nseg > 1 else ((0, 1),):
-        _state_scan_kernel[scan_grid(st, B * H, bp, bj) + (count,)](
+        _state_scan_kernel[grid + (count,)](
             k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else final, enter, final, seg, segdec, st.L, H,
             st.G, st.K, N, P, nc, row_stride(v), cps, nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None, PASS=pas,
             **scan_meta(st, bp, bj), **FMA)

@@ -93,20 +93,24 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     assert set(blocks) == want_blocks
 
 
-@pytest.mark.parametrize("segments,lengths", [(3, (3, 3, 1)), (2, (4, 3)), (9, (1,) * 7)])
+@pytest.mark.parametrize("segments,lengths", [(3, (3, 3, 1)), (0, (4, 3)), (9, (1,) * 7)])
 def test_state_scans_in_segments(segments, lengths, monkeypatch):
     """Both state scans cut into segments walked in parallel (`SCAN_SEGMENTS`, `scan_segments`): a first pass from
     zero states per segment, the second from the states the earlier (forward) or later (reverse) segments hand on.
-    7 chunks (R4: 16 positions each, the last partial): one segment, uneven ones, and more asked than chunks.
+    7 chunks (R4: 16 positions each, the last partial): uneven segments, more asked than chunks, and the automatic
+    count (0: 2 programs per SM; 8 programs a segment on a pretend 8-SM device: 2 segments).
     Forward and final state vs the reference from an initial state; every gradient (the initial state's part of
     mimo_x's included) vs fp64 autograd. The final states get 1e-5, not TOL: over 107 positions the fp32 angle
     sums' rounding moves the (rotated) k and ssm states by up to 4e-6 (seeds 0-3, one segment or several alike)."""
     from hybrid_mamba3.kernels import triton_chunked as tc
 
     monkeypatch.setattr(tc, "SCAN_SEGMENTS", segments)
+    monkeypatch.setattr(tc, "_scan_sms", lambda device: 8)
     L = 7 * kernel_chunk(4) - 5
-    nseg, cps = tc.scan_segments(7)
+    nseg, cps = tc.scan_segments(7, 8, torch.device("cpu"))  # (B 2 x H 4 x one 16 x 8-pair block: 8 programs)
     assert [min(cps, 7 - i * cps) for i in range(nseg)] == list(lengths)
+    used, scan_segments = [], tc.scan_segments
+    monkeypatch.setattr(tc, "scan_segments", lambda *a: used.append(scan_segments(*a)) or used[-1])
     gen = torch.Generator().manual_seed(0)
     args, opts = make_op_inputs(B=2, L=L, R=4, K=4, gen=gen, **SIZES)
     st = _state(2, 4, 4)
@@ -120,6 +124,7 @@ def test_state_scans_in_segments(segments, lengths, monkeypatch):
     _, want = _grads(mamba3_chunked, args, opts, dy, initial_state=st)
     _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
     _assert_grads(got, want)
+    assert len(used) == 4 and set(used) == {(nseg, cps)}  # forward, and the backward's recompute + reverse scan
 
 
 def test_per_rank_output():
