@@ -65,27 +65,14 @@ def layer_errors(B: int, L: int, R: int, d_model: int) -> dict[str, dict[str, fl
     """The whole layer, ours in bf16 and the official module in bf16, each against our fp32 layer on the same
     weights: {"ours": {name: error}, "official": {...}} over the output, the input's gradient, every parameter's
     gradient and the per-token gradients of the in_proj output parts (tests/oracle.py: layer_grads)."""
-    import copy
-
-    from oracle import layer_grads, official_and_ours
-
-    kw = dict(d_model=d_model, d_state=128, expand=2, headdim=64, rope_fraction=0.5, is_mimo=R > 1, mimo_rank=R,
-              chunk_size=16 if R > 1 else 64)  # the benchmark's layers
-    off, ours = official_and_ours(kw)
-    ours32 = copy.deepcopy(ours).float()
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    u = torch.randn(B, L, d_model, device="cuda", generator=gen).bfloat16()
-    dy = torch.randn(B, L, d_model, device="cuda", generator=gen)
+    from bench_mamba3 import mamba_kwargs
     from conftest import rel_err
+    from oracle import official_and_ours, pair_grads
 
-    ref = layer_grads(ours32, u.float(), dy, ours._split)
-    del ours32
-    res = {}
-    for label, layer in (("ours", ours), ("official", off)):
-        got = layer_grads(layer, u, dy, ours._split)
-        res[label] = {n: rel_err(got[n], r) for n, r in ref.items()}
-        del got
-    return res
+    off, ours = official_and_ours(dict(mamba_kwargs(R > 1, d_model), mimo_rank=R))  # the benchmark's layers
+    g_off, g_ours, ref, _ = pair_grads(off, ours, B, L)
+    return {label: {n: rel_err(got[n], r) for n, r in ref.items()} for label, got in (("ours", g_ours),
+                                                                                         ("official", g_off))}
 
 
 def main() -> None:

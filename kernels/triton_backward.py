@@ -47,8 +47,9 @@ import torch
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .common import FMA, cdiv, pairs_layout
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
-                             _entering_states, _half_columns, _load_rotated, _pair_block, _rank_rows, _rank_table,
-                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _Setup, kernel_chunk, tl, triton)
+                             _entering_states, _half_columns, _load_rotated, _pair_block, _rank_table,
+                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _segment_fold, _Setup,
+                             _store_segment, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -214,10 +215,8 @@ if triton is not None:
         if PASS == 2:
             for t in range(NSEG - 1 - seg):
                 i = NSEG - 1 - t
-                dec = tl.exp(tl.load(segdec_ptr + pid_bh * NSEG + i))
-                srow = ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
-                run_a = run_a * dec + tl.load(seg_ptr + srow + ia[None, :], mask=m, other=0.0)
-                run_b = run_b * dec + tl.load(seg_ptr + srow + ib[None, :], mask=m, other=0.0)
+                run_a, run_b = _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia,
+                                             ib, m)
         qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
         qbase = q_ptr + b * L * R * G * N + g * N
         acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
@@ -243,9 +242,7 @@ if triton is not None:
             run_a = tl.dot(doe, qa, run_a * decay, input_precision=PREC)
             run_b = tl.dot(doe, qb, run_b * decay, input_precision=PREC)
         if PASS == 1:
-            srow = ((pid_bh * NSEG + seg) * P + offs_p[:, None]) * N
-            tl.store(seg_ptr + srow + ia[None, :], run_a, mask=m)
-            tl.store(seg_ptr + srow + ib[None, :], run_b, mask=m)
+            _store_segment(run_a, run_b, seg_ptr, pid_bh, seg, NSEG, P, N, offs_p, ia, ib, m)
         else:  # (only the first segment's programs reach the start of the sequence)
             row = (pid_bh * P + offs_p[:, None]) * N
             sm = m & ((offs_p * 0 + c0) == 0)[:, None]
@@ -452,14 +449,9 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp, bj = tc.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        grid = tc.scan_grid(st, B * H, bp, bj)
-        nseg, cps = tc.scan_segments(nc, grid[0] * grid[1], dev)
-        seg = segdec = ds0  # (unread with one segment)
-        if nseg > 1:
-            seg = torch.empty(B * H, nseg, P, N, device=dev, dtype=f32)
-            segdec = tc.segment_decays(atot, nseg, cps)
-        for pas, count in ((1, nseg - 1), (2, nseg)) if nseg > 1 else ((0, 1),):
-            _state_scan_bwd_kernel[grid + (count,)](
+        passes, cps, nseg, seg, segdec = tc.scan_passes(st, tc.scan_grid(st, B * H, bp, bj), atot, ds0)
+        for pas, grid in passes:
+            _state_scan_bwd_kernel[grid](
                 q, st.qb, cs, do, acs, atot, down, ds0, seg, segdec, L, H, G, K, N, P, nc, cps, nseg, BPB=bp, BJ=bj,
                 PASS=pas, **tc.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)

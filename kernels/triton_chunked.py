@@ -238,6 +238,22 @@ if triton is not None:
         return acs, w, atot, cos, sin, xa, xb, v
 
     @triton.jit
+    def _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia, ib, m):
+        """(run_a, run_b) carried over segment i of a segmented state scan: exp(segdec_i) run + seg_i, seg_i the
+        segment's end state from zero (both scans' PASS 2 start)."""
+        dec = tl.exp(tl.load(segdec_ptr + pid_bh * NSEG + i))
+        srow = seg_ptr + ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
+        return (run_a * dec + tl.load(srow + ia[None, :], mask=m, other=0.0),
+                run_b * dec + tl.load(srow + ib[None, :], mask=m, other=0.0))
+
+    @triton.jit
+    def _store_segment(run_a, run_b, seg_ptr, pid_bh, i, NSEG, P, N, offs_p, ia, ib, m):
+        """Segment i's end state from zero into seg (B*H, NSEG, P, N) fp32 (both scans' PASS 1 result)."""
+        srow = seg_ptr + ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
+        tl.store(srow + ia[None, :], run_a, mask=m)
+        tl.store(srow + ib[None, :], run_b, mask=m)
+
+    @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
                            final_ptr, seg_ptr, segdec_ptr, L, H, G, K, N, P, nc, VS, CPS, NSEG,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
@@ -274,10 +290,8 @@ if triton is not None:
             run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
         if PASS == 2:
             for i in range(seg):  # the earlier segments' end states, each from zero, carried to this one's start
-                dec = tl.exp(tl.load(segdec_ptr + pid_bh * NSEG + i))
-                srow = ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
-                run_a = run_a * dec + tl.load(seg_ptr + srow + ia[None, :], mask=m, other=0.0)
-                run_b = run_b * dec + tl.load(seg_ptr + srow + ib[None, :], mask=m, other=0.0)
+                run_a, run_b = _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia,
+                                             ib, m)
         # The chunk rows' ranks are the same in every chunk, so are their bias and mimo_x rows: loaded once, ahead of
         # the chunk loop (R4 H100, a call at full width: b8 x 2048 1.29 -> 1.26 ms, b1 x 32768 4.20 -> 3.83)
         kba, kbb = _chunk_bias_rows(kb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
@@ -309,9 +323,7 @@ if triton is not None:
             run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
             run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
         if PASS == 1:
-            srow = ((pid_bh * NSEG + seg) * P + offs_p[:, None]) * N
-            tl.store(seg_ptr + srow + ia[None, :], run_a, mask=m)
-            tl.store(seg_ptr + srow + ib[None, :], run_b, mask=m)
+            _store_segment(run_a, run_b, seg_ptr, pid_bh, seg, NSEG, P, N, offs_p, ia, ib, m)
         else:  # (only the last segment's programs reach the end of the sequence)
             fm = m & ((offs_p * 0 + c1) == nc)[:, None]  # (a lane tensor: Triton 3.9's interpreter wants one)
             tl.store(final_ptr + row + ia[None, :], run_a, mask=fm)
@@ -530,6 +542,17 @@ def segment_decays(atot: torch.Tensor, nseg: int, cps: int) -> torch.Tensor:
     return torch.nn.functional.pad(atot.reshape(-1, atot.shape[-1]), (0, pad)).view(-1, nseg, cps).sum(-1)
 
 
+def scan_passes(st: "_Setup", grid: tuple[int, int], atot: torch.Tensor, unused: torch.Tensor):
+    """How a state scan runs (`scan_segments`): [(PASS, grid)] launches, chunks per segment, segments, and the
+    segments' end-state buffer (B*H, nseg, P, N) fp32 and log decays (B*H, nseg), both `unused` (any tensor, never
+    read) with one segment."""
+    nseg, cps = scan_segments(st.nc, grid[0] * grid[1], atot.device)
+    if nseg == 1:
+        return [(0, grid + (1,))], cps, nseg, unused, unused
+    seg = torch.empty(grid[0], nseg, st.P, st.N, device=atot.device, dtype=torch.float32)
+    return [(1, grid + (nseg - 1,)), (2, grid + (nseg,))], cps, nseg, seg, segment_decays(atot, nseg, cps)
+
+
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
@@ -538,14 +561,9 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp, bj = scan_block(st)
-    grid = scan_grid(st, B * H, bp, bj)
-    nseg, cps = scan_segments(nc, grid[0] * grid[1], k.device)
-    seg = segdec = final  # (unread with one segment)
-    if nseg > 1:
-        seg = torch.empty(B * H, nseg, P, N, device=k.device, dtype=torch.float32)
-        segdec = segment_decays(atot, nseg, cps)
-    for pas, count in ((1, nseg - 1), (2, nseg)) if nseg > 1 else ((0, 1),):
-        _state_scan_kernel[grid + (count,)](
+    passes, cps, nseg, seg, segdec = scan_passes(st, scan_grid(st, B * H, bp, bj), atot, final)
+    for pas, grid in passes:
+        _state_scan_kernel[grid](
             k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else final, enter, final, seg, segdec, st.L, H,
             st.G, st.K, N, P, nc, row_stride(v), cps, nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None, PASS=pas,
             **scan_meta(st, bp, bj), **FMA)

@@ -121,8 +121,6 @@ def layer_grads(layer, u, dy, split) -> dict:
     gradient per part ("proj.z", "proj.x", ... "proj.angles": per-token gradients, before the sums over tokens
     that the parameter gradients are) for the loss sum(y * dy). `split` cuts in_proj's output into its parts
     (our Mamba3._split; the official layout is the same)."""
-    import torch
-
     layer.zero_grad(set_to_none=True)
     u = u.detach().clone().requires_grad_()
     proj = []
@@ -142,6 +140,24 @@ def layer_grads(layer, u, dy, split) -> dict:
     out.update({f"proj.{n}": g.float() for n, g in zip(names, split(proj[0].grad))})
     out.update({n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None})
     return out
+
+
+def pair_grads(off, ours, B: int, L: int, seed: int = 1) -> tuple[dict, dict, dict, float]:
+    """`layer_grads` of the official module and ours in bf16 and of an fp32 copy of ours, for one random bf16 input
+    (B, L, d_model) and fp32 dy drawn from `seed`; and the official's fwd+bwd seconds (its first call JIT-compiles)."""
+    import copy
+
+    import torch
+
+    ours32 = copy.deepcopy(ours).float()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    u = torch.randn(B, L, ours.d_model, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(B, L, ours.d_model, device="cuda", generator=gen)
+    t0 = time.perf_counter()
+    g_off = layer_grads(off, u, dy, ours._split)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return g_off, layer_grads(ours, u, dy, ours._split), layer_grads(ours32, u.float(), dy, ours._split), seconds
 
 
 def official_step_available() -> bool:
