@@ -53,7 +53,7 @@ def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records:
     tc.kernel_chunk, tb.backward_chunk, tc.state_scan_block = orig[0], orig[1], orig[4]
     if state_block is not None:  # "rows" or "rowsxpairs"
         rows, _, pairs = state_block.partition("x")
-        tc.state_scan_block = lambda N: (int(rows), int(pairs) if pairs else N // 2)
+        tc.state_scan_block = lambda N, *_: (int(rows), int(pairs) if pairs else N // 2)
     if chunk is not None:
         tc.kernel_chunk = lambda rank: chunk
     if bwd_chunk is not None:

@@ -33,17 +33,6 @@ except ImportError:  # CPU install without triton: triton_chunked reports it bef
 
 BLOCK = 32  # positions per program; the fp32 part of each angle's sum spans at most this many steps
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
-# blocks of BLOCK positions per program in the forward's table and block-sums kernels (each block keeps its own fp32
-# cumsum and offset, so the numerics do not change). At 1, b1 x 32768 launches 65536 programs of 32 x 32 angles,
-# each a short chain of dependent loads and stores: to be measured (kernel_report --set triton_angles.TABLE_SUB=1,4)
-TABLE_SUB = 1
-# software-pipelining stages of the gradient kernel's loop over heads (1: none). Its programs are few (B x blocks)
-# and each walks all heads; the loads of one head do not depend on the previous head's sums, so they could be in
-# flight together (to be measured: evals/kernel_report.py --set triton_angles.GRAD_STAGES=1,2,3)
-GRAD_STAGES = 1
-# the same for the offsets scan's loop over tiles of blocks (one program per (batch, head): 0.13 ms a call at
-# b1 x 32768, H200; its steps' loads do not depend on the carry either)
-OFFSET_STAGES = 1
 
 
 def _fp32(dt: torch.Tensor) -> torch.Tensor:
@@ -56,12 +45,7 @@ if triton is not None:
     @triton.jit
     def _block(L, K, BL: tl.constexpr, BK: tl.constexpr):
         """This program's positions (block program_id(1)) and angle lanes, with their masks."""
-        return _block_at(tl.program_id(1), L, K, BL, BK)
-
-    @triton.jit
-    def _block_at(blk, L, K, BL: tl.constexpr, BK: tl.constexpr):
-        """Block blk's positions and the angle lanes, with their masks (positions past L masked)."""
-        offs_l = blk * BL + tl.arange(0, BL)
+        offs_l = tl.program_id(1) * BL + tl.arange(0, BL)
         offs_k = tl.arange(0, BK)
         lmask, kmask = offs_l < L, offs_k < K
         return offs_l, lmask, offs_k, kmask, lmask[:, None] & kmask[None, :]
@@ -102,51 +86,42 @@ if triton is not None:
 
     @triton.jit
     def _block_sums_kernel(src_ptr, dt_ptr, tot_ptr, L, H, K, nb,
-                           INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr):
-        """Grid (B*H, blocks / SUB): each block's sum over its positions, (B, H, K, blocks), of the increments (INC)
-        or of x (B, L, H, K), SUB consecutive blocks a program. Blocks last, so `_block_offsets_kernel` scans them
-        along contiguous memory."""
+                           INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
+        """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks), of the increments (INC)
+        or of x (B, L, H, K). Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
-        for i in tl.static_range(SUB):
-            blk = tl.program_id(1) * SUB + i
-            offs_l, lmask, offs_k, kmask, m = _block_at(blk, L, K, BL, BK)
-            if INC:
-                x = _increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
-            else:
-                x = tl.load(src_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
-            bm = kmask & (blk + 0 * offs_k < nb)  # (a lane tensor: Triton 3.9's interpreter rejects a scalar here)
-            tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + blk, tl.sum(x, axis=0), mask=bm)
+        offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
+        if INC:
+            x = _increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
+        else:
+            x = tl.load(src_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
+        tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), tl.sum(x, axis=0), mask=kmask)
 
     @triton.jit
     def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
-                            BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr,
-                            SUB: tl.constexpr):
-        """Grid (B*H, blocks / SUB): theta = the block's offset + the cumsum within it, stored as cos | sin
-        (B, L, H, 2, K) in the table's dtype, SUB consecutive blocks a program; with LAST also theta itself (fp32)
-        at each row's last position (L - 1, or its length - 1, at least 0) into last (B, H, K)."""
+                            BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr):
+        """Grid (B*H, blocks): theta = the block's offset + the cumsum within it, stored as cos | sin
+        (B, L, H, 2, K) in the table's dtype; with LAST also theta itself (fp32) at each row's last position
+        (L - 1, or its length - 1, at least 0) into last (B, H, K)."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
-        for i in tl.static_range(SUB):
-            blk = tl.program_id(1) * SUB + i
-            offs_l, lmask, offs_k, kmask, m = _block_at(blk, L, K, BL, BK)
-            off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + blk, mask=kmask & (blk + 0 * offs_k < nb),
-                          other=0.0)
-            inc = _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
-            theta = tl.cumsum(inc, axis=0) + off[None, :]
-            out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
-            tl.store(out, tl.cos(theta).to(cs_ptr.dtype.element_ty), mask=m)
-            tl.store(out + K, tl.sin(theta).to(cs_ptr.dtype.element_ty), mask=m)
-            if LAST:
-                last = L - 1
-                if HAS_LEN:
-                    last = tl.maximum(tl.load(len_ptr + b).to(tl.int32) - 1, 0)
-                tl.store(last_ptr + pid_bh * K + offs_k[None, :] + 0 * offs_l[:, None], theta,
-                         mask=m & (offs_l == last)[:, None])
+        offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
+        off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
+        theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m), axis=0) + off[None, :]
+        out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
+        tl.store(out, tl.cos(theta).to(cs_ptr.dtype.element_ty), mask=m)
+        tl.store(out + K, tl.sin(theta).to(cs_ptr.dtype.element_ty), mask=m)
+        if LAST:
+            last = L - 1
+            if HAS_LEN:
+                last = tl.maximum(tl.load(len_ptr + b).to(tl.int32) - 1, 0)
+            tl.store(last_ptr + pid_bh * K + offs_k[None, :] + 0 * offs_l[:, None], theta,
+                     mask=m & (offs_l == last)[:, None])
 
     @triton.jit
     def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS,
-                           BL: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                           BL: tl.constexpr, BK: tl.constexpr):
         """Grid (B, blocks), all heads in one program (the angles' gradient sums over them, so no atomics):
         g_s = sum_{t >= s} d theta_t (the later blocks' part precomputed in `suf`), then
         d dt_s = sum_k g_s tanh(angles_s) pi and d angles_s = sum_h g_s dt_s (1 - tanh(angles_s)^2) pi, stored
@@ -155,7 +130,7 @@ if triton is not None:
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         tp, t = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
         acc = tl.zeros([BL, BK], dtype=tl.float32)
-        for h in tl.range(0, H, num_stages=STAGES):
+        for h in range(H):
             dth = tl.load(dth_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
             suf = tl.load(suf_ptr + ((b * H + h) * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
             g = tl.cumsum(dth, axis=0, reverse=True) + suf[None, :]
@@ -166,7 +141,7 @@ if triton is not None:
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                              BK: tl.constexpr, BB: tl.constexpr, STAGES: tl.constexpr):
+                              BK: tl.constexpr, BB: tl.constexpr):
         """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb), summed in float64 over the
         blocks before it (REVERSE: after it), written fp32 to off (same shape). Forward: plus the initial angle,
         reduced mod 2 pi (as torch.remainder)."""
@@ -176,7 +151,7 @@ if triton is not None:
         carry = tl.zeros([BK], dtype=tl.float64)
         if HAS_INIT:
             carry += tl.load(init_ptr + pid * K + offs_k, mask=kmask, other=0.0).to(tl.float64)
-        for start in tl.range(0, nb, BB, num_stages=STAGES):
+        for start in range(0, nb, BB):
             offs_b = start + tl.arange(0, BB)
             if REVERSE:
                 offs_b = nb - 1 - offs_b
@@ -199,7 +174,7 @@ def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: 
     bk = next_pow2(K)
     _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
                                     HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
-                                    BB=max(16, OFFSET_TILE // bk), STAGES=OFFSET_STAGES, **FMA)
+                                    BB=max(16, OFFSET_TILE // bk), **FMA)
     return off
 
 
@@ -208,10 +183,7 @@ def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -
     B, L, H = dt.shape
     nb = cdiv(L, BLOCK)
     tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
-    # (the gradient's sums, of d theta: one block a program, as the gradient kernel's grid is per block anyway)
-    sub = TABLE_SUB if increments else 1
-    _block_sums_kernel[(B * H, cdiv(nb, sub))](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK,
-                                               BK=next_pow2(K), SUB=sub, **FMA)
+    _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=next_pow2(K), **FMA)
     return tot
 
 
@@ -231,10 +203,9 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
                          None if init_angle is None else init_angle.float().contiguous(), reverse=False)
     cs = torch.empty(B, L, H, 2, K, device=dt.device, dtype=dtype)
     last = torch.empty(B, H, K, device=dt.device, dtype=torch.float32) if final else None
-    _angle_table_kernel[(B * H, cdiv(nb, TABLE_SUB))](tp, dt, off, cs, lengths if lengths is not None else dt,
-                                                      last if final else off, L, H, K, nb, BL=BLOCK,
-                                                      BK=next_pow2(K), LAST=final, HAS_LEN=lengths is not None,
-                                                      SUB=TABLE_SUB, **FMA)
+    _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, lengths if lengths is not None else dt,
+                                     last if final else off, L, H, K, nb, BL=BLOCK, BK=next_pow2(K), LAST=final,
+                                     HAS_LEN=lengths is not None, **FMA)
     return cs, last
 
 
@@ -249,5 +220,5 @@ def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
     da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
-                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K), STAGES=GRAD_STAGES, **FMA)
+                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K), **FMA)
     return da, ddt

@@ -48,8 +48,7 @@ from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_repo
 from .common import FMA, cdiv, pairs_layout
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_table,
-                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _segment_fold, _Setup,
-                             _store_segment, kernel_chunk, tl, triton)
+                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _Setup, kernel_chunk, tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -177,11 +176,11 @@ if triton is not None:
         return acs, atot, cos, sin, xa, xb, do
 
     @triton.jit
-    def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, down_ptr, ds0_ptr, seg_ptr,
-                               segdec_ptr, L, H, G, K, N, P, nc, CPS, NSEG,
+    def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, down_ptr, ds0_ptr,
+                               L, H, G, K, N, P, nc,
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
                                BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                               BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr, PASS: tl.constexpr):
+                               BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)), the forward's state scan run backwards: a (BPB rows, BJ pairs) block of
         d run (the gradient of the state entering the next chunk) in fp32 registers, carried from the last chunk to
         the first:
@@ -203,31 +202,18 @@ if triton is not None:
         offs_j, jm, ia, ib = _pair_block(tl.program_id(1) % NJ, HALF, BJ)
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
-        # segments as in the forward scan, mirrored: PASS 1 walks segments 1.. from zero and stores what each
-        # hands to the one before it; PASS 2 folds the later segments' into its start
-        seg = tl.program_id(2)
-        if PASS == 1:
-            seg += 1
-        c0 = seg * CPS
-        c1 = tl.minimum(c0 + CPS, nc)
         run_a = tl.zeros([BPB, BJ], dtype=tl.float32)  # the final state carries no gradient
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
-        if PASS == 2:
-            for t in range(NSEG - 1 - seg):
-                i = NSEG - 1 - t
-                run_a, run_b = _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia,
-                                             ib, m)
         qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
         qbase = q_ptr + b * L * R * G * N + g * N
         acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
-            qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c1 - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
+            qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
             offs_p, pmask, R, RP, CR)
-        for i in range(c1 - c0):
-            c = c1 - 1 - i
-            if PASS != 1:
-                row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
-                tl.store(down_ptr + row + ia[None, :], run_a.to(down_ptr.dtype.element_ty), mask=m)
-                tl.store(down_ptr + row + ib[None, :], run_b.to(down_ptr.dtype.element_ty), mask=m)
+        for i in range(nc):
+            c = nc - 1 - i
+            row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+            tl.store(down_ptr + row + ia[None, :], run_a.to(down_ptr.dtype.element_ty), mask=m)
+            tl.store(down_ptr + row + ib[None, :], run_b.to(down_ptr.dtype.element_ty), mask=m)
             acs, atot, cos, sin, xa, xb, do = acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n
             # as in the forward scan: the next (earlier) chunk's loads issued a chunk ahead
             acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
@@ -241,13 +227,9 @@ if triton is not None:
             doe = tl.trans((do.to(tl.float32) * tl.exp(acs)[:, None]).to(DOT))
             run_a = tl.dot(doe, qa, run_a * decay, input_precision=PREC)
             run_b = tl.dot(doe, qb, run_b * decay, input_precision=PREC)
-        if PASS == 1:
-            _store_segment(run_a, run_b, seg_ptr, pid_bh, seg, NSEG, P, N, offs_p, ia, ib, m)
-        else:  # (only the first segment's programs reach the start of the sequence)
-            row = (pid_bh * P + offs_p[:, None]) * N
-            sm = m & ((offs_p * 0 + c0) == 0)[:, None]
-            tl.store(ds0_ptr + row + ia[None, :], run_a, mask=sm)
-            tl.store(ds0_ptr + row + ib[None, :], run_b, mask=sm)
+        row = (pid_bh * P + offs_p[:, None]) * N
+        tl.store(ds0_ptr + row + ia[None, :], run_a, mask=m)
+        tl.store(ds0_ptr + row + ib[None, :], run_b, mask=m)
 
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, atot_ptr,
@@ -449,11 +431,9 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp, bj = tc.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        passes, cps, nseg, seg, segdec = tc.scan_passes(st, tc.scan_grid(st, B * H, bp, bj), atot, ds0)
-        for pas, grid in passes:
-            _state_scan_bwd_kernel[grid](
-                q, st.qb, cs, do, acs, atot, down, ds0, seg, segdec, L, H, G, K, N, P, nc, cps, nseg, BPB=bp, BJ=bj,
-                PASS=pas, **tc.scan_meta(st, bp, bj), **FMA)
+        _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,
+                                                                L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
+                                                                **tc.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta, **FMA)

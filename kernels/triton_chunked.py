@@ -238,37 +238,15 @@ if triton is not None:
         return acs, w, atot, cos, sin, xa, xb, v
 
     @triton.jit
-    def _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia, ib, m):
-        """(run_a, run_b) carried over segment i of a segmented state scan: exp(segdec_i) run + seg_i, seg_i the
-        segment's end state from zero (both scans' PASS 2 start)."""
-        dec = tl.exp(tl.load(segdec_ptr + pid_bh * NSEG + i))
-        srow = seg_ptr + ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
-        return (run_a * dec + tl.load(srow + ia[None, :], mask=m, other=0.0),
-                run_b * dec + tl.load(srow + ib[None, :], mask=m, other=0.0))
-
-    @triton.jit
-    def _store_segment(run_a, run_b, seg_ptr, pid_bh, i, NSEG, P, N, offs_p, ia, ib, m):
-        """Segment i's end state from zero into seg (B*H, NSEG, P, N) fp32 (both scans' PASS 1 result)."""
-        srow = seg_ptr + ((pid_bh * NSEG + i) * P + offs_p[:, None]) * N
-        tl.store(srow + ia[None, :], run_a, mask=m)
-        tl.store(srow + ib[None, :], run_b, mask=m)
-
-    @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
-                           final_ptr, seg_ptr, segdec_ptr, L, H, G, K, N, P, nc, VS, CPS, NSEG,
+                           final_ptr, L, H, G, K, N, P, nc, VS,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
-                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr, PASS: tl.constexpr):
-        """Grid (B*H, P / BPB * N / (2 BJ), segments): a (BPB rows, BJ pairs) block of the state, in fp32 registers,
-        carried through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored
-        (operand dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32
-        cost more in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768.
-
-        Segments (`scan_segments`), for when batch x heads alone leave SMs idle: the chunks are cut into NSEG runs
-        of CPS. PASS 1 (grid's last axis: the first NSEG - 1 segments) walks each from a zero state, storing nothing
-        but its end state into seg (B*H, NSEG, P, N) fp32; PASS 2 (all segments) starts each from the true entering
-        state, E_s = exp(segdec_s-1) E_s-1 + seg_s-1 folded over the earlier segments (segdec: their atot sums),
-        and walks it as PASS 0 (one segment) does. Twice the walking, NSEG times the programs."""
+                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+        """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
+        through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
+        dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
+        in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -279,19 +257,12 @@ if triton is not None:
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
-        seg = tl.program_id(2)
-        c0 = seg * CPS
-        c1 = tl.minimum(c0 + CPS, nc)
-        if HAS_S0 and PASS != 1:
+        if HAS_S0:
             run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
             run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
         else:  # a zero start needs no buffer (nor its fill launch)
             run_a = tl.zeros([BPB, BJ], dtype=tl.float32)
             run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
-        if PASS == 2:
-            for i in range(seg):  # the earlier segments' end states, each from zero, carried to this one's start
-                run_a, run_b = _segment_fold(run_a, run_b, seg_ptr, segdec_ptr, pid_bh, i, NSEG, P, N, offs_p, ia,
-                                             ib, m)
         # The chunk rows' ranks are the same in every chunk, so are their bias and mimo_x rows: loaded once, ahead of
         # the chunk loop (R4 H100, a call at full width: b8 x 2048 1.29 -> 1.26 ms, b1 x 32768 4.20 -> 3.83)
         kba, kbb = _chunk_bias_rows(kb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
@@ -303,13 +274,12 @@ if triton is not None:
         kbase = k_ptr + b * L * R * G * N + g * N
         vbase = v_ptr + b * L * VS + h * P
         acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr,
-                                                                        pid_bh, b, h, c0, L, H, G, K, N, nc, VS,
+                                                                        pid_bh, b, h, 0, L, H, G, K, N, nc, VS,
                                                                         offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
-        for c in range(c0, c1):
-            if PASS != 1:
-                out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
-                tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
-                tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
+        for c in range(nc):
+            out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
+            tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
+            tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
             acs, w, atot, cos, sin, xa, xb, v = acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n
             acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
                 kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
@@ -322,12 +292,8 @@ if triton is not None:
             decay = tl.exp(atot)
             run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
             run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
-        if PASS == 1:
-            _store_segment(run_a, run_b, seg_ptr, pid_bh, seg, NSEG, P, N, offs_p, ia, ib, m)
-        else:  # (only the last segment's programs reach the end of the sequence)
-            fm = m & ((offs_p * 0 + c1) == nc)[:, None]  # (a lane tensor: Triton 3.9's interpreter wants one)
-            tl.store(final_ptr + row + ia[None, :], run_a, mask=fm)
-            tl.store(final_ptr + row + ib[None, :], run_b, mask=fm)
+        tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
+        tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
@@ -474,29 +440,40 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def state_scan_block(N: int) -> tuple[int, int]:
+def state_scan_block(N: int, R: int, heads: int, sms: int) -> tuple[int, int]:
     """(headdim rows, rotation pairs) of the state block each program of a state scan (the forward one and the
-    backward's reverse one) carries through the chunks: 64 rows x all pairs, at 8 warps (`scan_meta`). Each program
-    walks all chunks in turn, so at few heads the serial chain sets the time and more, narrower programs could win,
-    but each one's share of the per-chunk loads and rotations (repeated across the blocks) outweighs that now that the
-    scans prefetch their loads and the chain no longer waits on them (evals/kernel_report.py --state-blocks overrides
-    this function to compare blocks).
-    Measured on H200 (evals/kernel_report.py), prefetching, ms per fwd+bwd for the forward scan (run twice: the
-    forward, and the backward's recompute) / the reverse scan, at rows x pairs (64x64 and 64x32 are 8 and 4 warps):
+    backward's reverse one) carries through the chunks, for `heads` (batch x heads) programs' worth of state on `sms`
+    multiprocessors. 64 rows x all pairs (8 warps, `scan_meta`) wherever a block per head gives every other SM a
+    program: each program walks all chunks in turn, and narrower blocks repeat the per-chunk loads and rotations.
+    Below that (b1 x 32768: 64 heads on 132 SMs) the walk sets the time and narrower blocks, more programs, win:
+    32 x 32 for MIMO, 64 x 32 for SISO (measured below; 4 warps each). evals/kernel_report.py --state-blocks overrides this function to compare blocks.
+    Measured with kernel_report, ms per fwd+bwd for the forward scan (run twice: the forward, and the backward's
+    recompute) / the reverse scan, at rows x pairs (64x64 and 64x32 are 8 and 4 warps). H200:
       R4 b8 x 2048:     64x64 1.75 / 0.93,  64x32 2.06 / -
       R4 b2 x 8192:     64x64 1.76 / 0.92,  64x32 1.92 / -,  32x32 2.58 / 1.44,  32x64 3.89 / 1.39,  16x64 3.94 / 1.65
       R4 b1 x 32768:    64x64 5.78 / 3.09,  64x32 6.67 / -,  32x32 5.25 / 2.98,  32x64 12.8 / 3.97,  16x64 7.56 / 3.26
       SISO b8 x 2048:   64x64 0.52 / 0.25,  64x32 0.56 / -
       SISO b2 x 8192:   64x64 0.51 / 0.25,  64x32 0.49 / -,  32x32 0.86 / 0.41,  32x64 0.98 / 0.40,  16x64 1.14 / 0.56
       SISO b1 x 32768:  64x64 1.78 / 0.82,  64x32 1.51 / -,  32x32 1.72 / 0.83,  32x64 3.04 / 1.22,  16x64 2.21 / 1.05
+    H100, both scans at the block (op fwd+bwd kernel sum in brackets):
+      R4 b1 x 32768:    64x64 5.80 / 3.25 (31.5),  64x32 5.58 / 2.90 (30.9),  32x32 5.20 / 2.92 (30.6)
+      SISO b1 x 32768:  64x64 1.94 / 0.90 (9.89),  64x32 1.62 / 0.79 (9.51),  32x32 1.79 / 0.90 (9.80)
     (Before the prefetch: the forward scan 64x32, the reverse 16-64 rows by head count for 2 programs per SM at
-    4 warps; H200 R4 2.14 / 0.95, 2.22 / 2.59, 7.49 / 5.04 ms, SISO 0.64 / 0.33, 0.64 / 1.00, 1.96 / 1.85.)"""
+    4 warps; H200 R4 2.14 / 0.95, 2.22 / 2.59, 7.49 / 5.04 ms, SISO 0.64 / 0.33, 0.64 / 1.00, 1.96 / 1.85.)
+    Tried and dropped: cutting the sequence into S segments walked in parallel (a first pass keeps each segment's
+    end state, a second starts each segment from the states folded before it): twice the walking for S times the
+    programs. H100, b1 x 32768 at 64x64: R4 S = 2 / 4 / 8 6.00 / 3.00, 5.99 / 3.00, 6.01 / 3.01 against 5.81 / 3.25
+    (no gain); SISO at best (S = 4) 1.71 / 0.84 against 1.94 / 0.90, what 64x32 blocks give with one walk; at b8 x
+    2048 and b2 x 8192 every S lost (R4 b2 x 8192, S = 2: 2.51 / 1.26 against 1.92 / 1.02)."""
+    if 2 * heads <= sms:
+        return (32, 32) if R > 1 else (64, 32)
     return 64, N // 2
 
 
 def scan_block(st: _Setup) -> tuple[int, int]:
     """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan."""
-    bp, bj = state_scan_block(st.N)
+    dev = st.mx.device
+    bp, bj = state_scan_block(st.N, st.R, st.B * st.H, _sm_count(dev) if dev.type == "cuda" else 1)
     return min(st.meta["BP"], bp), min(st.meta["BH"], _pow2(bj))
 
 
@@ -513,46 +490,6 @@ def scan_meta(st: _Setup, bp: int, bj: int) -> dict:
     return {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
 
 
-# Segments per state scan (1: one walk over all chunks per program). More cut the sequence into that many runs
-# walked in parallel twice (`_state_scan_kernel`), for batch x heads too few to fill the GPU (b1 x 32768: 64
-# programs at 64 x 64 blocks). 0: as many as give SCAN_WAVES programs per SM, at most 8. To be measured before
-# either is the default: kernel_report --set triton_chunked.SCAN_SEGMENTS=1,0,2,4,8 (both directions' scans).
-SCAN_SEGMENTS = 1
-SCAN_WAVES = 2
-
-
-def _scan_sms(device: torch.device) -> int:
-    """The SMs a scan's programs spread over (1 off CUDA: the interpreter)."""
-    return _sm_count(device) if device.type == "cuda" else 1
-
-
-def scan_segments(nc: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """(segments, chunks per segment) of a state scan over nc chunks whose grid has `programs` programs per segment:
-    SCAN_SEGMENTS (0: enough for SCAN_WAVES programs per SM), fewer when the chunks run out (no empty segment)."""
-    want = SCAN_SEGMENTS
-    if want == 0:
-        want = min(8, cdiv(SCAN_WAVES * _scan_sms(device), programs))
-    cps = cdiv(nc, max(1, min(want, nc)))
-    return cdiv(nc, cps), cps
-
-
-def segment_decays(atot: torch.Tensor, nseg: int, cps: int) -> torch.Tensor:
-    """Each segment's log decay, the sum of its chunks' atot: (B*H, nseg) fp32 from atot (B*H, nc)."""
-    pad = nseg * cps - atot.shape[-1]
-    return torch.nn.functional.pad(atot.reshape(-1, atot.shape[-1]), (0, pad)).view(-1, nseg, cps).sum(-1)
-
-
-def scan_passes(st: "_Setup", grid: tuple[int, int], atot: torch.Tensor, unused: torch.Tensor):
-    """How a state scan runs (`scan_segments`): [(PASS, grid)] launches, chunks per segment, segments, and the
-    segments' end-state buffer (B*H, nseg, P, N) fp32 and log decays (B*H, nseg), both `unused` (any tensor, never
-    read) with one segment."""
-    nseg, cps = scan_segments(st.nc, grid[0] * grid[1], atot.device)
-    if nseg == 1:
-        return [(0, grid + (1,))], cps, nseg, unused, unused
-    seg = torch.empty(grid[0], nseg, st.P, st.N, device=atot.device, dtype=torch.float32)
-    return [(1, grid + (nseg - 1,)), (2, grid + (nseg,))], cps, nseg, seg, segment_decays(atot, nseg, cps)
-
-
 def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
     operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
@@ -561,12 +498,10 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
     final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
     bp, bj = scan_block(st)
-    passes, cps, nseg, seg, segdec = scan_passes(st, scan_grid(st, B * H, bp, bj), atot, final)
-    for pas, grid in passes:
-        _state_scan_kernel[grid](
-            k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else final, enter, final, seg, segdec, st.L, H,
-            st.G, st.K, N, P, nc, row_stride(v), cps, nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None, PASS=pas,
-            **scan_meta(st, bp, bj), **FMA)
+    _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
+                                                     s0 if s0 is not None else final, enter, final, st.L, H,
+                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
+                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj), **FMA)
     return enter, final
 
 

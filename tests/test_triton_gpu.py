@@ -56,8 +56,12 @@ GRID = [
 
 @pytest.mark.parametrize("R,G,N,K,pw,gate,skip,init,P", GRID)
 @pytest.mark.parametrize("L", [300, 1024])
-def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L):
+def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L, monkeypatch):
     B, H = 2, 8
+    if L == 1024:  # 16 heads leave most SMs idle, so the state scans take narrow blocks (`state_scan_block`);
+        # at this length, the wide blocks of the many-heads case: the device counted as 1 SM
+        from hybrid_mamba3.kernels import triton_chunked as tc
+        monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
     args, opts = _inputs(B, L, R, G, N, H, P, K, R > 1, gate, skip, seed=hash((R, G, N, K, P, L)) % 2 ** 31)
     st = None
     if init:

@@ -72,10 +72,10 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     vs fp64 autograd."""
     from hybrid_mamba3.kernels import triton_chunked as tc
 
-    assert tc.state_scan_block(N) == (64, N // 2)
+    assert tc.state_scan_block(N, 2, 1, 1) == (64, N // 2)  # (the interpreter counts as 1 SM)
     want_blocks = {(64, 16)} if pairs is None else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
     if pairs is not None:
-        monkeypatch.setattr(tc, "state_scan_block", lambda N: (32, pairs))
+        monkeypatch.setattr(tc, "state_scan_block", lambda N, *_: (32, pairs))
     blocks, scan_block = [], tc.scan_block
     monkeypatch.setattr(tc, "scan_block", lambda *a, **kw: blocks.append(scan_block(*a, **kw)) or blocks[-1])
     args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=N, P=48, K=K)
@@ -93,38 +93,14 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     assert set(blocks) == want_blocks
 
 
-@pytest.mark.parametrize("segments,lengths", [(3, (3, 3, 1)), (0, (4, 3)), (9, (1,) * 7)])
-def test_state_scans_in_segments(segments, lengths, monkeypatch):
-    """Both state scans cut into segments walked in parallel (`SCAN_SEGMENTS`, `scan_segments`): a first pass from
-    zero states per segment, the second from the states the earlier (forward) or later (reverse) segments hand on.
-    7 chunks (R4: 16 positions each, the last partial): uneven segments, more asked than chunks, and the automatic
-    count (0: 2 programs per SM; 8 programs a segment on a pretend 8-SM device: 2 segments).
-    Forward and final state vs the reference from an initial state; every gradient (the initial state's part of
-    mimo_x's included) vs fp64 autograd. The final states get 1e-5, not TOL: over 107 positions the fp32 angle
-    sums' rounding moves the (rotated) k and ssm states by up to 4e-6 (seeds 0-3, one segment or several alike)."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+def test_state_scan_block_policy():
+    """Narrower state blocks only where a block per head leaves more than half the SMs without a program."""
+    from hybrid_mamba3.kernels.triton_chunked import state_scan_block
 
-    monkeypatch.setattr(tc, "SCAN_SEGMENTS", segments)
-    monkeypatch.setattr(tc, "_scan_sms", lambda device: 8)
-    L = 7 * kernel_chunk(4) - 5
-    nseg, cps = tc.scan_segments(7, 8, torch.device("cpu"))  # (B 2 x H 4 x one 16 x 8-pair block: 8 programs)
-    assert [min(cps, 7 - i * cps) for i in range(nseg)] == list(lengths)
-    used, scan_segments = [], tc.scan_segments
-    monkeypatch.setattr(tc, "scan_segments", lambda *a: used.append(scan_segments(*a)) or used[-1])
-    gen = torch.Generator().manual_seed(0)
-    args, opts = make_op_inputs(B=2, L=L, R=4, K=4, gen=gen, **SIZES)
-    st = _state(2, 4, 4)
-    ref, ref_fin = mamba3_reference(*args, **opts, initial_state=st, return_final_state=True)
-    a32, o32 = _f32(args, opts)
-    y, fin = mamba3_chunked_triton(*a32, **o32, initial_state=st.to(torch.float32), return_final_state=True)
-    assert rel_err(y, ref) < TOL
-    for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
-        assert rel_err(a, b) < 1e-5, name
-    dy = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
-    _, want = _grads(mamba3_chunked, args, opts, dy, initial_state=st)
-    _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
-    _assert_grads(got, want)
-    assert len(used) == 4 and set(used) == {(nseg, cps)}  # forward, and the backward's recompute + reverse scan
+    assert state_scan_block(128, 4, 64, 132) == (32, 32)  # b1, 64 heads, H100
+    assert state_scan_block(128, 1, 64, 132) == (64, 32)
+    assert state_scan_block(128, 4, 128, 132) == (64, 64)  # b2
+    assert state_scan_block(64, 1, 512, 132) == (64, 32)  # b8 (d_state 64: all 32 pairs)
 
 
 def test_per_rank_output():
@@ -197,8 +173,7 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
     _assert_grads(got, ref)
 
 
-@pytest.mark.parametrize("sub,stages", [(1, 1), (3, 2)])  # the defaults, and kernel_report A/B variants
-def test_angle_table_over_many_blocks(monkeypatch, sub, stages):
+def test_angle_table_over_many_blocks(monkeypatch):
     """The rotation table and its gradient against theta = init + cumsum(tanh(angles) pi dt) in fp64, over 40 blocks
     of positions with the offsets scan made to take three steps (the last one partial) each way, so a wrong carry,
     order or reduction mod 2 pi fails. The raw angles are a bf16 strided view (read in place, tanh in the kernels),
@@ -211,9 +186,6 @@ def test_angle_table_over_many_blocks(monkeypatch, sub, stages):
     from hybrid_mamba3.kernels import triton_angles as ta
 
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
-    monkeypatch.setattr(ta, "TABLE_SUB", sub)  # 3: the last program holds one block (of 40), partly masked
-    monkeypatch.setattr(ta, "GRAD_STAGES", stages)
-    monkeypatch.setattr(ta, "OFFSET_STAGES", stages)
     torch.manual_seed(0)
     B, H, K = 1, 2, 4
     L = ta.BLOCK * 40 - 5
