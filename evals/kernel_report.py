@@ -7,6 +7,10 @@ warp counts, launch options and module constants (--set NAME=A,B: one variant pe
 
     python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (--shapes for others)
     python3 evals/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
+    python3 evals/kernel_report.py --module --shapes 1x32768    # the whole layer, as the benchmark times it
+
+--module profiles the benchmark's Mamba3 layer (bench_mamba3.mamba_kwargs: d_model 2048, in_proj, norms, scan, gate,
+out_proj) on a (B, L, 2048) bf16 input instead of the op alone, so the kernels around the scan show too.
 
 Prints one table per variant and writes kernel_report.json. The variants override the kernels' chunk length
 and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`.
@@ -34,6 +38,19 @@ def _inputs(B: int, L: int, R: int, H: int, P: int, N: int, K: int, seed: int = 
                                 skip=True, gen=g)
     cast = lambda t: None if t is None else t.cuda().bfloat16().requires_grad_()  # noqa: E731
     return [cast(a) for a in args], {k: cast(v) for k, v in opts.items()}
+
+
+def _layer(B: int, L: int, R: int):
+    """The benchmark's layer (its config and the oracle tests' non-trivial parameters) and an input for it."""
+    from bench_mamba3 import mamba_kwargs
+    from oracle import perturb
+
+    from hybrid_mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    layer = Mamba3(**dict(mamba_kwargs(R > 1, 2048), mimo_rank=R), device="cuda", dtype=torch.bfloat16)
+    perturb(layer)
+    return layer, torch.randn(B, L, 2048, device="cuda", dtype=torch.bfloat16).requires_grad_()
 
 
 _ORIG: dict = {}
@@ -154,6 +171,8 @@ def main() -> None:
                          "(repeatable; a comma list makes one variant per value)")
     ap.add_argument("--forward", action="store_true",
                     help="time the inference forward alone (no autograd, no final state) instead of forward+backward")
+    ap.add_argument("--module", action="store_true",
+                    help="profile the benchmark's whole Mamba3 layer (d_model 2048) instead of the op")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profiler-range", action="store_true",
                     help="for Nsight Compute: after the warm-up call, one more inside cudaProfilerStart/Stop and no "
@@ -176,6 +195,11 @@ def main() -> None:
     for shape, R in [(sh, r) for sh in a.shapes.split(",") for r in map(int, a.ranks.split(","))]:
         B, L = map(int, shape.split("x"))
         args, opts = _inputs(B, L, R, H, P, N, N // 4)
+        op = mamba3_chunked_triton
+        if a.module:  # the layer on u (B, L, d_model): args / opts become its input and the layer's parameters
+            layer, u = _layer(B, L, R)
+            op = lambda u, **_: (layer(u), None)  # noqa: E731
+            args, opts = [u], dict(layer.named_parameters())
         dy, base = None, None
         for chunk, bwd_chunk, w, ko, sb, ov in variants:
             records: dict = {}
@@ -189,12 +213,12 @@ def main() -> None:
                 nonlocal dy, y
                 if a.forward:
                     with torch.no_grad():
-                        y, _ = mamba3_chunked_triton(*args, **opts)
+                        y, _ = op(*args, **opts)
                     return
                 for t in [*args, *opts.values()]:
                     if t is not None:
                         t.grad = None
-                y, _ = mamba3_chunked_triton(*args, **opts)
+                y, _ = op(*args, **opts)
                 dy = torch.randn_like(y) if dy is None else dy
                 y.backward(dy)
 

@@ -28,11 +28,15 @@ from .common import FMA, cdiv, next_pow2, row_stride
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU install without triton: triton_chunked reports it before anything here is called
     triton = None
 
 BLOCK = 32  # positions per program; the fp32 part of each angle's sum spans at most this many steps
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
+# A 16-bit table on CUDA takes cos and sin from the hardware's approximations (`_cos_sin`); 0: libdevice's exact
+# ones everywhere (kernel_report --set triton_angles.FAST_SINCOS=0,1 compares them).
+FAST_SINCOS = 1
 
 
 def _fp32(dt: torch.Tensor) -> torch.Tensor:
@@ -61,6 +65,20 @@ if triton is not None:
         e = tl.exp(-2.0 * ax)
         big = (1.0 - e) / (1.0 + e)
         return tl.where(ax < 0.3, poly, tl.where(x < 0, -big, big))
+
+    @triton.jit
+    def _cos_sin(theta, FAST: tl.constexpr):
+        """cos and sin of fp32 theta. FAST: theta reduced to [-pi, pi] (k = rint(theta / 2 pi), 2 pi split in two
+        fp32 constants, so the reduction's rounding stays below theta's own fp32 rounding), then the hardware's
+        sin.approx / cos.approx (absolute error ~1e-6 on [-pi, pi]): for a 16-bit table, whose rounding (2.4e-4)
+        is ~200x that. Else libdevice's sinf / cosf, exact to an ulp at any argument but with a slow path for huge
+        ones (fp64, local memory) in every program's code."""
+        if FAST:
+            k = libdevice.rint(theta * 0.15915494309189535)
+            r = (theta - k * 6.2831854820251465) + k * 1.7484555314695172e-07
+            return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+        else:
+            return tl.cos(theta), tl.sin(theta)
 
     @triton.jit
     def _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m):
@@ -100,7 +118,8 @@ if triton is not None:
 
     @triton.jit
     def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
-                            BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr):
+                            BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr,
+                            FAST: tl.constexpr):
         """Grid (B*H, blocks): theta = the block's offset + the cumsum within it, stored as cos | sin
         (B, L, H, 2, K) in the table's dtype; with LAST also theta itself (fp32) at each row's last position
         (L - 1, or its length - 1, at least 0) into last (B, H, K)."""
@@ -110,8 +129,9 @@ if triton is not None:
         off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
         theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m), axis=0) + off[None, :]
         out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
-        tl.store(out, tl.cos(theta).to(cs_ptr.dtype.element_ty), mask=m)
-        tl.store(out + K, tl.sin(theta).to(cs_ptr.dtype.element_ty), mask=m)
+        cos, sin = _cos_sin(theta, FAST)
+        tl.store(out, cos.to(cs_ptr.dtype.element_ty), mask=m)
+        tl.store(out + K, sin.to(cs_ptr.dtype.element_ty), mask=m)
         if LAST:
             last = L - 1
             if HAS_LEN:
@@ -205,7 +225,8 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     last = torch.empty(B, H, K, device=dt.device, dtype=torch.float32) if final else None
     _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, lengths if lengths is not None else dt,
                                      last if final else off, L, H, K, nb, BL=BLOCK, BK=next_pow2(K), LAST=final,
-                                     HAS_LEN=lengths is not None, **FMA)
+                                     HAS_LEN=lengths is not None,
+                                     FAST=bool(FAST_SINCOS) and cs.is_cuda and dtype != torch.float32, **FMA)
     return cs, last
 
 

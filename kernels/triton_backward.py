@@ -30,9 +30,8 @@ broadcast tables (cos/sin, biases, mimo_x, v) once per position or rank and repe
 num_stages 1-3) was slower at every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills,
 and the stages' shared memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows
 as rows (no register transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10%
-at b1 x 32768), dK/dV held to 168 registers (maxnreg; H200, b8 x 2048 / b1 x 32768: R4 3.93 / 7.85 -> 3.80 / 7.56
-ms, SISO 1.20 / 2.36 -> 1.38 / 2.70; dQ, the chunk output and dO kernels held so all ran slower). Both take the
-rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the chunk,
+at b1 x 32768), dQ, the chunk output and dO kernels held to fewer registers (maxnreg: all ran slower; dK/dV is
+capped for MIMO, where it gains, `_dkdv_regs`). Both take the rotation back (d theta, and dq / dk unrotated, added atomically into the group's rows and, summed over the chunk,
 into each (batch, head)'s bias gradient).
 
 Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
@@ -387,6 +386,13 @@ def _partial_sum(part: torch.Tensor, B: int, H: int, R: int, n: int) -> torch.Te
     return part.view(B, H, -1, part.shape[-2], part.shape[-1])[:, :, :, :R, :n].sum((0, 2))
 
 
+def _dkdv_regs(st: _Setup, device: torch.device) -> dict:
+    """The dK/dV kernel's register cap: 168 for MIMO on CUDA (it spills a little more and runs faster: H100, R4
+    b8 x 2048 / b1 x 32768 3.87 / 7.70 -> 3.85 / 7.50 ms; H200 3.93 / 7.85 -> 3.80 / 7.56), none for SISO (1.22 /
+    2.39 -> 1.55 / 3.04 ms at 168, 1.36 / 2.61 at 200)."""
+    return {"maxnreg": 168} if st.R > 1 and device.type == "cuda" else {}
+
+
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
                      initial_state, lengths, bias_pairs: bool) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
@@ -444,7 +450,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
-                                      HAS_D=st.has_d, **meta, **FMA)
+                                      HAS_D=st.has_d, **meta, **_dkdv_regs(st, dev), **FMA)
         d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt)
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None

@@ -89,6 +89,36 @@ def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L
         assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
 
 
+def test_angle_table_on_gpu(monkeypatch):
+    """The rotation table on the GPU, theta past 1500 rad over 64 blocks, vs fp64 theta = init + cumsum(tanh(angles)
+    pi dt): fp32 (libdevice cos / sin) to 2.5e-4, the fp32 sums of increments up to 2.6 rad within blocks of 32 and
+    of the 64 block sums (the interpreter's run of this case: 1.3e-4; its own test, at smaller increments, holds
+    5e-5); fp16 (the 16-bit kernels' table) to that plus fp16's rounding (half an ulp below 1, 2^-12; the fp16
+    kernel's layout may sum in another order, so its theta is not the fp32 table's to the bit). FAST_SINCOS (the
+    hardware's approximations, ~1e-6 off) against libdevice in the same fp16 table: at most one fp16 ulp apart
+    (2^-11), and that in under 5% of entries (a rounding flip; a reduction or approximation error of 1e-4 would flip
+    ~40%)."""
+    from hybrid_mamba3.kernels import triton_angles as ta
+
+    g = torch.Generator().manual_seed(3)
+    B, H, K, L = 2, 8, 32, ta.BLOCK * 64 - 7
+    angles = (torch.randn(B, L, K, generator=g) + 1.5).to(torch.bfloat16)
+    dt = (torch.rand(B, L, H, generator=g) + 0.05) * 0.8
+    init = torch.rand(B, H, K, generator=g) * 6
+    theta = init.double()[:, None] + torch.cumsum(torch.tanh(angles.double())[:, :, None] * torch.pi
+                                                  * dt.double()[..., None], dim=1)
+    assert theta.abs().max() > 1500
+    ref = torch.stack((theta.cos(), theta.sin()), dim=-2)
+    tables = {}
+    for fast, dtype in ((0, torch.float32), (0, torch.float16), (1, torch.float16)):
+        monkeypatch.setattr(ta, "FAST_SINCOS", fast)
+        tables[fast, dtype] = ta.angle_table(angles.cuda(), dt.cuda(), init.cuda(), dtype)[0].double().cpu()
+    assert (tables[0, torch.float32] - ref).abs().max() < 2.5e-4
+    assert (tables[0, torch.float16] - ref).abs().max() < 2.5e-4 + 2.0 ** -12
+    flips = (tables[1, torch.float16] - tables[0, torch.float16]).abs()
+    assert flips.max() <= 2.0 ** -11 and (flips > 0).double().mean() < 0.05
+
+
 def test_strided_v_and_z_read_in_place():
     """bf16 v and z as views of one wider projection (as the layer passes them): read in place, bitwise the same
     output and v / z gradients as contiguous copies (the same kernels on the same values)."""
