@@ -180,7 +180,9 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         # a ones mimo_o would cost a fill, a copy and a reduction of its gradient per call
         mimo = self.is_mimo
         return dict(
-            mimo_x=self.mimo_x if mimo else None, mimo_z=self.mimo_z if mimo else None,
+            mimo_x=self.mimo_x if mimo else None,
+            # with the out-projection norm, z and mimo_z gate in `_finish`, after the op
+            mimo_z=self.mimo_z if mimo and not self.is_outproj_norm else None,
             mimo_o=self.mimo_o if mimo and not self.is_outproj_norm else None,
             D=self.D, z=None if self.is_outproj_norm else z, rope_pairwise=not mimo)
 

@@ -472,5 +472,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
             cast(lambda: d_adt, adt), cast(lambda: d_dt, dt), cast(lambda: d_trap, trap),
             cast(lambda: bias_grad(dqb), q_bias), cast(lambda: bias_grad(dkb), k_bias),
             cast(lambda: d_angles, angles), cast(lambda: dmx_total, mimo_x),
-            cast(lambda: _partial_sum(dmz, B, H, R, P), mimo_z), cast(lambda: _partial_sum(dmo, B, H, R, P), mimo_o),
+            # mimo_z only scales the gate: without z it is unused, and the dO kernel leaves dmz unwritten
+            cast(lambda: _partial_sum(dmz, B, H, R, P), mimo_z if st.has_z else None),
+            cast(lambda: _partial_sum(dmo, B, H, R, P), mimo_o),
             cast(lambda: dD.view(B, H, -1).sum((0, 2)), D), cast(lambda: dz, z)]

@@ -93,6 +93,18 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     assert set(blocks) == want_blocks
 
 
+def test_mimo_z_without_z_has_no_gradient():
+    """mimo_z only scales the gate, so without z it is unused: no gradient, as from the torch op (the out-projection
+    norm's layers gate after the op; the op once returned the dO kernel's unwritten partial sums for it)."""
+    args, opts = make_op_inputs(B=1, L=20, R=2, gate=False, **SIZES)
+    opts["mimo_z"] = torch.randn(SIZES["H"], 2, SIZES["P"], dtype=torch.float64)
+    dy = torch.randn(1, 20, SIZES["H"], SIZES["P"], dtype=torch.float64)
+    _, want = _grads(mamba3_chunked, args, opts, dy)
+    _, got = _grads(mamba3_chunked_triton, *_f32(args, opts), dy)
+    assert want[-4] is None and got[-4] is None  # mimo_z's place in the input order
+    _assert_grads(got, want)
+
+
 def test_state_scan_block_policy():
     """Narrower state blocks only where a block per head leaves more than half the SMs without a program."""
     from hybrid_mamba3.kernels.triton_chunked import state_scan_block
