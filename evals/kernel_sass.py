@@ -203,6 +203,9 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     for act in ("softplus", "heavy_tail"):
         dt, adt = token_activations_triton(raw[..., :H], raw[..., H:2 * H], torch.zeros(H), act, 1e-4)
         (dt + adt).sum().backward()
+    from hybrid_mamba3.kernels.triton_angles import angle_table  # its fp16 table's CUDA-only fast cos / sin
+
+    angle_table(args[8].bfloat16(), args[4].float(), None, torch.float16, fast=True)
     from hybrid_mamba3.kernels.triton_norm import rms_norm_triton  # the B/C norm, on a view of a projection
 
     proj = torch.randn(B, L, R * N + 8, dtype=torch.bfloat16, requires_grad=True)

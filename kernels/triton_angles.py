@@ -209,11 +209,12 @@ def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -
 
 def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32, lengths: torch.Tensor | None = None,
-                final: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                final: bool = False, fast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernels' rotation table (B, L, H, 2, K) in `dtype`, cos | sin of theta, from the raw angles (B, L, K) (any
     float dtype; a `rows_of` view), dt (B, L, H), and the initial angle (B, H, K) or None; with `final`, also theta
     (fp32, B, H, K) at each row's last position (L - 1, or lengths - 1): the final state's angle, exact whatever
-    the table's dtype. theta is computed in fp32 either way; a 16-bit table rounds only its cos and sin."""
+    the table's dtype. theta is computed in fp32 either way; a 16-bit table rounds only its cos and sin. fast: cos and
+    sin from the hardware's approximations (`_cos_sin`); None: for a 16-bit table on CUDA (`FAST_SINCOS`)."""
     dt = _fp32(dt)
     B, L, H = dt.shape
     K, nb = angles.shape[-1], cdiv(L, BLOCK)
@@ -226,7 +227,8 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     _angle_table_kernel[(B * H, nb)](tp, dt, off, cs, lengths if lengths is not None else dt,
                                      last if final else off, L, H, K, nb, BL=BLOCK, BK=next_pow2(K), LAST=final,
                                      HAS_LEN=lengths is not None,
-                                     FAST=bool(FAST_SINCOS) and cs.is_cuda and dtype != torch.float32, **FMA)
+                                     FAST=(bool(FAST_SINCOS) and cs.is_cuda and dtype != torch.float32)
+                                     if fast is None else fast, **FMA)
     return cs, last
 
 
