@@ -436,8 +436,9 @@ def _ones(H: int, R: int, P: int, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device, looked up once per device (the decode step runs once per token)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Multiprocessors of a CUDA device, looked up once per device (the decode step runs once per token); 1 off
+    CUDA (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def state_scan_block(N: int, R: int, heads: int, sms: int) -> tuple[int, int]:
@@ -446,7 +447,8 @@ def state_scan_block(N: int, R: int, heads: int, sms: int) -> tuple[int, int]:
     multiprocessors. 64 rows x all pairs (8 warps, `scan_meta`) wherever a block per head gives every other SM a
     program: each program walks all chunks in turn, and narrower blocks repeat the per-chunk loads and rotations.
     Below that (b1 x 32768: 64 heads on 132 SMs) the walk sets the time and narrower blocks, more programs, win:
-    32 x 32 for MIMO, 64 x 32 for SISO (measured below; 4 warps each). evals/kernel_report.py --state-blocks overrides this function to compare blocks.
+    32 x 32 for MIMO, 64 x 32 for SISO (measured below; 4 warps each). evals/kernel_report.py --state-blocks
+    overrides this function to compare blocks.
     Measured with kernel_report, ms per fwd+bwd for the forward scan (run twice: the forward, and the backward's
     recompute) / the reverse scan, at rows x pairs (64x64 and 64x32 are 8 and 4 warps). H200:
       R4 b8 x 2048:     64x64 1.75 / 0.93,  64x32 2.06 / -
@@ -472,8 +474,7 @@ def state_scan_block(N: int, R: int, heads: int, sms: int) -> tuple[int, int]:
 
 def scan_block(st: _Setup) -> tuple[int, int]:
     """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan."""
-    dev = st.mx.device
-    bp, bj = state_scan_block(st.N, st.R, st.B * st.H, _sm_count(dev) if dev.type == "cuda" else 1)
+    bp, bj = state_scan_block(st.N, st.R, st.B * st.H, _sm_count(st.mx.device))
     return min(st.meta["BP"], bp), min(st.meta["BH"], _pow2(bj))
 
 

@@ -169,8 +169,7 @@ def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
     GPU, else blocks of 32 rows in 2 warps so batch 1 still launches enough programs. Measured on H100 (d_state
     128, P 64, layer's fused step): at B*H = 4096 whole heads take R4 132 us (blocks of 32: 156 x 2 warps,
     254 x 4), SISO 119 us; at B*H = 64 blocks of 32 in 2 warps take R4 6.4 us (whole heads 6.8)."""
-    sms = _sm_count(device) if device.type == "cuda" else 1
-    if heads >= 16 * sms:
+    if heads >= 16 * _sm_count(device):
         return _pow2(P), 4
     return min(_pow2(P), 32), 2
 
