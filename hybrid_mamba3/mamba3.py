@@ -17,6 +17,7 @@ import torch.nn as nn
 from .cache import one_cache, read_mamba_state, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
 from .kernels.common import A_ACTIVATIONS, at_least_fp32, token_activations
+from .kernels.shared_grad import split_shared_grad
 from .norms import GatedRMSNorm, KeepFP32Mixin
 
 BACKENDS = ("auto", "torch", "triton", "official")
@@ -154,10 +155,13 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return (f"d_model={self.d_model}, d_state={self.d_state}, heads={self.nheads}x{self.headdim}, {kind}, "
                 f"angles={self.num_rope_angles}, ngroups={self.num_bc_heads}, backend={self.backend}")
 
+    def _split_sizes(self) -> list[int]:
+        H, N, GR = self.nheads, self.d_state, self.num_bc_heads * self.mimo_rank
+        return [self.d_inner, self.d_inner, N * GR, N * GR, H, H, H, self.num_rope_angles]
+
     def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The in_proj output's parts (views): z, x, B, C, dd_dt, dd_A, trap, angles."""
-        H, N, GR = self.nheads, self.d_state, self.num_bc_heads * self.mimo_rank
-        return torch.split(proj, [self.d_inner, self.d_inner, N * GR, N * GR, H, H, H, self.num_rope_angles], dim=-1)
+        return torch.split(proj, self._split_sizes(), dim=-1)
 
     def _project(self, u: torch.Tensor, fused: bool = False) -> dict:
         """in_proj and the per-token activations, for (..., d_model) inputs; fused (the Triton op): dt and adt by
@@ -165,14 +169,19 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         the B/C norms by theirs, and the angles left raw (the op's angle kernels read them in place and take tanh
         themselves)."""
         H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
-        z, x, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(u))
+        shapes = [(H, P), (H, P), (R, G, N), (R, G, N), None, None, None, None]
+        if fused:  # the Triton kernels write their gradients into one buffer for in_proj (no concatenation)
+            z, x, B, C, dd_dt, dd_A, trap, angles = split_shared_grad(self.in_proj(u), self._split_sizes(), shapes)
+        else:
+            z, x, B, C, dd_dt, dd_A, trap, angles = (p if s is None else p.unflatten(-1, s)
+                                                     for p, s in zip(self._split(self.in_proj(u)), shapes))
         activations = _triton_ops()[2] if fused else token_activations
         dt, adt = activations(dd_dt, dd_A, self.dt_bias, self.a_activation, self.A_floor)
         halves = fused and not self.is_mimo  # SISO rotates pairs (2j, 2j+1): the norm stores them as the op wants
         return dict(
-            q=self.C_norm(C.unflatten(-1, (R, G, N)), fused=fused, halves=halves),
-            k=self.B_norm(B.unflatten(-1, (R, G, N)), fused=fused, halves=halves), qk_halves=halves,
-            v=x.unflatten(-1, (H, P)), z=z.unflatten(-1, (H, P)), adt=adt, dt=dt, trap=trap,
+            q=self.C_norm(C, fused=fused, halves=halves),
+            k=self.B_norm(B, fused=fused, halves=halves), qk_halves=halves,
+            v=x, z=z, adt=adt, dt=dt, trap=trap,
             angles=angles if fused else at_least_fp32(angles), lead=u.shape[:-1])
 
     def _op_kwargs(self, z: torch.Tensor) -> dict:

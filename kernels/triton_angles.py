@@ -140,12 +140,12 @@ if triton is not None:
                      mask=m & (offs_l == last)[:, None])
 
     @triton.jit
-    def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS,
+    def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS, DAS,
                            BL: tl.constexpr, BK: tl.constexpr):
         """Grid (B, blocks), all heads in one program (the angles' gradient sums over them, so no atomics):
         g_s = sum_{t >= s} d theta_t (the later blocks' part precomputed in `suf`), then
         d dt_s = sum_k g_s tanh(angles_s) pi and d angles_s = sum_h g_s dt_s (1 - tanh(angles_s)^2) pi, stored
-        (B, L, K) contiguous in da's dtype."""
+        (B, L, K) in da's dtype, its positions DAS elements apart."""
         b = tl.program_id(0)
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         tp, t = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
@@ -157,7 +157,7 @@ if triton is not None:
             tl.store(ddt_ptr + (b * L + offs_l) * H + h, tl.sum(g * tp, axis=1), mask=lmask)
             acc += g * tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)[:, None]
         da = acc * (1.0 - t * t) * 3.141592653589793
-        tl.store(da_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], da.to(da_ptr.dtype.element_ty), mask=m)
+        tl.store(da_ptr + (b * L + offs_l[:, None]) * DAS + offs_k[None, :], da.to(da_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
@@ -232,16 +232,17 @@ def angle_table(angles: torch.Tensor, dt: torch.Tensor, init_angle: torch.Tensor
     return cs, last
 
 
-def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor,
-                         dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (d angles (B, L, K) contiguous in angles' dtype, d dt (B, L, H) fp32) of theta from d theta
-    (B, L, H, K) fp32 contiguous; angles and dt as `angle_table` takes them."""
+def angle_table_backward(dtheta: torch.Tensor, angles: torch.Tensor, dt: torch.Tensor,
+                         da: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d angles (B, L, K) in angles' dtype, d dt (B, L, H) fp32) of theta from d theta (B, L, H, K) fp32
+    contiguous; angles and dt as `angle_table` takes them. da: where to write d angles (a `common.rows_of` view),
+    else a new contiguous tensor."""
     dt = _fp32(dt)
     B, L, H = dt.shape
     K = angles.shape[-1]
     suf = _block_offsets(_block_sums(dtheta, False, dt, K), None, reverse=True)  # the later blocks' part of each sum
-    da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype)
+    da = torch.empty(B, L, K, device=dt.device, dtype=angles.dtype) if da is None else da
     ddt = torch.empty(B, L, H, device=dt.device, dtype=torch.float32)
     _angle_grad_kernel[(B, suf.shape[-1])](dtheta, suf, angles, dt, da, ddt, L, H, K, suf.shape[-1],
-                                          row_stride(angles), BL=BLOCK, BK=next_pow2(K), **FMA)
+                                          row_stride(angles), row_stride(da), BL=BLOCK, BK=next_pow2(K), **FMA)
     return da, ddt

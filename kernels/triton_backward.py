@@ -45,6 +45,7 @@ import torch
 
 from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
 from .common import FMA, cdiv, pairs_layout
+from .shared_grad import grad_output
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_table,
                              _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _Setup, kernel_chunk, tl, triton)
@@ -101,7 +102,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dout_kernel(v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr, opre_ptr, dy_ptr,
-                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk, VS, ZS,
+                         do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk, VS, ZS, DZS,
                          R: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr, DOT: tl.constexpr):
         """Grid (B*H, position blocks of BT): the epilogue (z gate, D skip, mimo_o contraction) taken back from dy
@@ -115,15 +116,19 @@ if triton is not None:
         SISO gained 0.26 / 0.52 -> 0.23 / 0.43, ~1% of its forward+backward). Also slower: dO made inside the reverse
         state scan, which reads a chunk's dO rows anyway (the parameter sums kept per row over its chunks), in place of
         this kernel: H100, this kernel + the reverse scan, R4 b8 x 2048 2.11 -> 3.97 ms, b1 x 32768 5.34 -> 13.2,
-        SISO 0.58 -> 0.76, 1.48 -> 2.48 (the scan went to 255 registers, 82-166 spilled, in its serial chain)."""
+        SISO 0.58 -> 0.76, 1.48 -> 2.48 (the scan went to 255 registers, 82-166 spilled, in its serial chain).
+        Also slower (H100, R4, b8 x 2048 / b1 x 32768, against 1.11 / 2.16 ms here): 8 warps (1.81 / 3.46; 128
+        positions 1.31 / 2.49), 128 positions at 4 warps (3.84 / 7.61, 428 B spilled), programs splitting the
+        headdim (32 lanes x 64 / 128 positions 1.52 / 2.95, 1.22 / 2.31; 16 lanes 1.95 / 3.68, 1.85 / 3.38). Its
+        traffic is ~1.6 GB at b8 x 2048 (24 bytes per (position, head, lane) at R4): ~1.45 TB/s, half of HBM's."""
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_t = blk * BT + tl.arange(0, BT)
         offs_p = tl.arange(0, BP)
         pmask = offs_p < P
         tp = (offs_t < L)[:, None] & pmask[None, :]
-        pos = (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) tensors: dy, dz
-        col = h * P + offs_p[None, :]  # v and z: rows of their own strides (`rows_of`)
+        pos = (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :]  # (B, L, H, P) contiguous: dy
+        col = h * P + offs_p[None, :]  # v, z and dz: rows of their own strides (`rows_of`)
         part = (pid_bh * nblk + blk) * R * P + offs_p  # (B*H, blocks, R, P) partial sums, rank 0
         if HAS_Z:
             zt = tl.load(z_ptr + (b * L + offs_t[:, None]) * ZS + col, mask=tp, other=0.0).to(tl.float32)
@@ -160,7 +165,7 @@ if triton is not None:
                 dd += tl.sum(do * vt, axis=0) * tl.load(mx_ptr + prm, mask=pmask, other=0.0)
             tl.store(do_ptr + row, do.to(DOT).to(do_ptr.dtype.element_ty), mask=tp)
         if HAS_Z:
-            tl.store(dz_ptr + pos, dz.to(dz_ptr.dtype.element_ty), mask=tp)
+            tl.store(dz_ptr + (b * L + offs_t[:, None]) * DZS + col, dz.to(dz_ptr.dtype.element_ty), mask=tp)
         if HAS_D:
             tl.store(dd_ptr + pid_bh * nblk + blk, tl.sum(dd, axis=0))
 
@@ -299,7 +304,7 @@ if triton is not None:
     def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, d_ptr,
                          acs_ptr, gam_ptr, w_ptr, atot_ptr, down_ptr, do_ptr,
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
-                         L, H, G, K, N, P, nc, VS,
+                         L, H, G, K, N, P, nc, VS, DVS,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, HAS_D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr):
@@ -364,7 +369,7 @@ if triton is not None:
         # v_i = mx_r v_t: back to v (summed over ranks) and to mx (summed over positions, added into the
         # (batch, head)'s sum as the bias gradients are).
         mx = _rank_table(mx_ptr + h * R * P, P, R, RP, CR, offs_p, pmask)
-        tl.store(dv_ptr + (b * L + offs_t[:, None]) * H * P + h * P + offs_p[None, :],
+        tl.store(dv_ptr + (b * L + offs_t[:, None]) * DVS + h * P + offs_p[None, :],
                  _rank_sum(dv * mx, CR, RP, BP).to(dv_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
         vt = _repeat(tl.load(v_ptr + (b * L + offs_t[:, None]) * VS + h * P + offs_p[None, :],
                              mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32), CR // RP, RP, BP)
@@ -394,15 +399,21 @@ def _dkdv_regs(st: _Setup, device: torch.device) -> dict:
 
 
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                     initial_state, lengths, bias_pairs: bool) -> list[torch.Tensor | None]:
+                     initial_state, lengths, bias_pairs: bool, slots: dict | None = None) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
-    opre: the forward's pre-gate output per row (B, L, R, H, P)."""
+    opre: the forward's pre-gate output per row (B, L, R, H, P). slots: the `shared_grad` slots of v, z, trap and
+    angles (by name) where the layer's split gave them one: their gradients are written there."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
                 backward_chunk(q.shape[2]), bias_pairs)
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
+    slots = slots or {}
+
+    def grad_out(name, like):  # where the kernels write the gradient of a split piece (`shared_grad`)
+        return grad_output(slots.get(name), like.shape, like.dtype, dev)
+
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
     s0 = None
     if init is not None:  # the initial state's part: small tensors, through autograd
@@ -421,13 +432,13 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         states, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach())
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
-        dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if st.has_z else do
+        dz = grad_out("z", z) if st.has_z else do
         nblk = cdiv(L, DOUT_BLOCK)
         dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
         dD = empty(B * H, nblk)
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
-                                        nblk, vs, zs, BT=DOUT_BLOCK, HAS_D=st.has_d, HAS_Z=st.has_z,
-                                        CONTRACT=st.contract,
+                                        nblk, vs, zs, tc.row_stride(dz), BT=DOUT_BLOCK, HAS_D=st.has_d,
+                                        HAS_Z=st.has_z, CONTRACT=st.contract,
                                         **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")}, **FMA)
         # the kernels add into these (one zero fill each: dq | dk, and the bias gradients' (batch, head) sums)
         dq, dk = torch.zeros(2, B, L, R, G, N, device=dev, dtype=f32).unbind(0)
@@ -444,14 +455,15 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta, **FMA)
         del states
-        dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype)
+        dv = grad_out("v", v)
         dmx = torch.zeros(B * H, 1, RP, P, device=dev, dtype=f32)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
+                                      tc.row_stride(dv),
                                       HAS_D=st.has_d, **meta, **_dkdv_regs(st, dev), **FMA)
-        d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt)
+        d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt, grad_out("angles", angles))
     dmx_total = _partial_sum(dmx, B, H, R, P)
     dnxt0 = None
     if s0 is not None:
@@ -459,7 +471,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dmx_total = dmx_total + dmx_s0
     d_adt, d_dt, d_trap = token_scalars_backward(dt, trap, lengths, st.C, dgam, (dw, dw_c), (dacs_b, dacs_c),
                                                  (datot, datot_dq), d_dt_angles, dnxt0,
-                                                 (adt.dtype, dt.dtype, trap.dtype))
+                                                 (adt.dtype, dt.dtype, trap.dtype), dtrap=grad_out("trap", trap))
 
     def bias_grad(part):  # the partials are in the kernels' halves layout
         g = _partial_sum(part, B, H, R, N)

@@ -29,6 +29,7 @@ from .chunked import entering_state, final_state
 from .common import (FMA, Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups,
                      next_pow2, pairs_layout, rotate, row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_table
+from .shared_grad import grad_slot
 from .triton_scalars import first_next, token_scalars
 
 try:
@@ -540,6 +541,9 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
 
 
+_SPLIT_PIECES = {"v": 2, "trap": 5, "angles": 8, "z": 13}  # positions in the op's 14 tensor inputs
+
+
 class _Mamba3Triton(torch.autograd.Function):
     """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
 
@@ -549,6 +553,8 @@ class _Mamba3Triton(torch.autograd.Function):
             y, fin, opre = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
                                             save_o=any(ctx.needs_input_grad[4:]), need_final=need_final)
         ctx.initial_state, ctx.lengths, ctx.bias_pairs = initial_state, lengths, bias_pairs
+        # the inputs that are pieces of the layer's in_proj split: their gradients go into its buffer (`shared_grad`)
+        ctx.slots = {name: grad_slot(tensors[i]) for name, i in _SPLIT_PIECES.items()}
         ctx.save_for_backward(opre, *tensors)
         if fin is None:
             return (y,)
@@ -560,7 +566,7 @@ class _Mamba3Triton(torch.autograd.Function):
         from .triton_backward import chunked_backward  # imports this module's kernels
 
         opre, *tensors = ctx.saved_tensors
-        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs)
+        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs, ctx.slots)
         return (None,) * 4 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:]))
 
 

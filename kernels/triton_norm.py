@@ -8,7 +8,9 @@ plus a torch `.sum` of the kernel's per-program weight-gradient partials (determ
 B and C are strided views of the in_proj output, (B, L, R, G, N) with each position W elements apart: they are read
 in place (`_rows_layout`), and the outputs are new contiguous tensors, for SISO (halves=True) already in the Triton
 scan's rotation layout (the permuted copy of q and k each way it saves would be two more launches and a pass over
-them). Everything is computed in fp32; float64 inputs are left to the torch norm, which computes in fp64.
+them). Their gradients are written back in the inputs' layout, into the layer's shared in_proj gradient where it
+has one (`shared_grad`). Everything is computed in fp32; float64 inputs are left to the torch norm, which computes
+in fp64.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import torch
 
 from .common import FMA, cdiv, grad_needed, next_pow2, row_stride, rows_of
+from .shared_grad import grad_output, grad_slot
 
 try:
     import triton
@@ -66,16 +69,15 @@ if triton is not None:
                  mask=m)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n_rows, inner, TS, N, eps,
+    def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n_rows, inner, TS, DTS, N, eps,
                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
                              HAS_DW: tl.constexpr, HALVES: tl.constexpr):
         """Per row, with r = rsqrt(mean(x^2) + eps), xhat = x r, g = dy w: dx = r (g - xhat mean(g xhat)); with
         HAS_DW, this program's partial sum over its rows of dy xhat (the weight's gradient), fp32, row pid of dw.
-        rstd is recomputed from x (nothing else is saved by the forward)."""
+        rstd is recomputed from x (nothing else is saved by the forward). dx is laid out as x, tokens DTS apart."""
         pid, rows, xoff, cols, cmask, m = _row_tile(n_rows, inner, TS, N, BLOCK_R, BLOCK_N, WIDE)
         x = tl.load(x_ptr + xoff[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        out = rows[:, None] * N + cols[None, :]
         dy = tl.load(dy_ptr + rows[:, None] * N + _out_columns(cols, N, HALVES)[None, :], mask=m,
                      other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
@@ -83,7 +85,8 @@ if triton is not None:
         g = dy * w[None, :]
         c = tl.sum(g * xhat, axis=1) / N
         dx = rstd[:, None] * (g - xhat * c[:, None])
-        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + ((rows // inner) * DTS + (rows % inner) * N)[:, None] + cols[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_DW:  # masked rows load x = dy = 0 and add nothing
             tl.store(dw_ptr + pid * N + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
 
@@ -123,6 +126,7 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, halves:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, halves):
+        ctx.slot = grad_slot(x)  # the layer's in_proj split (`shared_grad`)
         y, x = _rms_norm_forward(x, weight, eps, halves)
         ctx.save_for_backward(x, weight)
         ctx.eps, ctx.halves = eps, halves
@@ -132,16 +136,19 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
+        lead = 1 if x.dim() == 2 else 2
         _, inner, ts = _rows_layout(x)  # x is the tensor the forward read: laid out so
         N = x.shape[-1]
         n_rows = x.numel() // N if N else 0
         if not (n_rows and N):  # nothing to launch: empty gradients, and a zero one for the weight
             return (x.new_zeros(x.shape) if need_dx else None, torch.zeros_like(weight) if need_dw else None, None,
                     None)
-        grid, meta = _launch(n_rows, inner, ts, N)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # computed even when only the weight needs it
+        # computed even when only the weight needs it; in x's layout (tokens dts apart)
+        dx = grad_output(ctx.slot, x.shape, x.dtype, x.device, lead)
+        dts = row_stride(dx, lead)
+        grid, meta = _launch(n_rows, inner, max(ts, dts), N)
         partial = torch.empty(grid[0], N, device=x.device, dtype=torch.float32) if need_dw else dx
-        _rms_norm_bwd_kernel[grid](x, weight, dy.contiguous(), dx, partial, n_rows, inner, ts, N, ctx.eps,
+        _rms_norm_bwd_kernel[grid](x, weight, dy.contiguous(), dx, partial, n_rows, inner, ts, dts, N, ctx.eps,
                                    HAS_DW=need_dw, HALVES=ctx.halves, **meta, **FMA)
         return dx if need_dx else None, partial.sum(0).to(weight.dtype) if need_dw else None, None, None
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
 from .common import A_ACTIVATIONS, FMA, cdiv, grad_needed, next_pow2, row_stride, rows_of
+from .shared_grad import grad_output, grad_slot
 
 try:
     import triton
@@ -84,7 +85,7 @@ if triton is not None:
 
     @triton.jit
     def _activations_bwd_kernel(ddt_ptr, dda_ptr, dtb_ptr, gdt_ptr, gadt_ptr, d_ddt_ptr, d_dda_ptr, dbias_ptr,
-                                n, H, DS, AS, a_floor, BL: tl.constexpr, BHD: tl.constexpr,
+                                n, H, DS, AS, DDS, DAS, a_floor, BL: tl.constexpr, BHD: tl.constexpr,
                                 HEAVY_TAIL: tl.constexpr):
         """With x = dd_dt + dt_bias: d x = (g_dt + g_adt A) sigmoid(x); d dd_A = -g_adt dt act'(dd_A) where the
         clamp passes (-act <= -a_floor, as torch's clamp passes ties); dt_bias's per-program partial sums."""
@@ -103,8 +104,8 @@ if triton is not None:
         else:
             act, dact = _softplus(dd_a), tl.sigmoid(dd_a)
         da = tl.where(-act <= -a_floor, -gadt * dt * dact, 0.0)
-        tl.store(d_ddt_ptr + offs_r[:, None] * H + offs_h[None, :], dx.to(d_ddt_ptr.dtype.element_ty), mask=m)
-        tl.store(d_dda_ptr + offs_r[:, None] * H + offs_h[None, :], da.to(d_dda_ptr.dtype.element_ty), mask=m)
+        tl.store(d_ddt_ptr + offs_r[:, None] * DDS + offs_h[None, :], dx.to(d_ddt_ptr.dtype.element_ty), mask=m)
+        tl.store(d_dda_ptr + offs_r[:, None] * DAS + offs_h[None, :], da.to(d_dda_ptr.dtype.element_ty), mask=m)
         tl.store(dbias_ptr + tl.program_id(0) * H + offs_h, tl.sum(tl.where(m, dx, 0.0), axis=0), mask=hmask)
 
     @triton.jit
@@ -148,7 +149,7 @@ if triton is not None:
     @triton.jit
     def _token_scalars_bwd_kernel(dt_ptr, trap_ptr, len_ptr, dgam_ptr, dw_ptr, dw2_ptr, dacs_ptr, dacs2_ptr,
                                   datot_ptr, datot2_ptr, ddt2_ptr, dn0_ptr, dadt_ptr, ddt_ptr, dtrap_ptr,
-                                  L, H, nc, DS, TS, C: tl.constexpr, BHD: tl.constexpr, HAS_LEN: tl.constexpr,
+                                  L, H, nc, DS, TS, DTS, C: tl.constexpr, BHD: tl.constexpr, HAS_LEN: tl.constexpr,
                                   HAS_N0: tl.constexpr):
         """The gradient parts arrive in pairs (the dq and dk/dv kernels each write one) and are summed here:
         d adt_s = sum_(s' >= s in its chunk) d acs_s' + d atot_c; with g = d gamma + d w and n_s = d w_(s-1)
@@ -174,7 +175,8 @@ if triton is not None:
         dt = _load(dt_ptr, b, L, DS, offs_l, offs_h, m)
         ddt = lam * g + (1 - lam) * n + tl.load(ddt2_ptr + out, mask=m, other=0.0)
         tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
-        tl.store(dtrap_ptr + out, (dt * (g - n) * lam * (1 - lam)).to(dtrap_ptr.dtype.element_ty), mask=m)
+        tl.store(dtrap_ptr + (b * L + offs_l[:, None]) * DTS + offs_h[None, :],
+                 (dt * (g - n) * lam * (1 - lam)).to(dtrap_ptr.dtype.element_ty), mask=m)
 
 
 def _launch(dt: torch.Tensor, C: int) -> tuple[tuple[int, int], int, int]:
@@ -205,19 +207,21 @@ def token_scalars_backward(dt: torch.Tensor, trap: torch.Tensor, lengths: torch.
                            dgam: torch.Tensor, dw: tuple[torch.Tensor, torch.Tensor],
                            dacs: tuple[torch.Tensor, torch.Tensor], datot: tuple[torch.Tensor, torch.Tensor],
                            ddt_angles: torch.Tensor, dn0: torch.Tensor | None,
-                           dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
+                           dtypes: tuple[torch.dtype, torch.dtype, torch.dtype], dtrap: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d adt, d dt, d trap), (B, L, H) in `dtypes`, from those of `token_scalars`' outputs, each of
     w, acs and atot in two parts (summed here), all fp32 contiguous; ddt_angles: dt's gradient through the
-    angles (added); dn0 (B, H): the gradient of `first_next` when an initial state took it in, else None."""
+    angles (added); dn0 (B, H): the gradient of `first_next` when an initial state took it in, else None; dtrap:
+    where to write d trap (a `common.rows_of` view of dtypes[2]), else a new tensor."""
     B, L, H = dt.shape
     dt, trap = rows_of(dt), rows_of(trap)
     grid, nc, bhd = _launch(dt, C)
-    dadt, ddt, dtrap = (torch.empty(B, L, H, device=dt.device, dtype=d) for d in dtypes)
+    dadt, ddt = (torch.empty(B, L, H, device=dt.device, dtype=d) for d in dtypes[:2])
+    dtrap = torch.empty(B, L, H, device=dt.device, dtype=dtypes[2]) if dtrap is None else dtrap
     _token_scalars_bwd_kernel[grid](dt, trap, lengths if lengths is not None else dt, dgam, *dw, *dacs, *datot,
                                     ddt_angles, dn0 if dn0 is not None else dgam, dadt, ddt, dtrap, L, H, nc,
-                                    row_stride(dt), row_stride(trap), C=C, BHD=bhd, HAS_LEN=lengths is not None,
-                                    HAS_N0=dn0 is not None, **FMA)
+                                    row_stride(dt), row_stride(trap), row_stride(dtrap), C=C, BHD=bhd,
+                                    HAS_LEN=lengths is not None, HAS_N0=dn0 is not None, **FMA)
     return dadt, ddt, dtrap
 
 
@@ -240,6 +244,7 @@ def _activations_forward(dd_dt, dd_A, dt_bias, a_activation, a_floor):
 class _TokenActivations(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dd_dt, dd_A, dt_bias, a_activation, a_floor):
+        ctx.slots = grad_slot(dd_dt), grad_slot(dd_A)  # the layer's in_proj split (`shared_grad`)
         dt, adt, (dd_dt, dd_A), ctx.meta = _activations_forward(dd_dt, dd_A, dt_bias, a_activation, a_floor)
         ctx.save_for_backward(dd_dt, dd_A, dt_bias)
         return dt, adt
@@ -249,11 +254,11 @@ class _TokenActivations(torch.autograd.Function):
         dd_dt, dd_A, dt_bias = ctx.saved_tensors
         grid, bhd, heavy, a_floor = ctx.meta
         B, L, H = dd_dt.shape
-        d_ddt = torch.empty(B, L, H, device=dd_dt.device, dtype=dd_dt.dtype)
-        d_dda = torch.empty(B, L, H, device=dd_dt.device, dtype=dd_A.dtype)
+        d_ddt, d_dda = (grad_output(slot, x.shape, x.dtype, x.device) for slot, x in zip(ctx.slots, (dd_dt, dd_A)))
         dbias = torch.empty(grid[0], H, device=dd_dt.device, dtype=torch.float32)
         _activations_bwd_kernel[grid](dd_dt, dd_A, dt_bias, g_dt.contiguous(), g_adt.contiguous(), d_ddt, d_dda,
-                                      dbias, B * L, H, row_stride(dd_dt), row_stride(dd_A), a_floor, BL=ACT_ROWS,
+                                      dbias, B * L, H, row_stride(dd_dt), row_stride(dd_A), row_stride(d_ddt),
+                                      row_stride(d_dda), a_floor, BL=ACT_ROWS,
                                       BHD=bhd, HEAVY_TAIL=heavy, **FMA)
         return d_ddt, d_dda, dbias.sum(0).to(dt_bias.dtype), None, None
 

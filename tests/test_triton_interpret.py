@@ -472,8 +472,21 @@ def test_layer_triton_path_vs_torch_path(cfg, monkeypatch):
     """The layer's CUDA path (in_proj, the fused B/C norm and token activation kernels, v and z read in place from
     the projection, SISO's q/k in the kernels' pair layout, the Triton op, the fused decode step) run here in the
     interpreter, in fp32, against the same layer's torch path: output, input gradient and every parameter's
-    gradient over 37 tokens, and 3 decode steps, to 1e-5 (measured ~1e-6: summation order)."""
+    gradient over 37 tokens, and 3 decode steps, to 1e-5 (measured ~1e-6: summation order). The Triton path's
+    kernels write their in_proj pieces' gradients in place (`shared_grad`): all eight, but z with the out-projection
+    norm (its gate is torch's)."""
     from hybrid_mamba3 import Mamba3
+    from hybrid_mamba3.kernels import shared_grad
+
+    in_place = []
+    assemble = shared_grad.SharedGrad.assemble
+
+    def recording_assemble(self, grads):
+        in_place.append({i for i, g in enumerate(grads) if g is not None and self.buffer is not None
+                         and self.in_place(self.buffer, i, g)})
+        return assemble(self, grads)
+
+    monkeypatch.setattr(shared_grad.SharedGrad, "assemble", recording_assemble)
 
     torch.manual_seed(0)
     ref = Mamba3(d_model=32, d_state=16, headdim=16, layer_idx=0, backend="torch", **cfg)
@@ -497,6 +510,8 @@ def test_layer_triton_path_vs_torch_path(cfg, monkeypatch):
             for t in range(3):
                 got[layer][f"step{t}"], st = layer.step(u[:, t], st)
         assert layer.last_backend == ("torch" if layer is ref else "triton")
+    # pieces z, x, B, C, dd_dt, dd_A, trap, angles
+    assert in_place == [set(range(1 if cfg.get("is_outproj_norm") else 0, 8))]
     assert got[ref].keys() == got[tri].keys()
     for name, want in got[ref].items():
         assert want is not None and rel_err(got[tri][name], want) < 1e-5, name
