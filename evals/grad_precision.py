@@ -14,6 +14,9 @@ First run (H100, 2026-11-26, kernels of 21dce80), max-norm relative error of the
   R4 b1 x 32768: angles 4.5e-2, dt 2.2e-2, adt 1.5e-2, q 1.4e-2, others 0.5-1.0e-2, output 8.1e-3
   R4 b8 x 2048:  angles 1.4e-2, dt 1.0e-2, others 0.5-0.9e-2
   SISO b1 x 32768: angles 2.3e-2, dt 1.7e-2, others 0.3-1.0e-2
+Rerun after the 16-bit table's hardware sin/cos (H100, kernels of 30ae190; evals/results/grad_precision_h100.json):
+  R4 b1 x 32768: angles 4.4e-2, dt 2.2e-2, adt 1.5e-2, q 1.4e-2, others 0.5-1.0e-2; R4 b8 x 2048: angles 1.4e-2, dt
+  1.0e-2; SISO b1 x 32768: angles 2.3e-2, dt 1.7e-2 -- unchanged.
 The angles' gradient is a suffix sum over the sequence of per-position terms that mostly cancel (the scores depend
 on angle differences only), so its relative error grows with the length.
 

@@ -130,7 +130,10 @@ def test_layer_and_final_state_match_official(name, L):
         assert err <= tol, f"{cfg}: final {label} state error {err:.3e} > {tol}"
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.endswith("_g2")])  # (g2: ~2 min more TileLang JIT)
+# Not g2: the official MIMO backward has none for ngroups 2 (mamba_ssm 2.3.2.post1, mamba3_mimo_bwd.py raises "G value
+# of 2 is not currently supported!", H100 2026-11-26); our ngroups-2 gradients are checked against the chunked torch
+# op (tests/test_triton_gpu.py, test_triton_interpret.py), its forward against the official above.
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.endswith("_g2")])
 def test_layer_gradients_match_official(name):
     """Backward through the official module and ours (bf16, and fp32 on the same weights) for one random dy: the
     input's gradient, every parameter's gradient and the per-token gradient of each in_proj output part (checks
