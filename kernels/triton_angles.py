@@ -32,10 +32,11 @@ try:
 except ImportError:  # CPU install without triton: triton_chunked reports it before anything here is called
     triton = None
 
-# Positions per program; the fp32 part of each angle's sum spans at most this many steps. Longer blocks run faster
-# (H100, the five angle kernels of an R4 fwd+bwd at BLOCK 32 / 64 / 128: b1 x 32768 0.98 / 0.77 / 0.72 ms, b8 x 2048
-# 0.48 / 0.42 / 0.43), but the fp32 sums within a block grow with it: the fp32 table's error at the GPU test's extreme
-# dt, 1.3e-4 at 32, would near that test's 2.5e-4 bound (an estimate, not run), for 0.5% of the layer's time. Kept.
+# Positions per program; the fp32 part of each angle's sum spans at most this many steps. Longer blocks run faster:
+# the five angle kernels of an R4 fwd+bwd (H100) at BLOCK 32 / 64 / 128 took 0.98 / 0.77 / 0.72 ms at b1 x 32768 and
+# 0.48 / 0.42 / 0.43 at b8 x 2048 (0.5% of the layer at best). But the fp32 sums (within a block, and each block's
+# total) grow with it: the interpreter test's theta, 3.4e-5 off fp64 at 32 over 1275 positions, was 5.7e-5 at 64 (and
+# 1.3e-4 over its 40 blocks of 64); at the layer's dt range over 32768 positions 3.6e-6 / 3.9e-6 / 4.4e-6 (GPU). Kept.
 BLOCK = 32
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
 # A 16-bit table on CUDA takes cos and sin from the hardware's approximations (`_cos_sin`); 0: libdevice's exact
