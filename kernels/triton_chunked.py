@@ -51,7 +51,10 @@ def _rank_pad(rank: int) -> int:
 def kernel_chunk(rank: int) -> int:
     """Chunk length C of the kernels: C x R' = 64 rows (R' = R padded to a power of two; 128 for R' = 8) in the
     intra-chunk products. Tensor-core sized, and small enough that the kernels' tiles stay in registers:
-    at 128 rows they spill and the forward+backward at b8 x 2048 (R4, H100) is ~40% slower (evals/kernel_report.py)."""
+    at 128 rows they spill and the forward+backward at b8 x 2048 (R4, H100) is ~40% slower (evals/kernel_report.py).
+    Larger chunks would halve the entering states' traffic (~1 GB a pass at R4 b8 x 2048), but at 128 rows every kernel
+    lost, 8 warps included (H100, R4 b8 x 2048, ms at 64 rows / 4 warps -> 128 rows / 4 and 8 warps): chunk output
+    2.23 -> 12.6 / 2.70, dQ 3.51 -> 15.6 / 7.03, dK/dV 3.91 -> 30.8 / 7.96, the forward scan's run 0.95 -> 1.29."""
     return max(16, 64 // _rank_pad(rank))
 
 
