@@ -37,3 +37,30 @@ def make_op_inputs(B=2, L=37, R=4, G=1, N=16, H=4, P=8, K=4, dtype=torch.float64
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max-norm relative error of a against reference b."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def in_place_record(monkeypatch):
+    """For `kernels.shared_grad`: per split backward, the set of pieces whose gradient arrived in its place in the
+    shared buffer; the buffer NaN-poisoned when allocated, so a part nobody wrote (and assemble did not fill) shows."""
+    from hybrid_mamba3.kernels import shared_grad
+
+    record = []
+    assemble, take = shared_grad.SharedGrad.assemble, shared_grad.SharedGrad.take
+
+    def poisoned_take(self, index, shape):
+        fresh = self.buffer is None
+        out = take(self, index, shape)
+        if fresh and self.buffer is not None:
+            self.buffer.fill_(float("nan"))
+        return out
+
+    def recording_assemble(self, grads):
+        buf = self.buffer
+        record.append({i for i, g in enumerate(grads) if g is not None and buf is not None
+                       and self.in_place(buf, i, g)})
+        return assemble(self, grads)
+
+    monkeypatch.setattr(shared_grad.SharedGrad, "take", poisoned_take)
+    monkeypatch.setattr(shared_grad.SharedGrad, "assemble", recording_assemble)
+    return record

@@ -2,10 +2,8 @@
 input's gradient is the concatenation of the pieces' gradients, and a producer writing through `grad_output` lands
 in place (nothing copied). Plain torch on CPU; the layer's Triton producers are checked in test_triton_interpret."""
 
-import pytest
 import torch
 
-from hybrid_mamba3.kernels import shared_grad
 from hybrid_mamba3.kernels.shared_grad import grad_output, grad_slot, split_shared_grad
 
 
@@ -30,31 +28,6 @@ def _loss(pieces, mask):
     # second use (autograd sums the two); d: unused; e: plain torch
     return ((_Double.apply(a) ** 2).sum() + (_Double.apply(b * mask) * 3).sum()
             + (_Double.apply(c) * c).sum() + e.sin().sum())
-
-
-@pytest.fixture
-def in_place_record(monkeypatch):
-    """The pieces whose gradient arrived in place, per split backward; the buffer NaN-poisoned when allocated, so
-    any part assemble left unwritten shows."""
-    record = []
-    orig, orig_take = shared_grad.SharedGrad.assemble, shared_grad.SharedGrad.take
-
-    def take(self, index, shape):
-        fresh = self.buffer is None
-        out = orig_take(self, index, shape)
-        if fresh and self.buffer is not None:
-            self.buffer.fill_(float("nan"))
-        return out
-
-    def assemble(self, grads):
-        buf = self.buffer
-        record.append({i for i, g in enumerate(grads) if g is not None and buf is not None and
-                       self.in_place(buf, i, g)})
-        return orig(self, grads)
-
-    monkeypatch.setattr(shared_grad.SharedGrad, "assemble", assemble)
-    monkeypatch.setattr(shared_grad.SharedGrad, "take", take)
-    return record
 
 
 def test_gradient_is_the_concatenation(in_place_record):
