@@ -169,12 +169,10 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         the B/C norms by theirs, and the angles left raw (the op's angle kernels read them in place and take tanh
         themselves)."""
         H, P, N, G, R = self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank
-        shapes = [(H, P), (H, P), (R, G, N), (R, G, N), None, None, None, None]
-        if fused:  # the Triton kernels write their gradients into one buffer for in_proj (no concatenation)
-            z, x, B, C, dd_dt, dd_A, trap, angles = split_shared_grad(self.in_proj(u), self._split_sizes(), shapes)
-        else:
-            z, x, B, C, dd_dt, dd_A, trap, angles = (p if s is None else p.unflatten(-1, s)
-                                                     for p, s in zip(self._split(self.in_proj(u)), shapes))
+        # fused: the Triton kernels write their gradients into one buffer for in_proj (no concatenation)
+        z, x, B, C, dd_dt, dd_A, trap, angles = split_shared_grad(
+            self.in_proj(u), self._split_sizes(), [(H, P), (H, P), (R, G, N), (R, G, N), None, None, None, None],
+            share=fused)
         activations = _triton_ops()[2] if fused else token_activations
         dt, adt = activations(dd_dt, dd_A, self.dt_bias, self.a_activation, self.A_floor)
         halves = fused and not self.is_mimo  # SISO rotates pairs (2j, 2j+1): the norm stores them as the op wants

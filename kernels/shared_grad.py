@@ -90,13 +90,14 @@ class _SplitSharedGrad(torch.autograd.Function):
 Slot = tuple[SharedGrad, int]
 
 
-def split_shared_grad(x: torch.Tensor, sizes: list[int],
-                      shapes: list[tuple[int, ...] | None]) -> list[torch.Tensor]:
+def split_shared_grad(x: torch.Tensor, sizes: list[int], shapes: list[tuple[int, ...] | None],
+                      share: bool = True) -> list[torch.Tensor]:
     """`x.split(sizes, -1)`, each piece's last dim unflattened to `shapes[i]` (None: kept), with one gradient
-    buffer shared by the pieces (module docstring). Without autograd, the plain split."""
+    buffer shared by the pieces (module docstring). Without autograd, or without `share` (pieces whose gradients
+    no kernel writes in place: the torch path), the plain split."""
     pieces = x.split(sizes, dim=-1)
     shared = None
-    if SHARE and torch.is_grad_enabled() and x.requires_grad:
+    if share and SHARE and torch.is_grad_enabled() and x.requires_grad:
         shared = SharedGrad(x, sizes)
         pieces = _SplitSharedGrad.apply(x, list(sizes), shared)
     out = []
