@@ -9,9 +9,10 @@ H100 when they moved here: more than the whole forward state pass). Here the for
 (B, L, H, 2, K) table the kernels read (fp16 for the 16-bit kernels: `triton_chunked.TABLE_BITS`) and, for a final
 state, theta at each row's last position; the backward reads d theta once.
 
-The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions, and the
-blocks' offsets summed in float64 and reduced mod 2 pi, so theta stays accurate at any length. The gradient is the
-exact one of the unreduced cumsum (the reduction only drops whole turns): d inc_s = sum_{t >= s} d theta_t.
+The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions on the blocks'
+offsets, which are summed in float64 (from each block's sum, itself float64) and reduced mod 2 pi, so theta's error
+does not grow with the length. The gradient is the exact one of the unreduced cumsum (the reduction only drops whole
+turns): d inc_s = sum_{t >= s} d theta_t, summed in fp32 within blocks.
 
 Launches: tanh(angles) pi once for all heads (forward only: the gradient kernel loops over the heads itself), the
 blocks' sums, a scan over them (`_block_offsets_kernel`, one program per head walking its blocks; in torch that
@@ -32,12 +33,16 @@ try:
 except ImportError:  # CPU install without triton: triton_chunked reports it before anything here is called
     triton = None
 
-# Positions per program; the fp32 part of each angle's sum spans at most this many steps. Longer blocks run faster:
-# the five angle kernels of an R4 fwd+bwd (H100) at BLOCK 32 / 64 / 128 took 0.98 / 0.77 / 0.72 ms at b1 x 32768 and
-# 0.48 / 0.42 / 0.43 at b8 x 2048 (0.5% of the layer at best). But the fp32 sums (within a block, and each block's
-# total) grow with it: the interpreter test's theta, 3.4e-5 off fp64 at 32 over 1275 positions, was 5.7e-5 at 64 (and
-# 1.3e-4 over its 40 blocks of 64); at the layer's dt range over 32768 positions 3.6e-6 / 3.9e-6 / 4.4e-6 (GPU). Kept.
-BLOCK = 32
+# Positions per program, and the span of theta's fp32 sums. Longer blocks run faster (fewer, larger programs; the
+# offsets scan walks fewer blocks): the five angle kernels of an R4 fwd+bwd (H100) at BLOCK 32 / 64 / 128 took
+# 0.98 / 0.77 / 0.72 ms at b1 x 32768, 0.48 / 0.42 / 0.43 at b8 x 2048. At 128 the fp32 partial sums' rounding grows
+# (the interpreter test's theta, increments ~1 rad, off fp64 by 4.8e-5 at 128 over 5115 positions), so theta lost
+# what it had to lose elsewhere: pi is applied in float64 (fp32 pi, 2.8e-8 relative and the same sign at every step,
+# was the largest error at long lengths) and each block's sum is float64 (an fp32 sum's error accumulated over the
+# blocks): at 32 the same test was off by 1.6e-4 before. Tried and dropped, slower for no need (H100, b1 x 32768,
+# the table kernel 0.26 ms at 128): the in-block cumsum in float64, 0.41 ms; fp32 over sub-blocks of 32 placed on
+# float64 offsets (a 3-D reshape), 0.52 ms.
+BLOCK = 128
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
 # A 16-bit table on CUDA takes cos and sin from the hardware's approximations (`_cos_sin`); 0: libdevice's exact
 # ones everywhere (kernel_report --set triton_angles.FAST_SINCOS=0,1 compares them).
@@ -94,32 +99,50 @@ if triton is not None:
     @triton.jit
     def _tanh_pi_kernel(a_ptr, tp_ptr, L, K, AS, BL: tl.constexpr, BK: tl.constexpr):
         """Grid (B, blocks): tanh(angles) pi (B, L, K) fp32 contiguous from the raw angles, once for all heads (the
-        table kernels, one program per head, would each recompute it: +80 us a call at SISO b8 x 2048 on H100)."""
+        table kernels, one program per head, would each recompute it: +80 us a call at SISO b8 x 2048 on H100).
+        The factor pi in float64, rounded once: fp32 pi's own rounding (2.8e-8 relative, the same sign at every step)
+        was theta's largest error at long lengths."""
         b = tl.program_id(0)
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
-        tp, _ = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
-        tl.store(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], tp, mask=m)
+        _, t = _tanh_pi(a_ptr, AS, b, L, offs_l, offs_k, m)
+        pi = tl.full(t.shape, 3.141592653589793, tl.float64)  # fp64 (a Python float literal would be fp32)
+        tl.store(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], (t.to(tl.float64) * pi).to(tl.float32),
+                 mask=m)
 
     @triton.jit
     def _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m):
-        """(BL, BK) angle increments tanh(angles_t) pi dt_t of head h; zero outside the sequence."""
+        """(BL, BK) angle increments tanh(angles_t) pi dt_t of head h, as fp32 tp * dt and as float64 (both exact
+        products of the same fp32 factors); zero outside the sequence."""
         tp = tl.load(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], mask=m, other=0.0)
         dt = tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        return tp * dt[:, None]
+        return tp * dt[:, None], tp.to(tl.float64) * dt.to(tl.float64)[:, None]
+
+    @triton.jit
+    def _mod_two_pi(x):
+        """float64 x reduced to [0, 2 pi) (as torch.remainder; 2 pi as an fp64 constant: a Python float literal
+        would be rounded to fp32)."""
+        two_pi = tl.full(x.shape, 6.283185307179586, tl.float64)
+        return x - two_pi * tl.floor(x * (1.0 / two_pi))
 
     @triton.jit
     def _block_sums_kernel(src_ptr, dt_ptr, tot_ptr, L, H, K, nb,
                            INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
-        """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks), of the increments (INC)
-        or of x (B, L, H, K). Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
+        """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks) fp32, of x (B, L, H, K), or of
+        the increments (INC), summed in float64 and stored as two fp32 planes, the sum's rounding and what it left
+        (a float64 pointer in the block offsets scan failed Triton 3.6's TritonGPUOptimizeThreadLocality pass).
+        Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
+        out = tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1)
         if INC:
-            x = _increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
+            x = tl.sum(_increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)[1], axis=0)
+            hi = x.to(tl.float32)
+            tl.store(out, hi, mask=kmask)
+            tl.store(out + tl.num_programs(0) * K * nb, (x - hi.to(tl.float64)).to(tl.float32), mask=kmask)
         else:
             x = tl.load(src_ptr + ((b * L + offs_l[:, None]) * H + h) * K + offs_k[None, :], mask=m, other=0.0)
-        tl.store(tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), tl.sum(x, axis=0), mask=kmask)
+            tl.store(out, tl.sum(x, axis=0), mask=kmask)
 
     @triton.jit
     def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
@@ -132,7 +155,7 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
-        theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m), axis=0) + off[None, :]
+        theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)[0], axis=0) + off[None, :]
         out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
         cos, sin = _cos_sin(theta, FAST)
         tl.store(out, cos.to(cs_ptr.dtype.element_ty), mask=m)
@@ -166,10 +189,10 @@ if triton is not None:
 
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                              BK: tl.constexpr, BB: tl.constexpr):
-        """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb), summed in float64 over the
-        blocks before it (REVERSE: after it), written fp32 to off (same shape). Forward: plus the initial angle,
-        reduced mod 2 pi (as torch.remainder)."""
+                              LO: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr):
+        """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb; LO: and a second plane, the sums'
+        rounding), summed in float64 over the blocks before it (REVERSE: after it), written fp32 to off (same shape).
+        Forward: plus the initial angle, reduced mod 2 pi."""
         pid = tl.program_id(0)
         offs_k = tl.arange(0, BK)
         kmask = offs_k < K
@@ -183,31 +206,33 @@ if triton is not None:
             m = kmask[:, None] & ((offs_b >= 0) & (offs_b < nb))[None, :]
             ptrs = (pid * K + offs_k[:, None]) * nb + offs_b[None, :]
             x = tl.load(tot_ptr + ptrs, mask=m, other=0.0).to(tl.float64)
+            if LO:
+                x += tl.load(tot_ptr + tl.num_programs(0) * K * nb + ptrs, mask=m, other=0.0).to(tl.float64)
             off = carry[:, None] + (tl.cumsum(x, axis=1) - x)
             carry += tl.sum(x, axis=1)
-            if not REVERSE:  # 2 pi as an fp64 constant (a Python float literal would be rounded to fp32)
-                two_pi = tl.full((BK, BB), 6.283185307179586, tl.float64)
-                off = off - two_pi * tl.floor(off / two_pi)
+            if not REVERSE:
+                off = _mod_two_pi(off)
             tl.store(off_ptr + ptrs, off.to(tl.float32), mask=m)
 
 
 def _block_offsets(tot: torch.Tensor, init_angle: torch.Tensor | None, reverse: bool) -> torch.Tensor:
-    """Each block's offset (B, H, K, nb) fp32 from the block sums: the earlier blocks' sum plus the initial angle,
-    mod 2 pi (forward), or the later blocks' sum (reverse, for the gradient's suffix sums)."""
-    B, H, K, nb = tot.shape
-    off = torch.empty_like(tot)
+    """Each block's offset (B, H, K, nb) fp32 from the block sums (`_block_sums`): the earlier blocks' sum plus the
+    initial angle, mod 2 pi (forward), or the later blocks' sum (reverse, for the gradient's suffix sums)."""
+    B, H, K, nb = tot.shape[-4:]
+    off = torch.empty(B, H, K, nb, device=tot.device, dtype=torch.float32)
     bk = next_pow2(K)
     _block_offsets_kernel[(B * H,)](tot, init_angle if init_angle is not None else tot, off, K, nb,
-                                    HAS_INIT=init_angle is not None, REVERSE=reverse, BK=bk,
+                                    HAS_INIT=init_angle is not None, REVERSE=reverse, LO=tot.dim() == 5, BK=bk,
                                     BB=max(16, OFFSET_TILE // bk), **FMA)
     return off
 
 
 def _block_sums(src: torch.Tensor, increments: bool, dt: torch.Tensor, K: int) -> torch.Tensor:
-    """Block sums (B, H, K, blocks) of src (B, L, H, K), or with increments of tp dt from src = tp (B, L, K)."""
+    """Block sums (B, H, K, blocks) fp32 of src (B, L, H, K), or with increments (2, B, H, K, blocks) of the angle
+    increments tanh(angles) pi dt from src = tanh(angles) pi (B, L, K): their float64 sums as fp32 rounding + rest."""
     B, L, H = dt.shape
     nb = cdiv(L, BLOCK)
-    tot = torch.empty(B, H, K, nb, device=dt.device, dtype=torch.float32)
+    tot = torch.empty(*(2,) if increments else (), B, H, K, nb, device=dt.device, dtype=torch.float32)
     _block_sums_kernel[(B * H, nb)](src, dt, tot, L, H, K, nb, INC=increments, BL=BLOCK, BK=next_pow2(K), **FMA)
     return tot
 
