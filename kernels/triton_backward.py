@@ -403,10 +403,12 @@ def _dkdv_regs(st: _Setup, device: torch.device) -> dict:
 
 
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                     initial_state, lengths, bias_pairs: bool, slots: dict | None = None) -> list[torch.Tensor | None]:
+                     initial_state, lengths, bias_pairs: bool, slots: dict | None = None,
+                     ckpt: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
     opre: the forward's pre-gate output per row (B, L, R, H, P). slots: the `shared_grad` slots of v, z, trap and
-    angles (by name) where the layer's split gave them one: their gradients are written there."""
+    angles (by name) where the layer's split gave them one: their gradients are written there. ckpt: the forward's
+    state checkpoints (`triton_chunked.CKPT_POSITIONS`), or None to recompute the states from the start."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
@@ -433,7 +435,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
         cs, _ = st.rotation_table(angles, dt)
-        states, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach())
+        states, _, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach(), ckpt=ckpt)
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
         dz = grad_out("z", z) if st.has_z else do

@@ -243,14 +243,18 @@ if triton is not None:
 
     @triton.jit
     def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
-                           final_ptr, L, H, G, K, N, P, nc, VS,
+                           final_ptr, ckpt_ptr, L, H, G, K, N, P, nc, VS, nseg,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
-                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+                           BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr, SEG: tl.constexpr,
+                           FROM_CKPT: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
         through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
         dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
-        in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768."""
+        in traffic (write + read ~4 GB at R4 b8 x 2048) than the serial walk, even at b1 x 32768.
+        SEG > 0: segments of SEG chunks (`CKPT_POSITIONS`). The walk also keeps the fp32 state entering each segment
+        in ckpt (B*H, nseg, P, N); with FROM_CKPT (the backward's recompute), the grid has a third axis, the segment,
+        and each program walks its segment only, from its checkpoint, storing nothing else."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -261,7 +265,14 @@ if triton is not None:
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
         m = pmask[:, None] & jm[None, :]
         row = (pid_bh * P + offs_p[:, None]) * N
-        if HAS_S0:
+        c0, c1 = 0, nc
+        if FROM_CKPT:
+            c0 = tl.program_id(2) * SEG
+            c1 = tl.minimum(c0 + SEG, nc)
+            seg = ckpt_ptr + ((pid_bh * nseg + tl.program_id(2)) * P + offs_p[:, None]) * N
+            run_a = tl.load(seg + ia[None, :], mask=m, other=0.0)
+            run_b = tl.load(seg + ib[None, :], mask=m, other=0.0)
+        elif HAS_S0:
             run_a = tl.load(s0_ptr + row + ia[None, :], mask=m, other=0.0)
             run_b = tl.load(s0_ptr + row + ib[None, :], mask=m, other=0.0)
         else:  # a zero start needs no buffer (nor its fill launch)
@@ -278,12 +289,17 @@ if triton is not None:
         kbase = k_ptr + b * L * R * G * N + g * N
         vbase = v_ptr + b * L * VS + h * P
         acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr,
-                                                                        pid_bh, b, h, 0, L, H, G, K, N, nc, VS,
+                                                                        pid_bh, b, h, c0, L, H, G, K, N, nc, VS,
                                                                         offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
-        for c in range(nc):
+        for c in range(c0, c1):
             out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
             tl.store(out + ib[None, :], run_b.to(enter_ptr.dtype.element_ty), mask=m)
+            if SEG > 0 and not FROM_CKPT:
+                if c % SEG == 0:
+                    seg = ckpt_ptr + ((pid_bh * nseg + c // SEG) * P + offs_p[:, None]) * N
+                    tl.store(seg + ia[None, :], run_a, mask=m)
+                    tl.store(seg + ib[None, :], run_b, mask=m)
             acs, w, atot, cos, sin, xa, xb, v = acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n
             acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
                 kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
@@ -296,8 +312,9 @@ if triton is not None:
             decay = tl.exp(atot)
             run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
             run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
-        tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
-        tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
+        if not FROM_CKPT:
+            tl.store(final_ptr + row + ia[None, :], run_a, mask=m)
+            tl.store(final_ptr + row + ib[None, :], run_b, mask=m)
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
@@ -476,9 +493,10 @@ def state_scan_block(N: int, R: int, heads: int, sms: int) -> tuple[int, int]:
     return 64, N // 2
 
 
-def scan_block(st: _Setup) -> tuple[int, int]:
-    """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan."""
-    bp, bj = state_scan_block(st.N, st.R, st.B * st.H, _sm_count(st.mx.device))
+def scan_block(st: _Setup, walks: int | None = None) -> tuple[int, int]:
+    """`state_scan_block` within the kernels' tile sizes: (BPB, BJ) of a state scan walking `walks` (default batch x
+    heads) sequences of chunks side by side."""
+    bp, bj = state_scan_block(st.N, st.R, st.B * st.H if walks is None else walks, _sm_count(st.mx.device))
     return min(st.meta["BP"], bp), min(st.meta["BH"], _pow2(bj))
 
 
@@ -495,26 +513,63 @@ def scan_meta(st: _Setup, bp: int, bj: int) -> dict:
     return {**st.meta, "num_stages": 1, "num_warps": 8 if bp * bj >= 64 * 64 else st.meta["num_warps"]}
 
 
-def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0):
+# Where the heads are few for the GPU (`ckpt_segments`), a training forward keeps the fp32 state entering every
+# CKPT_POSITIONS-th position (a whole number of chunks) for the backward, whose recompute of the states in between
+# then runs one program per segment and head instead of walking the whole sequence again: at b1 x 32768 a head's walk
+# is 2048 chunks long, and the forward's 64 heads fill the GPU only with narrow state blocks. H100, b1 x 32768, the
+# forward scan's two runs (forward, recompute) at no checkpoints / every 1024 / 2048 / 4096 positions: R4 5.47 /
+# 4.75 / 4.69 / 4.69 ms (the layer's fwd+bwd kernels 37.84 / 37.25 / 36.84 / 37.09), SISO 1.66 / 1.47 / 1.45 / 1.43;
+# at 256 and 512 positions R4 4.90 and 4.80. The cost is memory kept from the forward to the backward: P N fp32 per
+# head every CKPT_POSITIONS positions, 1 KiB a token at d_model 2048 (64 heads), beside the 32 KiB a token of R4
+# pre-gate output the forward keeps anyway. 0: no checkpoints (the recompute walks from the start).
+CKPT_POSITIONS = 2048
+
+
+def ckpt_segments(st: _Setup) -> tuple[int, int]:
+    """(chunks per checkpointed segment, segments) of `CKPT_POSITIONS`; (0, 1), no checkpoints, where the forward's
+    walks alone fill the GPU (`state_scan_block` gives them whole heads): there, more and shorter walks gained
+    nothing (R4 b8 x 2048, H100: the two scans' runs 1.88 ms with checkpoints every 1024 positions, 1.87 without)
+    and SISO lost (0.58 -> 0.61)."""
+    if CKPT_POSITIONS <= 0 or 2 * st.B * st.H > _sm_count(st.mx.device):
+        return 0, 1
+    seg = max(1, CKPT_POSITIONS // st.C)
+    return seg, cdiv(st.nc, seg)
+
+
+def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0, keep_ckpt: bool = False,
+                     ckpt: torch.Tensor | None = None):
     """States entering each chunk, (B, H, nc, P, N) in the matmuls' operand dtype (they are only ever matmul
-    operands: storing them narrow halves their traffic), and the final state (B, H, P, N) in fp32 (the scan
-    itself runs in fp32)."""
+    operands: storing them narrow halves their traffic), the final state (B, H, P, N) in fp32 (the scan
+    itself runs in fp32), and with keep_ckpt the checkpoints (B, H, segments, P, N) fp32 (`CKPT_POSITIONS`; None
+    without). Given a forward's checkpoints (`ckpt`), the states are recomputed from them, all segments at once,
+    and the final state is None (s0 is then not read: the first checkpoint holds it)."""
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
-    final = torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    bp, bj = scan_block(st)
-    _state_scan_kernel[scan_grid(st, B * H, bp, bj)](k, st.kb, cs, v, st.mx, acs, w, atot,
-                                                     s0 if s0 is not None else final, enter, final, st.L, H,
-                                                     st.G, st.K, N, P, nc, row_stride(v), BPB=bp, BJ=bj,
-                                                     HAS_S0=s0 is not None, **scan_meta(st, bp, bj), **FMA)
-    return enter, final
+    seg, nseg = ckpt_segments(st) if keep_ckpt or ckpt is not None else (0, 1)
+    if ckpt is not None and ckpt.shape[2] != nseg:
+        raise ValueError(f"checkpoints for {ckpt.shape[2]} segments, the scan has {nseg}")
+    walks = B * H * (nseg if ckpt is not None else 1)
+    bp, bj = scan_block(st, walks)
+    grid = scan_grid(st, B * H, bp, bj) + ((nseg,) if ckpt is not None else ())
+    final = None if ckpt is not None else torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
+    if ckpt is None and seg:
+        ckpt = torch.empty(B, H, nseg, P, N, device=k.device, dtype=torch.float32)
+        from_ckpt = False
+    else:
+        from_ckpt = ckpt is not None
+    _state_scan_kernel[grid](k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else enter, enter,
+                             final if final is not None else enter, ckpt if ckpt is not None else enter, st.L, H,
+                             st.G, st.K, N, P, nc, row_stride(v), nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None,
+                             SEG=seg, FROM_CKPT=from_ckpt, **scan_meta(st, bp, bj), **FMA)
+    return enter, final, ckpt
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
                      lengths, bias_pairs: bool, save_o: bool = False, need_final: bool = True):
     """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32 (None without
-    need_final: a training forward skips its ~15 gathers and small ops), and with save_o the pre-gate output per
-    row (B, L, R, H, P) in v's dtype, else None)."""
+    need_final: a training forward skips its ~15 gathers and small ops), and with save_o (a training forward) what
+    the backward takes from it: the pre-gate output per row (B, L, R, H, P) in v's dtype and the state checkpoints
+    (`_entering_states`), else None, None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
@@ -523,7 +578,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
     cs, theta_last = st.rotation_table(rows_of(angles), dt, need_final)
-    states, final_ssm = _entering_states(st, k, v, cs, acs, w, atot, s0)
+    states, final_ssm, ckpt = _entering_states(st, k, v, cs, acs, w, atot, s0, keep_ckpt=save_o)
     B, L, H, P = st.B, st.L, st.H, st.P
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
     opre = torch.empty(B, L, st.R, H, P, device=q.device, dtype=v.dtype) if save_o else None
@@ -541,7 +596,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
         kh = heads_from_groups(k[rows, last].to(f32), H, 2) + kb.transpose(0, 1)
         return rotate(kh, theta_last[:, None], False)
 
-    return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre
+    return out, (final_state(angle_last, final_ssm, kr_last, v, lengths, f32) if need_final else None), opre, ckpt
 
 
 _SPLIT_PIECES = {"v": 2, "trap": 5, "angles": 8, "z": 13}  # positions in the op's 14 tensor inputs
@@ -553,12 +608,12 @@ class _Mamba3Triton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, initial_state, lengths, need_final, bias_pairs, *tensors):
         with torch.no_grad():
-            y, fin, opre = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
-                                            save_o=any(ctx.needs_input_grad[4:]), need_final=need_final)
+            y, fin, opre, ckpt = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
+                                                  save_o=any(ctx.needs_input_grad[4:]), need_final=need_final)
         ctx.initial_state, ctx.lengths, ctx.bias_pairs = initial_state, lengths, bias_pairs
         # the inputs that are pieces of the layer's in_proj split: their gradients go into its buffer (`shared_grad`)
         ctx.slots = {name: grad_slot(tensors[i]) for name, i in _SPLIT_PIECES.items()}
-        ctx.save_for_backward(opre, *tensors)
+        ctx.save_for_backward(opre, ckpt, *tensors)
         if fin is None:
             return (y,)
         ctx.mark_non_differentiable(*fin)
@@ -568,8 +623,9 @@ class _Mamba3Triton(torch.autograd.Function):
     def backward(ctx, dy, *_):
         from .triton_backward import chunked_backward  # imports this module's kernels
 
-        opre, *tensors = ctx.saved_tensors
-        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs, ctx.slots)
+        opre, ckpt, *tensors = ctx.saved_tensors
+        grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs, ctx.slots,
+                                 ckpt)
         return (None,) * 4 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:]))
 
 
@@ -615,7 +671,8 @@ def mamba3_chunked_triton(
         y, *fin = _Mamba3Triton.apply(initial_state, lengths, return_final_state, bias_pairs, *tensors)
     else:  # inference: the forward without autograd's bookkeeping
         with torch.no_grad():
-            y, fin, _ = _forward_batched(*tensors, initial_state, lengths, bias_pairs, need_final=return_final_state)
+            y, fin, _, _ = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
+                                            need_final=return_final_state)
     if valid is not None:
         y = y[valid][None]
     if not return_final_state:

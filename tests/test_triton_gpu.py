@@ -57,11 +57,15 @@ GRID = [
 @pytest.mark.parametrize("R,G,N,K,pw,gate,skip,init,P", GRID)
 @pytest.mark.parametrize("L", [300, 1024])
 def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L, monkeypatch):
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
     B, H = 2, 8
-    if L == 1024:  # 16 heads leave most SMs idle, so the state scans take narrow blocks (`state_scan_block`);
-        # at this length, the wide blocks of the many-heads case: the device counted as 1 SM
-        from hybrid_mamba3.kernels import triton_chunked as tc
+    if L == 1024:  # 16 heads leave most SMs idle, so the state scans take narrow blocks (`state_scan_block`) and the
+        # backward recomputes the states from checkpoints; at this length, the many-heads case: wide blocks and no
+        # checkpoints, the device counted as 1 SM
         monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
+    else:  # checkpoints every 64 positions: 5 segments of 1-4 chunks (the last one partial)
+        monkeypatch.setattr(tc, "CKPT_POSITIONS", 64)
     args, opts = _inputs(B, L, R, G, N, H, P, K, R > 1, gate, skip, seed=hash((R, G, N, K, P, L)) % 2 ** 31)
     st = None
     if init:
@@ -87,6 +91,42 @@ def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L
     for name, a, b in pairs:
         assert a.grad is not None and not torch.isnan(a.grad).any(), name
         assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
+
+
+@pytest.mark.parametrize("R,pw", [(4, False), (1, True)])
+def test_state_checkpoints_on_gpu(R, pw, monkeypatch):
+    """fp32 inputs (exact fp32 matmuls): every gradient with the backward's states recomputed from checkpoints
+    (`CKPT_POSITIONS` 64: segments of 4 chunks at R4, 1 at SISO, the last one partial) within 1e-5 of the recompute
+    from the start (0). Not bit for bit: the segments' walks take other state blocks than the forward's, so their
+    matmuls may sum in another order (fp32 rounding, ~1e-7)."""
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
+    B, H, L, N, P, K = 2, 8, 300, 128, 64, 32
+    args, opts = _inputs(B, L, R, 1, N, H, P, K, R > 1, True, True, seed=11)
+    st = Mamba3State(torch.rand(B, H, K, device="cuda") * 6, torch.randn(B, H, P, N, device="cuda") * 0.1,
+                     torch.randn(B, R, H, N, device="cuda"), torch.randn(B, H, P, device="cuda"))
+    dy = torch.randn(mamba3_chunked_triton(*args, **opts, rope_pairwise=pw)[0].shape, device="cuda")
+    kept, entering = [], tc._entering_states
+
+    def spy(*a, **kw):
+        out = entering(*a, **kw)
+        if kw.get("keep_ckpt"):
+            kept.append(None if out[2] is None else out[2].shape[2])
+        return out
+
+    monkeypatch.setattr(tc, "_entering_states", spy)
+    grads = []
+    for positions in (0, 64):
+        monkeypatch.setattr(tc, "CKPT_POSITIONS", positions)
+        ins = [a.clone().requires_grad_() for a in args]
+        ops = {k: None if v is None else v.clone().requires_grad_() for k, v in opts.items()}
+        _poison()
+        y, _ = mamba3_chunked_triton(*ins, **ops, rope_pairwise=pw, initial_state=st)
+        y.backward(dy)
+        grads.append([t.grad for t in ins] + [t.grad for t in ops.values() if t is not None])
+    assert kept == [None, 5]
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert not torch.isnan(a).any() and rel_err(a, b) < 1e-5, (i, rel_err(a, b))
 
 
 def test_angle_table_on_gpu(monkeypatch):

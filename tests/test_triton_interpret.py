@@ -186,6 +186,45 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
     _assert_grads(got, ref)
 
 
+@pytest.mark.parametrize("R,L,pw", [(4, 37, False), (1, 150, True)])
+def test_state_checkpoints(R, L, pw, monkeypatch):
+    """The backward recomputes the states from the forward's fp32 checkpoints (`CKPT_POSITIONS`), one program per
+    segment: segments of one chunk, and of two (the last one partial), give every gradient bit for bit as the
+    recompute from the start (0: no checkpoints) does, initial state included; the checkpoints kept are one per
+    segment. Checkpoints are kept only where the heads are few for the GPU's SMs (the interpreter counts 1 SM: made
+    64 here, then back to 1, where none are kept)."""
+    from hybrid_mamba3.kernels import triton_backward as tb
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
+    C = kernel_chunk(R)
+    assert -(-L // C) == 3
+    args, opts = make_op_inputs(B=2, L=L, R=R, G=1, K=4, mimo=R > 1, **SIZES)
+    a32, o32 = _f32(args, opts)
+    st = _state(2, R, 4).to(torch.float32)
+    dy = torch.randn(mamba3_chunked_triton(*a32, **o32, rope_pairwise=pw)[0].shape, dtype=torch.float64)
+    kept, entering = [], tc._entering_states
+
+    def spy(*a, **kw):
+        enter, final, ckpt = entering(*a, **kw)
+        if kw.get("keep_ckpt"):
+            kept.append(None if ckpt is None else ckpt.shape[2])
+        return enter, final, ckpt
+
+    monkeypatch.setattr(tc, "_entering_states", spy)
+    monkeypatch.setattr(tb, "_entering_states", spy)
+    grads = {}
+    monkeypatch.setattr(tc, "_sm_count", lambda device: 64)  # 2 x 4 heads: a GPU with SMs to spare
+    for positions in (0, C, 2 * C):
+        monkeypatch.setattr(tc, "CKPT_POSITIONS", positions)
+        grads[positions] = _grads(mamba3_chunked_triton, a32, o32, dy, rope_pairwise=pw, initial_state=st)[1]
+    monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
+    _grads(mamba3_chunked_triton, a32, o32, dy, rope_pairwise=pw, initial_state=st)
+    assert kept == [None, 3, 2, None]
+    for positions in (C, 2 * C):
+        for i, (a, b) in enumerate(zip(grads[positions], grads[0])):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (positions, i)
+
+
 def test_angle_table_over_many_blocks(monkeypatch):
     """The rotation table and its gradient against theta = init + cumsum(tanh(angles) pi dt) in fp64, over 40 blocks
     of positions with the offsets scan made to take three steps (the last one partial) each way, so a wrong carry,
