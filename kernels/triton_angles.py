@@ -110,12 +110,11 @@ if triton is not None:
                  mask=m)
 
     @triton.jit
-    def _increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m):
-        """(BL, BK) angle increments tanh(angles_t) pi dt_t of head h, as fp32 tp * dt and as float64 (both exact
-        products of the same fp32 factors); zero outside the sequence."""
+    def _increment_factors(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m):
+        """The factors of head h's angle increments tanh(angles_t) pi dt_t: tanh(angles) pi (BL, BK) and dt (BL,);
+        zero outside the sequence."""
         tp = tl.load(tp_ptr + (b * L + offs_l[:, None]) * K + offs_k[None, :], mask=m, other=0.0)
-        dt = tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
-        return tp * dt[:, None], tp.to(tl.float64) * dt.to(tl.float64)[:, None]
+        return tp, tl.load(dt_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
 
     @triton.jit
     def _mod_two_pi(x):
@@ -136,7 +135,8 @@ if triton is not None:
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         out = tot_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1)
         if INC:
-            x = tl.sum(_increments(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)[1], axis=0)
+            tp, dt = _increment_factors(src_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
+            x = tl.sum(tp.to(tl.float64) * dt.to(tl.float64)[:, None], axis=0)
             hi = x.to(tl.float32)
             tl.store(out, hi, mask=kmask)
             tl.store(out + tl.num_programs(0) * K * nb, (x - hi.to(tl.float64)).to(tl.float32), mask=kmask)
@@ -155,7 +155,8 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
         off = tl.load(off_ptr + (pid_bh * K + offs_k) * nb + tl.program_id(1), mask=kmask, other=0.0)
-        theta = tl.cumsum(_increments(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)[0], axis=0) + off[None, :]
+        tp, dt = _increment_factors(tp_ptr, dt_ptr, b, h, L, H, K, offs_l, lmask, offs_k, m)
+        theta = tl.cumsum(tp * dt[:, None], axis=0) + off[None, :]
         out = cs_ptr + ((b * L + offs_l[:, None]) * H + h) * 2 * K + offs_k[None, :]
         cos, sin = _cos_sin(theta, FAST)
         tl.store(out, cos.to(cs_ptr.dtype.element_ty), mask=m)

@@ -545,18 +545,15 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0, keep_ckpt: bool = F
     and the final state is None (s0 is then not read: the first checkpoint holds it)."""
     B, H, P, N, nc = st.B, st.H, st.P, st.N, st.nc
     enter = torch.empty(B, H, nc, P, N, device=k.device, dtype=st.operand_dtype)
-    seg, nseg = ckpt_segments(st) if keep_ckpt or ckpt is not None else (0, 1)
-    if ckpt is not None and ckpt.shape[2] != nseg:
-        raise ValueError(f"checkpoints for {ckpt.shape[2]} segments, the scan has {nseg}")
-    walks = B * H * (nseg if ckpt is not None else 1)
-    bp, bj = scan_block(st, walks)
-    grid = scan_grid(st, B * H, bp, bj) + ((nseg,) if ckpt is not None else ())
-    final = None if ckpt is not None else torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
-    if ckpt is None and seg:
+    from_ckpt = ckpt is not None
+    seg, nseg = ckpt_segments(st) if keep_ckpt or from_ckpt else (0, 1)
+    if from_ckpt and (not seg or ckpt.shape[2] != nseg):  # CKPT_POSITIONS changed between forward and backward
+        raise ValueError(f"checkpoints for {ckpt.shape[2]} segments, the scan has {nseg if seg else 'none'}")
+    bp, bj = scan_block(st, B * H * (nseg if from_ckpt else 1))
+    grid = scan_grid(st, B * H, bp, bj) + ((nseg,) if from_ckpt else ())
+    final = None if from_ckpt else torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
+    if seg and not from_ckpt:
         ckpt = torch.empty(B, H, nseg, P, N, device=k.device, dtype=torch.float32)
-        from_ckpt = False
-    else:
-        from_ckpt = ckpt is not None
     _state_scan_kernel[grid](k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else enter, enter,
                              final if final is not None else enter, ckpt if ckpt is not None else enter, st.L, H,
                              st.G, st.K, N, P, nc, row_stride(v), nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None,

@@ -64,3 +64,21 @@ def in_place_record(monkeypatch):
     monkeypatch.setattr(shared_grad.SharedGrad, "take", poisoned_take)
     monkeypatch.setattr(shared_grad.SharedGrad, "assemble", recording_assemble)
     return record
+
+
+@pytest.fixture
+def kept_checkpoints(monkeypatch):
+    """For `triton_chunked.CKPT_POSITIONS`: per training forward of the Triton op, how many state checkpoints it kept
+    (None: none)."""
+    from hybrid_mamba3.kernels import triton_chunked as tc
+
+    record, entering = [], tc._entering_states
+
+    def recording(*args, **kwargs):
+        out = entering(*args, **kwargs)
+        if kwargs.get("keep_ckpt"):
+            record.append(None if out[2] is None else out[2].shape[2])
+        return out
+
+    monkeypatch.setattr(tc, "_entering_states", recording)
+    return record
