@@ -31,8 +31,11 @@ num_stages 1-3) was slower at every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 
 and the stages' shared memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows
 as rows (no register transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10%
 at b1 x 32768), dQ, the chunk output and dO kernels held to fewer registers (maxnreg: all ran slower; dK/dV is
-capped for MIMO, where it gains, `_dkdv_regs`). Both take the rotation back (d theta, and dq / dk unrotated, added
-atomically into the group's rows and, summed over the chunk, into each (batch, head)'s bias gradient).
+capped for MIMO, where it gains, `_dkdv_regs`), and Ampere's mma.sync in place of Hopper's wgmma (DISABLE_MMA_V3=1:
+operands in registers, not wgmma's shared-memory ones; H100, R4 b8 x 2048 layer: dK/dV 3.87 -> 6.89 ms, chunk output
+2.21 -> 4.18, dQ 3.48 -> 4.00, all kernels 17.7 -> 23.2, with more spills). Both take the rotation back (d theta,
+and dq / dk unrotated, added atomically into the group's rows and, summed over the chunk, into each (batch, head)'s
+bias gradient).
 
 Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
 adt, dt and trap through `triton_scalars`, the initial state's entering term (small) through torch autograd, and

@@ -334,7 +334,11 @@ if triton is not None:
         is latency bound (255 registers, 84-160 spilled at 4 warps; 8 warps spill less and ran slower), and
         walking programs are too few to hide it. Since the scan prefetches, the walk loses at R4 b8 x 2048 too
         (2.94 -> 3.03 ms); pipelined by Triton it is slower still (num_stages 2: 6.96 ms; 3 needs 330 KB of shared
-        memory at R4)."""
+        memory at R4). Also slower: the entering state's halves copied by TMA (a tensor descriptor over the states, its
+        blocks one chunk's half) straight into the shared memory the matmul reads them from, instead of loaded to
+        registers and staged there by Triton (H200, inference forward, this kernel R4 b8 x 2048 2.10 -> 2.42 ms, b1 x
+        32768 4.17 -> 4.81, SISO 0.47 -> 0.57, 0.93 -> 1.12): outside a pipelined loop Triton waits on each copy right
+        after issuing it (TTGIR), so its latency is exposed rather than overlapped with the q/k loads and rotations."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
