@@ -41,7 +41,7 @@ def _matmul_flops(name: str, a: dict, programs: int) -> float:
     scans walk nc chunks per (head, state block), whatever their grid's segments."""
     if "CR" not in a:  # elementwise kernels (angles, token scalars, dO): no matmuls
         return 0.0
-    cr, bp, n2 = a["CR"], a.get("BP", 0), 2 * a.get("BH", 0)
+    cr, bp, n2 = a["CR"], a["BP"], 2 * a["BH"]
     if name in ("_state_scan_kernel", "_state_scan_bwd_kernel"):  # E += V^T K (forward) / dE += dO^T Q per chunk
         walks = programs // a["nseg"] if a.get("FROM_CKPT") else programs  # (head, state block) pairs
         return 2.0 * cr * a["BPB"] * 2 * a["BJ"] * walks * a["nc"]
@@ -115,7 +115,8 @@ def floors(launches: list[dict], gbps: float, tflops: float) -> dict[str, dict]:
 
 
 def _measured(report: dict | None, shape: str, R: int) -> dict[str, float]:
-    """Per kernel name, the GPU ms of the first variant of kernel_report.json at this shape and rank (op, not module)."""
+    """Per kernel name, the GPU ms of the first variant of kernel_report.json at this shape and rank (op or --module: the
+    layer's other kernels have no floor here and are left out)."""
     for res in (report or {}).get("results", []):
         if res.get("shape") == shape and res.get("R") == R and "kernels" in res:
             return {k["kernel"]: k["ms"] for k in res["kernels"]}

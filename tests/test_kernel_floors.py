@@ -53,8 +53,8 @@ def test_floors_per_kernel():
         assert r["gb"] > 0 and r["floor_ms"] == max(r["flop_ms"], r["byte_ms"])
         assert r["byte_ms"] == pytest.approx(r["gb"] / 3000.0 * 1e3)
     # every tensor handed to the launch once, placeholders included once: the inference forward's state scan gets
-    # the entering states' buffer also for its absent initial state and checkpoints (counted three times, the sum
-    # below would be 2 MB larger)
+    # the entering states' buffer also for its absent initial state and checkpoints (counted each time, the sum
+    # would be 4 MB larger)
     B, L, H, P, N, K = 1, 128, floors_mod.H, floors_mod.P, floors_mod.N, floors_mod.K
     nc = L // triton_chunked.kernel_chunk(1)
     scan = [ln for ln in floors_mod.record_launches(B, L, 1, backward=False) if ln["kernel"] == "_state_scan_kernel"]
