@@ -115,8 +115,8 @@ def floors(launches: list[dict], gbps: float, tflops: float) -> dict[str, dict]:
 
 
 def _measured(report: dict | None, shape: str, R: int) -> dict[str, float]:
-    """Per kernel name, the GPU ms of the first variant of kernel_report.json at this shape and rank (op or --module: the
-    layer's other kernels have no floor here and are left out)."""
+    """Per kernel name, the GPU ms of the first variant of kernel_report.json at this shape and rank (op or
+    --module: the layer's other kernels have no floor here and are left out)."""
     for res in (report or {}).get("results", []):
         if res.get("shape") == shape and res.get("R") == R and "kernels" in res:
             return {k["kernel"]: k["ms"] for k in res["kernels"]}

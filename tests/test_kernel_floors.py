@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-_SPEC = importlib.util.spec_from_file_location("kernel_floors", Path(__file__).parents[1] / "evals" / "kernel_floors.py")
+_PATH = Path(__file__).parents[1] / "evals" / "kernel_floors.py"
+_SPEC = importlib.util.spec_from_file_location("kernel_floors", _PATH)
 floors_mod = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(floors_mod)
 
