@@ -4,6 +4,7 @@ Importing the package registers `HybridMamba3Config` / `HybridMamba3Model` / `Hy
 with transformers' Auto classes (model_type "hybrid_mamba3").
 """
 
+from . import _shadow_guard  # noqa: F401  (first: see its docstring)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_hybrid_mamba3 import HybridMamba3Config, resolve_positions

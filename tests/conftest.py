@@ -1,6 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
-import torch
+# The repo's kernels/ folder is installed as `hybrid_mamba3.kernels`; with the repo root on sys.path (`python -m
+# pytest` puts the working directory there) it would also be a top-level `kernels` and shadow Hugging Face's package
+# of that name, which transformers (>= 5.25) imports. Drop the root before anything imports transformers.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_triton_interpret.py). The switch
 # must be on before triton is first imported (transformers imports it), or triton's own library functions
