@@ -176,7 +176,7 @@ class _Compiler:
 
 def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bool = False) -> None:
     """One fwd+bwd of the op; variants: also packed sequences with an initial state (the kernels' varlen and
-    initial-state specialisations), the layer's token activations, both kinds, and its B/C norm (compile checks,
+    initial-state specialisations), packed rows (seq_idx), the layer's token activations, both kinds, and its B/C norm (compile checks,
     not tuning)."""
     from conftest import make_op_inputs
 
@@ -198,6 +198,10 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     cu = torch.tensor([0, L // 2, B * L], dtype=torch.int32)
     y, _ = mamba3_chunked_triton(*map(pack, args), **{k: pack(v) for k, v in opts.items()}, cu_seqlens=cu,
                                  initial_state=state, return_final_state=True)
+    y.backward(torch.ones_like(y))
+    seq = torch.arange(L).expand(B, L) * 3 // L  # packed rows: three sequences each, reset inside the kernels
+    y, _ = mamba3_chunked_triton(*[cast(a) for a in args], **{k: cast(v) for k, v in opts.items()}, seq_idx=seq,
+                                 rope_pairwise=R == 1)
     y.backward(torch.ones_like(y))
     raw = torch.randn(B, L, 3 * H, dtype=torch.bfloat16, requires_grad=True)
     for act in ("softplus", "heavy_tail"):

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .cache import one_cache, read_mamba_state, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
-from .kernels.common import A_ACTIVATIONS, at_least_fp32, token_activations
+from .kernels.common import A_ACTIVATIONS, INT32_LIMIT, at_least_fp32, token_activations
 from .kernels.shared_grad import split_shared_grad
 from .norms import GatedRMSNorm, KeepFP32Mixin
 
@@ -36,14 +36,51 @@ def _triton_ops():
     return (mamba3_chunked_triton, mamba3_step_triton, token_activations_triton) if triton_available() else None
 
 
+def padding_mask(attention_mask: torch.Tensor | None, length: int, carries_state: bool) -> torch.Tensor | None:
+    """The (B, length) bool mask of the real positions of a Mamba-3 layer's call on the last `length` positions of a
+    2D (batch, seq) `attention_mask`, or None when no position is padding.
+
+    Left padding is honoured exactly: a padded position leaves the state untouched, and the first real token has no
+    previous term, as at a sequence's start. Right padding (transformers' and TRL's collators pad right) is harmless
+    where no state is carried on (`carries_state` False: no cache, no final state asked for): a causal layer's outputs
+    at real tokens never see the padding after them, so those positions run as if real (their outputs are don't-cares,
+    as their labels are). Where the final state is carried on, right padding would be folded into it, and padding
+    between real tokens would change what the token after it sees as its previous one: both raise. One host sync."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"Mamba-3 layers take a 2D (batch, seq) padding mask, got a {attention_mask.dim()}D mask: custom 4D "
+            "attention masks cannot be honoured by a recurrent layer; pass the 2D mask (or seq_idx / cu_seqlens for "
+            "packed sequences)")
+    m = attention_mask.bool()
+    trailing = m.flip(1).cumsum(1).flip(1) == 0  # no real token at or after the position
+    real = m if carries_state else m | trailing
+    right, between, none_padded = torch.stack((
+        (m[:, :-1] & trailing[:, 1:]).any(),  # a real token followed by trailing padding
+        (real[:, :-1] & ~real[:, 1:]).any(), real[:, -length:].all())).tolist()
+    if carries_state and right:
+        raise ValueError(
+            "right padding with a cache (or a final state asked for): the padding would be folded into the state that "
+            "the next tokens continue from. Pad on the left (tokenizer.padding_side = 'left') to generate; right "
+            "padding is fine for training and scoring (no cache)")
+    if between:
+        raise ValueError(
+            "padding between real tokens: a Mamba-3 layer cannot skip it exactly (the next token's previous-input "
+            "term would change). Pad on the left or the right, or pack sequences with seq_idx / cu_seqlens")
+    return None if none_padded else real[:, -length:]
+
+
 class Mamba3(KeepFP32Mixin, nn.Module):
     """Mamba-3 mixer, MIMO of rank `mimo_rank` (`is_mimo=True`) or SISO.
 
     Takes the official constructor's keyword arguments. `forward(u)` maps (batch, seqlen, d_model) to
     the same shape; the extras are keyword-only: `cache` (a transformers cache built from a hybrid config;
-    `past_key_values` is the same, its name before transformers 5.24), `attention_mask` (2D, left padding),
-    `cu_seqlens` (packed sequences, batch 1), `initial_state` / `return_final_state` (a `Mamba3State`, for use
-    without a cache).
+    `past_key_values` is the same, its name before transformers 5.24), `attention_mask` (2D; left padding, and right
+    padding where no state is carried on: `padding_mask`), `seq_idx` (packed sequences, (batch, seqlen): a new
+    sequence wherever it changes along a row), `cu_seqlens` (packed sequences along one row, with per-sequence
+    states), `initial_state` / `return_final_state` (a `Mamba3State`, for use without a cache). Inputs too large
+    for one call of the Triton kernels run in pieces (`max_rows_per_call`).
     """
 
     _fp32_params = ("dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "D")
@@ -214,33 +251,11 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             return "torch"
         return "official"
 
-    @staticmethod
-    def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-        """(B, L) bool mask of real tokens for this call, or None when nothing is masked.
-
-        Only left padding can be honoured exactly (a padded position leaves the state untouched and
-        the first real token has no previous term, exactly as at the start of a sequence).
-        """
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                f"Mamba-3 layers take a 2D (batch, seq) padding mask, got a {attention_mask.dim()}D mask: custom "
-                "4D attention masks cannot be honoured by a recurrent layer; pass the 2D mask (or cu_seqlens for "
-                "packed sequences)")
-        m = attention_mask.bool()
-        if bool((m[:, :-1] & ~m[:, 1:]).any()):
-            raise ValueError(
-                "Mamba-3 layers support left padding only (a padding token after a real token would silently "
-                "change the recurrent state): pad on the left (tokenizer.padding_side = 'left') or pack sequences "
-                "with cu_seqlens")
-        m = m[:, -length:]
-        return None if bool(m.all()) else m
-
     # ------------------------------------------------------------------ forward / step
     def forward(self, u: torch.Tensor, *, cache=None, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
-                return_final_state: bool = False, past_key_values=None, **kwargs):
+                cu_seqlens: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                initial_state: Mamba3State | None = None, return_final_state: bool = False, past_key_values=None,
+                **kwargs):
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
         if cu_seqlens is None:
@@ -252,24 +267,98 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                 raise ValueError("a Mamba3 layer used with a cache needs layer_idx")
             cached = read_mamba_state(cache, self.layer_idx)
             state = cached if cached is not None else state
-        mask = self._padding_mask(attention_mask, u.shape[1])
-        if mask is not None and cu_seqlens is not None:
-            raise ValueError("pass either an attention_mask with padding or cu_seqlens, not both")
+        carries = return_final_state or cache is not None  # a later call continues from this call's final state
+        mask = padding_mask(attention_mask, u.shape[1], carries)
+        packed = cu_seqlens is not None or seq_idx is not None
+        if mask is not None and packed:
+            raise ValueError("pass either an attention_mask with padding or packed sequences (cu_seqlens / seq_idx), "
+                             "not both")
 
-        if state is not None and u.shape[1] == 1 and mask is None and cu_seqlens is None:
-            out, new_state = self.step(u[:, 0], state)
+        if state is not None and u.shape[1] == 1 and mask is None and not packed:
+            out, new_state = self._in_pieces(lambda x, s, m, sq, need: self.step(x[:, 0], s), u, state, None, None,
+                                             carries)
             out = out[:, None]
         else:
-            out, new_state = self._scan(u, state, mask, cu_seqlens, need_state=return_final_state or
-                                        cache is not None)
+            out, new_state = self._in_pieces(
+                lambda x, s, m, sq, need: self._scan(x, s, m, cu_seqlens, sq, need), u, state, mask, seq_idx,
+                carries, packed=cu_seqlens is not None)
         if cache is not None:
             write_mamba_state(cache, self.layer_idx, new_state)
         return (out, new_state) if return_final_state else out
 
-    def _scan(self, u, state, mask, cu_seqlens, need_state):
+    def row_elements(self, length: int) -> int:
+        """Elements of the widest per-row tensor a call of the Triton kernels on rows of `length` positions (1: a decode
+        step) indexes: the in_proj output (the kernels read views of it), the op's own tensors
+        (`triton_chunked.elements_per_row`), or the decode state."""
+        from .kernels.triton_chunked import elements_per_row
+
+        H, P, N, G, R, K = (self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank,
+                            self.num_rope_angles)
+        return max(length * self.in_proj.out_features, elements_per_row(length, R, G, N, H, P, K), H * P * N)
+
+    def max_rows_per_call(self, length: int) -> int:
+        """Batch rows of `length` positions that one call of the Triton kernels takes: their offsets are 32-bit
+        (`kernels.common.INT32_LIMIT`)."""
+        return (INT32_LIMIT - 1) // self.row_elements(length)
+
+    def max_length_per_call(self) -> int:
+        """The longest row one call of the Triton kernels takes, in whole chunks of 64 positions."""
+        lo, hi = 1, 1 << 40
+        while lo < hi:  # the largest length with max_rows_per_call(length) >= 1
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.max_rows_per_call(mid) >= 1 else (lo, mid - 1)
+        return max(64, lo - lo % 64)
+
+    def _in_pieces(self, run, u, state, mask, seq_idx, need_state, packed=False):
+        """run(u, state, mask, seq_idx, need_state) -> (out, final state) over all of u in one call, or, where the
+        Triton kernels' 32-bit offsets cannot take that, over slices of the batch and, at inference, over stretches
+        of each row, each starting from the state the one before left (a chunked prefill)."""
+        B, L = u.shape[:2]
+        if self._select_backend(u.device) != "triton":  # (the torch op's offsets are torch's own)
+            return run(u, state, mask, seq_idx, need_state)
+        rows = self.max_rows_per_call(L)
+        if rows >= B:
+            return run(u, state, mask, seq_idx, need_state)
+        if rows == 0 or packed:  # one row is too long (cu_seqlens packs along one row)
+            return self._in_stretches(run, u, state, mask, seq_idx, need_state, packed)
+
+        def piece(x, sl):
+            return None if x is None else (x if x.shape[0] == 1 and B > 1 else x[sl])
+
+        outs, finals = [], []
+        for i in range(0, B, rows):
+            sl = slice(i, i + rows)
+            o, st = run(u[sl], None if state is None else state.select(sl), piece(mask, sl), piece(seq_idx, sl),
+                        need_state)
+            outs.append(o)
+            finals.append(st)
+        return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+
+    def _in_stretches(self, run, u, state, mask, seq_idx, need_state, packed):
+        span = self.max_length_per_call()
+        too_long = (f"a row of {u.shape[1]} positions is more than one call of the Triton kernels takes (their offsets "
+                    f"are 32-bit: at most {span} positions for this layer)")
+        if packed or seq_idx is not None:
+            raise ValueError(f"{too_long}: pack the sequences into more, shorter rows (seq_idx)")
+        if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise ValueError(f"{too_long}, and training cannot hand the state from one stretch to the next: train on "
+                             "shorter rows")
+        outs, finals = [], []
+        for b in range(u.shape[0]):
+            st = None if state is None else state.select(slice(b, b + 1))
+            row = []
+            for a in range(0, u.shape[1], span):
+                m = None if mask is None else mask[b:b + 1, a:a + span]
+                o, st = run(u[b:b + 1, a:a + span], st, m, None, True)
+                row.append(o)
+            outs.append(torch.cat(row, 1))
+            finals.append(st)
+        return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+
+    def _scan(self, u, state, mask, cu_seqlens, seq_idx, need_state):
         backend = self._select_backend(u.device)
-        if backend == "official" and state is not None:
-            backend = self._select_backend_default(u.device)  # the official kernels take no initial state
+        if backend == "official" and (state is not None or seq_idx is not None):
+            backend = self._select_backend_default(u.device)  # the official kernels take no initial state or seq_idx
         p = self._project(u, fused=backend == "triton")
         dt, adt, v = p["dt"], p["adt"], p["v"]
         if mask is not None:  # padded tokens: no decay, no input, no angle advance
@@ -279,6 +368,8 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         args = (p["q"], p["k"], v, adt, dt, p["trap"], self.C_bias, self.B_bias, p["angles"])
         kw = dict(self._op_kwargs(p["z"]), chunk_size=self.chunk_size, initial_state=state,
                   return_final_state=need_state, cu_seqlens=cu_seqlens)
+        if seq_idx is not None:  # (the official kernels take cu_seqlens only)
+            kw["seq_idx"] = seq_idx
         if p["qk_halves"]:
             kw["qk_halves"] = True
         if backend == "official":

@@ -25,6 +25,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache import CACHE_FIELD, CACHE_KWARG, one_cache
 from .configuration_hybrid_mamba3 import HybridMamba3Config
 from .mamba3 import Mamba3
+from .mamba3 import padding_mask as mamba_padding_mask
 from .registry import get_mixer
 from .remote_code import REMOTE_AUTO_MAP
 
@@ -45,16 +46,17 @@ class HybridMamba3DecoderLayer(GradientCheckpointingLayer):
         return getattr(self, self.spec.attr)
 
     def forward(self, hidden_states: torch.Tensor, causal_mask=None, padding_mask=None, position_embeddings=None,
-                **kwargs) -> torch.Tensor:
+                seq_idx=None, **kwargs) -> torch.Tensor:
         """The cache comes in kwargs under `CACHE_KWARG` (there gradient checkpointing finds it to drop it), and
-        goes on to the mixer under that name."""
+        goes on to the mixer under that name. Attention mixers take the causal mask (packed sequences are in it, or
+        in the flash kwargs), other mixers the 2D padding mask and the packed sequences' `seq_idx`."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.spec.is_attention:
             out = self.mixer(hidden_states, position_embeddings=position_embeddings, attention_mask=causal_mask,
                              **kwargs)
         else:
-            out = self.mixer(hidden_states, attention_mask=padding_mask, **kwargs)
+            out = self.mixer(hidden_states, attention_mask=padding_mask, seq_idx=seq_idx, **kwargs)
         hidden_states = residual + (out[0] if isinstance(out, tuple) else out)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -116,16 +118,25 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None and self.training:
+            use_cache = False  # training builds no cache, and the Mamba-3 layers compute no final state
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        seq_idx = kwargs.pop("seq_idx", None)
         if position_ids is None:
             past_seen = _past_length(cache)
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        if attention_mask is not None and attention_mask.dim() != 2 and self.config.mamba_layers:
-            raise ValueError("Mamba-3 layers take a 2D (batch, seq) padding mask; custom 4D masks cannot be "
-                             "honoured by a recurrent layer (pack sequences with cu_seqlens instead)")
+        elif (seq_idx is None and kwargs.get("cu_seq_lens_q") is None and attention_mask is None and cache is None
+              and self.config.mamba_layers):
+            seq_idx = packed_sequence_index(position_ids)
+        padding_mask = None
+        if attention_mask is not None and self.config.mamba_layers:
+            if attention_mask.dim() != 2:
+                raise ValueError("Mamba-3 layers take a 2D (batch, seq) padding mask; custom 4D masks cannot be "
+                                 "honoured by a recurrent layer (pack sequences with seq_idx or position_ids instead)")
+            # checked here once, rather than by every layer (each check is a host sync)
+            padding_mask = mamba_padding_mask(attention_mask, inputs_embeds.shape[1], carries_state=cache is not None)
         causal_mask = None
         if any(get_mixer(m).is_attention for m in self.config.mixers):
             # the cache positionally: its keyword is `cache` from transformers 5.24, `past_key_values` before
@@ -135,10 +146,18 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(hidden_states, causal_mask=causal_mask, padding_mask=padding_mask,
-                                  position_embeddings=position_embeddings, position_ids=position_ids,
+                                  position_embeddings=position_embeddings, position_ids=position_ids, seq_idx=seq_idx,
                                   use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+
+
+def packed_sequence_index(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sequences packed along rows, from position_ids alone (TRL's padding-free and packing collators send no other
+    mark): (B, L) int, a new sequence wherever a position is not its predecessor's plus one (transformers' rule for
+    its attention masks, `find_packed_sequence_indices`); None when no row holds more than one (one host sync)."""
+    starts = torch.nn.functional.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0))
+    return starts.cumsum(-1) if bool(starts.any()) else None
 
 
 def _past_length(cache: Cache | None) -> int:
@@ -170,6 +189,8 @@ class HybridMamba3ForCausalLM(HybridMamba3PreTrainedModel, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss needs no cache (an explicit use_cache=True still builds one)
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (TWO_PI, Mamba3State, check_inputs, compute_dtype, heads_from_groups, mimo_or_ones, rotate,
-                     varlen_layout)
+from .common import (TWO_PI, Mamba3State, check_inputs, compute_dtype, heads_from_groups, mimo_or_ones,
+                     packed_sequences, rotate, varlen_layout)
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,22 @@ def final_state(angle_last, ssm: torch.Tensor, kr_last, v: torch.Tensor, lengths
     return Mamba3State(torch.remainder(angle_last(rows, last), TWO_PI), ssm, kr_last(rows, last), v[rows, last].to(dtype))
 
 
+def sequence_flags(seq: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Where packed sequences (`common.sequence_index`, (B, L)) cut the chunked scan's decays, per chunk of `chunk`
+    positions (the last one padded with the row's last index): same (B, nc, C, C), positions t and s in one sequence
+    (the intra-chunk decay mask); enter (B, nc, C), t in the sequence of the state entering the chunk (that of the
+    position before it; the row's first for chunk 0); end (B, nc, C), s in the sequence of the chunk's last position
+    (s reaches the state it hands on); carry (B, nc), the entering state handed on through the chunk."""
+    B, L = seq.shape
+    nc = max(1, -(-L // chunk))
+    sq = torch.cat((seq, seq[:, -1:].expand(B, nc * chunk - L)), 1).view(B, nc, chunk)
+    prev = torch.cat((sq[:, :1, 0], sq[:, :-1, -1]), 1)  # (B, nc)
+    last = sq[..., -1]
+    return (sq[..., :, None] == sq[..., None, :], sq == prev[..., None], sq == last[..., None], last == prev)
+
+
 def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                     rope_pairwise, chunk, initial_state, lengths):
+                     rope_pairwise, chunk, initial_state, lengths, seq=None):
     B, L, R, G, N = q.shape
     H, P = v.shape[2:]
     cdt = compute_dtype(q, v)
@@ -130,20 +144,29 @@ def _chunked_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     eye = torch.eye(C, dtype=torch.bool, device=q.device)
     mask = torch.where(eye, gam[..., :, None], seg * wf[..., None, :])
     mask = torch.where(torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device)), mask, 0)
+    if seq is not None:  # packed sequences: no decay crosses a sequence's start
+        same, enter, end, carry = (f[:, None] for f in sequence_flags(seq, C))  # broadcast over heads
+        mask = mask * same
     mask = mask.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
     scores = qf @ kf.transpose(-1, -2)
     o = (scores * mask) @ vf
 
     # Chunk states, then pass them across chunks (the initial state is chunk "-1").
     to_end = torch.exp(a_cs[..., -1:] - a_cs) * wf  # weight of position s in its chunk's final state
+    enter_decay = torch.exp(a_cs)  # of the state entering the chunk, at each position
+    if seq is not None:
+        to_end, enter_decay = to_end * end, enter_decay * enter
     kw = kf * to_end.repeat_interleave(R, dim=-1)[..., None]
     states = vf.transpose(-1, -2) @ kw  # (B, H, nc, P, N)
     s0 = entering_state(init, nxt, mx, (B, H, P, N), cdt, q.device)
     all_states = torch.cat((s0[:, :, None], states), dim=2)
     chunk_decay = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))  # (B, H, nc+1, nc+1)
+    if seq is not None:  # state j reaches chunk i only if no chunk in between starts a sequence
+        breaks = F.pad((~carry).cumsum(-1), (1, 0))  # (B, 1, nc+1): sequence starts up to each chunk
+        chunk_decay = chunk_decay * (breaks[..., :, None] == breaks[..., None, :])
     passed = torch.einsum("bhij,bhjpn->bhipn", chunk_decay, all_states)
     entering, final_ssm = passed[:, :, :-1], passed[:, :, -1]
-    o = o + torch.exp(a_cs).repeat_interleave(R, dim=-1)[..., None] * (qf @ entering.transpose(-1, -2))
+    o = o + enter_decay.repeat_interleave(R, dim=-1)[..., None] * (qf @ entering.transpose(-1, -2))
 
     o = o.view(B, H, Lp, R, P).permute(0, 2, 3, 1, 4)[:, :L]  # (B, L, R, H, P)
     if D is not None:
@@ -164,13 +187,14 @@ def mamba3_chunked(
     mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
     chunk_size: int = 64, initial_state: Mamba3State | None = None, return_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """Mamba-3 (MIMO rank R; SISO is R = 1) over whole sequences, chunk by chunk.
 
     Any length (padding happens inside), an optional initial state (batch = number of sequences),
-    the final state on request, and packed sequences: with cu_seqlens (int, (S+1,), batch dim 1) the
-    state resets at every boundary and initial/final states are per sequence. Tensor layout: see
+    the final state on request, and packed sequences: seq_idx (B, L) int, any number of rows, a new sequence
+    (zero state) wherever it changes along a row; or cu_seqlens (int, (S+1,), batch dim 1), which also takes
+    per-sequence initial/final states (`common.packed_sequences`). Tensor layout: see
     `hybrid_mamba3.kernels.common`. Computes in fp32 (fp64 for fp64 inputs); returns v's dtype.
     """
     check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
@@ -179,11 +203,12 @@ def mamba3_chunked(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     args = (q_bias, k_bias)
     opts = (mimo_x, mimo_z, mimo_o, D)
+    cu_seqlens, seq = packed_sequences(cu_seqlens, seq_idx, q, initial_state, return_final_state)
     if cu_seqlens is None:
         if initial_state is not None and initial_state.ssm.shape[0] != q.shape[0]:
             raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
         y, fin = _chunked_batched(q, k, v, adt, dt, trap, *args, angles, *opts, z, rope_pairwise, chunk_size,
-                                  initial_state, None)
+                                  initial_state, None, seq)
         return y, (fin if return_final_state else None)
 
     # Packed sequences: scatter into a zero-padded batch (zero dt and v make padding a no-op), run, gather.

@@ -65,6 +65,20 @@ A_ACTIVATIONS = ("softplus", "heavy_tail")
 FMA = {"enable_fp_fusion": True}
 
 
+# The Triton kernels compute element offsets in 32 bits (64-bit ones cost registers where they are scarce). Every
+# public Triton function refuses tensors whose offsets could reach this limit (`check_int32_offsets`), before launching;
+# the layer splits its batch (and at inference its sequence) so that its calls stay below it.
+INT32_LIMIT = 2**31
+
+
+def check_int32_offsets(op: str, rows: int, per_row: int, fix: str) -> None:
+    """Refuse, with an error that says what to change, `rows` rows of `per_row` elements that 32-bit offsets cannot
+    address."""
+    if rows * per_row >= INT32_LIMIT:
+        raise ValueError(f"{op}: {rows} rows x {per_row} elements reach 2^31, past the Triton kernels' 32-bit offsets; "
+                         f"{fix}")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b), for launch grids. Plain Python on purpose: in Triton 3.6 (and 3.8) `triton.cdiv` and
     `triton.next_power_of_2` are constexpr functions costing ~6 us a host call, and a training step makes dozens."""
@@ -177,9 +191,7 @@ def varlen_layout(cu_seqlens: torch.Tensor, q: torch.Tensor, initial_state: "Mam
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch dim must be 1 (sequences packed along L), got {q.shape[0]}")
     total = q.shape[1]
-    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    cu = _checked_cu_seqlens(cu_seqlens, total, q.device)
     lengths = cu[1:] - cu[:-1]
     S, maxlen = lengths.numel(), max(int(lengths.max()), 1)
     if initial_state is not None and initial_state.ssm.shape[0] != S:
@@ -195,6 +207,57 @@ def varlen_layout(cu_seqlens: torch.Tensor, q: torch.Tensor, initial_state: "Mam
         return g.masked_fill(~valid.view(S, maxlen, *([1] * (g.dim() - 2))), 0)
 
     return lengths, valid, pad
+
+
+def sequence_index(seq_idx: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Packed sequences as the ops take them: (B, L) int32, 0 at each row's first token and one more at every token
+    whose `seq_idx` differs from the previous token's (a new sequence starts there: its state starts from zero). Any
+    integer labels will do (transformers' `seq_idx`, document numbers); only where they change matters."""
+    if seq_idx.dim() == 1:
+        seq_idx = seq_idx[None]
+    if seq_idx.dim() != 2 or seq_idx.shape[1] != length or seq_idx.shape[0] not in (1, batch):
+        raise ValueError(f"seq_idx must be (batch, seqlen) = {(batch, length)} (or (1, seqlen)), got "
+                         f"{tuple(seq_idx.shape)}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+        raise TypeError(f"seq_idx must hold integers, got {seq_idx.dtype}")
+    starts = torch.nn.functional.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+    return starts.cumsum(1, dtype=torch.int32).expand(batch, length).contiguous()
+
+
+def packed_sequences(cu_seqlens: torch.Tensor | None, seq_idx: torch.Tensor | None, q: torch.Tensor,
+                     initial_state: "Mamba3State | None", return_final_state: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """How an op runs packed sequences: (cu_seqlens, seq) with at most one not None. Without states in or out, packed
+    rows run as they are, the state reset inside the scan wherever `seq` (`sequence_index`, from seq_idx or
+    cu_seqlens) changes: they cost what their tokens cost. Per-sequence initial / final states need cu_seqlens
+    (batch 1), which the ops lay out as a padded batch, one row per sequence."""
+    B, L = q.shape[:2]
+    if cu_seqlens is not None and seq_idx is not None:
+        raise ValueError("pass cu_seqlens or seq_idx, not both")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"with cu_seqlens the batch dim must be 1 (sequences packed along L), got {B}; "
+                         "for several packed rows pass seq_idx (batch, seqlen)")
+    if seq_idx is not None and (initial_state is not None or return_final_state):
+        raise ValueError("seq_idx packs sequences that start from a zero state and return none; for per-sequence "
+                         "initial or final states pack them along one row with cu_seqlens")
+    if cu_seqlens is not None and initial_state is None and not return_final_state:
+        return None, seq_idx_from_cu_seqlens(cu_seqlens, L, q.device)
+    return cu_seqlens, None if seq_idx is None else sequence_index(seq_idx.to(q.device), B, L)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """(1, total) `sequence_index` of sequences packed along one row at boundaries cu_seqlens (checked)."""
+    cu = _checked_cu_seqlens(cu_seqlens, total, device)
+    starts = torch.zeros(total + 1, dtype=torch.int32, device=device)
+    starts.index_add_(0, cu[1:-1], torch.ones_like(cu[1:-1], dtype=torch.int32))
+    return starts[:total].cumsum(0, dtype=torch.int32)[None]
+
+
+def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    return cu
 
 
 def rows_of(x: torch.Tensor | None, lead: int = 2) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Mamba3State, check_inputs, compute_dtype
+from .common import Mamba3State, check_inputs, compute_dtype, packed_sequences
 from .step import mamba3_step
 
 
@@ -14,15 +14,26 @@ def mamba3_reference(
     mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
     initial_state: Mamba3State | None = None, return_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None, seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
-    """Same contract as `mamba3_chunked` (chunk_size is accepted and ignored); O(L) Python steps."""
+    """Same contract as `mamba3_chunked` (chunk_size is accepted and ignored); O(L) Python steps. Packed
+    sequences run one by one."""
     check_inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, rope_pairwise,
                  per_token=False)
     common = dict(mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, rope_pairwise=rope_pairwise)
-    if cu_seqlens is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the batch dim must be 1 (sequences packed along L), got {q.shape[0]}")
+    packed = cu_seqlens is not None or seq_idx is not None
+    cu_seqlens, seq = packed_sequences(cu_seqlens, seq_idx, q, initial_state, return_final_state)
+    if seq is not None:  # each row's runs of one sequence index, one reference call each
+        rows = []
+        for b in range(q.shape[0]):
+            starts = [0] + (torch.nonzero(seq[b, 1:] != seq[b, :-1]).flatten() + 1).tolist() + [q.shape[1]]
+            cu = torch.tensor(starts)
+            row = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
+            rows.append(mamba3_reference(row(q), row(k), row(v), row(adt), row(dt), row(trap), q_bias, k_bias,
+                                         row(angles), z=row(z), cu_seqlens=cu, return_final_state=True,
+                                         **common)[0])
+        return torch.cat(rows, 0), None
+    if packed:
         outs, finals = [], []
         bounds = cu_seqlens.tolist()
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -51,7 +51,8 @@ from .common import FMA, cdiv, pairs_layout
 from .shared_grad import grad_output
 from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
                              _entering_states, _half_columns, _load_rotated, _pair_block, _rank_table,
-                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _Setup, kernel_chunk, tl, triton)
+                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _seq_flags, _Setup, kernel_chunk,
+                             tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
 
@@ -177,21 +178,23 @@ if triton is not None:
             tl.store(dd_ptr + pid_bh * nblk + blk, tl.sum(dd, axis=0))
 
     @triton.jit
-    def _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, P, nc,
-                     offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+    def _rscan_loads(qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c, L, H, G, K, N, P, nc,
+                     offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr,
+                     HAS_SEQ: tl.constexpr):
         """The reverse scan's loads for chunk c: `_scan_chunk_loads` (queries) and dO."""
-        r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb = _scan_chunk_loads(
-            qbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP, CR)
+        r_i, offs_l, lmask, acs, atot, decay, cos, sin, xa, xb = _scan_chunk_loads(
+            qbase, cs_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP,
+            CR, HAS_SEQ, True)
         do = tl.load(do_ptr + ((b * L + offs_l[:, None]) * R + r_i[:, None]) * H * P + h * P + offs_p[None, :],
                      mask=lmask[:, None] & pmask[None, :], other=0.0)
-        return acs, atot, cos, sin, xa, xb, do
+        return acs, decay, cos, sin, xa, xb, do
 
     @triton.jit
-    def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, down_ptr, ds0_ptr,
+    def _state_scan_bwd_kernel(q_ptr, qb_ptr, cs_ptr, do_ptr, acs_ptr, atot_ptr, seq_ptr, down_ptr, ds0_ptr,
                                L, H, G, K, N, P, nc,
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
                                BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                               BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+                               BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr, HAS_SEQ: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)), the forward's state scan run backwards: a (BPB rows, BJ pairs) block of
         d run (the gradient of the state entering the next chunk) in fp32 registers, carried from the last chunk to
         the first:
@@ -217,20 +220,19 @@ if triton is not None:
         run_b = tl.zeros([BPB, BJ], dtype=tl.float32)
         qba, qbb = _chunk_bias_rows(qb_ptr + h * R * N, N, R, RP, CR, ba, bb, jm)
         qbase = q_ptr + b * L * R * G * N + g * N
-        acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
-            qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm, ia, ib,
-            offs_p, pmask, R, RP, CR)
+        acs_n, dec_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
+            qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, nc - 1, L, H, G, K, N, P, nc, offs_j, jm,
+            ia, ib, offs_p, pmask, R, RP, CR, HAS_SEQ)
         for i in range(nc):
             c = nc - 1 - i
             row = ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(down_ptr + row + ia[None, :], run_a.to(down_ptr.dtype.element_ty), mask=m)
             tl.store(down_ptr + row + ib[None, :], run_b.to(down_ptr.dtype.element_ty), mask=m)
-            acs, atot, cos, sin, xa, xb, do = acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n
+            acs, decay, cos, sin, xa, xb, do = acs_n, dec_n, cos_n, sin_n, xa_n, xb_n, do_n
             # as in the forward scan: the next (earlier) chunk's loads issued a chunk ahead
-            acs_n, atot_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
-                qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c - 1, L, H, G, K, N, P, nc, offs_j, jm,
-                ia, ib, offs_p, pmask, R, RP, CR)
-            decay = tl.exp(atot)
+            acs_n, dec_n, cos_n, sin_n, xa_n, xb_n, do_n = _rscan_loads(
+                qbase, cs_ptr, do_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c - 1, L, H, G, K, N, P, nc, offs_j,
+                jm, ia, ib, offs_p, pmask, R, RP, CR, HAS_SEQ)
             xa = xa.to(tl.float32) + qba  # rows past the sequence get the bias too, but their dO is 0
             xb = xb.to(tl.float32) + qbb
             qa = (xa * cos - xb * sin).to(DOT)
@@ -244,10 +246,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, gam_ptr, w_ptr, atot_ptr,
-                       states_ptr, down_ptr, do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr, datot_ptr,
-                       L, H, G, K, N, P, nc, VS,
+                       seq_ptr, states_ptr, down_ptr, do_ptr, dq_ptr, dqb_ptr, dtheta_ptr, dacs_ptr, dw_ptr, dgam_ptr,
+                       datot_ptr, L, H, G, K, N, P, nc, VS,
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                       HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+                       HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr,
+                       HAS_SEQ: tl.constexpr):
         """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
         (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's part of
@@ -262,7 +265,8 @@ if triton is not None:
                        mask=lp, other=0.0).to(DOT)
         vr16 = _rows_v(v_ptr + b * L * VS + h * P, c, L, offs_l, lmask, VS, offs_p, pmask, mx_ptr + h * R * P,
                        r_i, R, P, RP, CR, True).to(DOT)
-        acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
+        acs, gam, w, mask, lower, eacs = _decay_mask(acs_ptr, gam_ptr, w_ptr, seq_ptr, b, h, c, L, H, offs_l, lmask,
+                                                     CR, RP, HAS_SEQ)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         row_off = (offs_l * R + r_i) * G * N
@@ -273,7 +277,6 @@ if triton is not None:
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         dm = da * tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
         ts = offs_l[:, None] - offs_l[None, :]
-        lower = ts > 0
         dmm = tl.where(lower, dm * mask, 0.0)
         tok = (b * L + offs_t) * H + h
         dacs = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
@@ -283,13 +286,17 @@ if triton is not None:
         ds16 = (da * mask).to(DOT)
         st = states_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         m = pmask[:, None] & jm[None, :]
-        eacs = tl.exp(acs)[:, None]
+        eacs = eacs[:, None]
         ea = tl.load(st + ia[None, :], mask=m, other=0.0)
         eb = tl.load(st + ib[None, :], mask=m, other=0.0)
         dn = down_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
         de = (tl.sum(ea.to(tl.float32) * tl.load(dn + ia[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
               + tl.sum(eb.to(tl.float32) * tl.load(dn + ib[None, :], mask=m, other=0.0).to(tl.float32), axis=1))
-        tl.store(datot_ptr + pid_bh * nc + c, tl.sum(de, axis=0) * tl.exp(tl.load(atot_ptr + pid_bh * nc + c)))
+        decay = tl.exp(tl.load(atot_ptr + pid_bh * nc + c))
+        if HAS_SEQ:  # the entering state is handed on only if no sequence starts in the chunk
+            _sq, _enter, _end, carry = _seq_flags(seq_ptr, b, c, L, offs_l, lmask, CR, RP)
+            decay = tl.where(carry, decay, 0.0)
+        tl.store(datot_ptr + pid_bh * nc + c, tl.sum(de, axis=0) * decay)
         dqa = tl.dot(do16, ea, input_precision=PREC) * eacs
         dqb = tl.dot(do16, eb, input_precision=PREC) * eacs
         dacs += tl.sum(dqa * qa.to(tl.float32) + dqb * qb.to(tl.float32), axis=1)
@@ -309,12 +316,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, d_ptr,
-                         acs_ptr, gam_ptr, w_ptr, atot_ptr, down_ptr, do_ptr,
+                         acs_ptr, gam_ptr, w_ptr, atot_ptr, seq_ptr, down_ptr, do_ptr,
                          dk_ptr, dkb_ptr, dv_ptr, dmx_ptr, dtheta_ptr, dacs_ptr, dw_ptr, datot_ptr,
                          L, H, G, K, N, P, nc, VS, DVS,
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, HAS_D: tl.constexpr,
-                         DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr):
+                         DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr, HAS_SEQ: tl.constexpr):
         """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
@@ -336,7 +343,8 @@ if triton is not None:
                        r_i, R, P, RP, CR, True).to(DOT)
         da = tl.dot(do16, tl.trans(vr16), input_precision=PREC)
 
-        acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
+        acs, gam, w, mask, lower, eacs = _decay_mask(acs_ptr, gam_ptr, w_ptr, seq_ptr, b, h, c, L, H, offs_l, lmask,
+                                                     CR, RP, HAS_SEQ)
         ds16 = (da * mask).to(DOT)
         dv = tl.dot(tl.trans((s * mask).to(DOT)), do16, input_precision=PREC)
         dka = tl.dot(tl.trans(ds16), qa, input_precision=PREC)
@@ -348,6 +356,9 @@ if triton is not None:
         fa = tl.load(st + ia[None, :], mask=m, other=0.0)
         fb = tl.load(st + ib[None, :], mask=m, other=0.0)
         back = tl.exp(tl.load(atot_ptr + pid_bh * nc + c) - acs)
+        if HAS_SEQ:  # only rows of the chunk's last sequence reach the state it hands on
+            _sq, _enter, end, _carry = _seq_flags(seq_ptr, b, c, L, offs_l, lmask, CR, RP)
+            back = tl.where(end, back, 0.0)
         to_end = back * w
         kf = tl.dot(ka, tl.trans(fa), input_precision=PREC)
         kf = tl.dot(kb, tl.trans(fb), kf, input_precision=PREC)
@@ -407,15 +418,16 @@ def _dkdv_regs(st: _Setup, device: torch.device) -> dict:
 
 def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
                      initial_state, lengths, bias_pairs: bool, slots: dict | None = None,
-                     ckpt: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                     ckpt: torch.Tensor | None = None, seq: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
     opre: the forward's pre-gate output per row (B, L, R, H, P). slots: the `shared_grad` slots of v, z, trap and
     angles (by name) where the layer's split gave them one: their gradients are written there. ckpt: the forward's
-    state checkpoints (`triton_chunked.CKPT_POSITIONS`), or None to recompute the states from the start."""
+    state checkpoints (`triton_chunked.CKPT_POSITIONS`), or None to recompute the states from the start. seq: packed
+    rows' `common.sequence_index`, or None."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                backward_chunk(q.shape[2]), bias_pairs)
+                backward_chunk(q.shape[2]), bias_pairs, seq)
     B, L, R, G, N, H, P, K, nc = st.B, st.L, st.R, st.G, st.N, st.H, st.P, st.K, st.nc
     dev = q.device
     slots = slots or {}
@@ -457,18 +469,21 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         bp, bj = tc.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, down, ds0,
+        _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, st.seq_or(acs), down,
+                                                                ds0,
                                                                 L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
                                                                 **tc.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)
-        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, states, down, do, dq, dqb,
+        _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, st.seq_or(acs), states, down,
+                                    do, dq, dqb,
                                     dtheta, dacs_c, dw_c, dgam, datot_dq, L, H, G, K, N, P, nc, vs, **meta, **FMA)
         del states
         dv = grad_out("v", v)
         dmx = torch.zeros(B * H, 1, RP, P, device=dev, dtype=f32)
         dacs_b, dw = empty(B, L, H), empty(B, L, H)
         datot = empty(B * H, nc)
-        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, down, do,
+        _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, st.seq_or(acs),
+                                      down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
                                       tc.row_stride(dv),
                                       HAS_D=st.has_d, **meta, **_dkdv_regs(st, dev), **FMA)

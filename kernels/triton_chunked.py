@@ -26,8 +26,9 @@ import os
 import torch
 
 from .chunked import entering_state, final_state
-from .common import (FMA, Mamba3State, cdiv, check_inputs, grad_needed, halves_layout, heads_from_groups,
-                     next_pow2, pairs_layout, rotate, row_stride, rows_of, varlen_layout)
+from .common import (FMA, Mamba3State, cdiv, check_inputs, check_int32_offsets, grad_needed, halves_layout,
+                     heads_from_groups,
+                     next_pow2, packed_sequences, pairs_layout, rotate, row_stride, rows_of, varlen_layout)
 from .triton_angles import angle_table
 from .shared_grad import grad_slot
 from .triton_scalars import first_next, token_scalars
@@ -204,50 +205,90 @@ if triton is not None:
             return v * tl.load(mx_head + r_i[:, None] * P + offs_p[None, :], mask=m, other=0.0)
 
     @triton.jit
-    def _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask):
-        """The chunk's per-row scalars acs, gamma, w and its decay mask over rows (t, r) x (s, r'):
-        exp(acs_t - acs_s) w_s for t > s, gamma_t for t == s (all rank pairs), 0 for t < s."""
+    def _seq_flags(seq_ptr, b, c, L, offs_l, lmask, CR: tl.constexpr, RP: tl.constexpr):
+        """Packed sequences (`common.sequence_index`: (B, L) int32, one more at each sequence's first token), for
+        chunk c (which may be one past either end) and its rows' positions offs_l: each row's index (-1 where
+        masked), whether the row continues the sequence of the state entering the chunk (enter: that of the position
+        before the chunk, or of the row's first position for chunk 0), whether it belongs to that of the chunk's
+        last position (end: it reaches the state the chunk hands on), and whether the entering state is handed on
+        through the chunk (carry)."""
+        base = seq_ptr + b * L
+        sq = tl.load(base + offs_l, mask=lmask, other=-1)
+        c0 = c * (CR // RP)
+        prev = tl.load(base + tl.minimum(tl.maximum(c0 - 1, 0), L - 1))
+        last = tl.load(base + tl.minimum(tl.maximum(c0 + CR // RP - 1, 0), L - 1))
+        return sq, sq == prev, sq == last, last == prev
+
+    @triton.jit
+    def _decay_mask(acs_ptr, gam_ptr, w_ptr, seq_ptr, b, h, c, L, H, offs_l, lmask, CR: tl.constexpr,
+                    RP: tl.constexpr, HAS_SEQ: tl.constexpr):
+        """The chunk's per-row scalars acs, gamma, w; its decay mask over rows (t, r) x (s, r'):
+        exp(acs_t - acs_s) w_s for t > s, gamma_t for t == s (all rank pairs), 0 for t < s; where it is strictly
+        lower (t > s, with packed sequences (HAS_SEQ) t and s in one sequence, as is the mask); and exp(acs), the
+        decay of the entering state at each row (0 where a sequence started since, with HAS_SEQ)."""
         acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         gam = tl.load(gam_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         ts = offs_l[:, None] - offs_l[None, :]
+        lower = ts > 0
+        eacs = tl.exp(acs)
+        if HAS_SEQ:
+            sq, enter, end, carry = _seq_flags(seq_ptr, b, c, L, offs_l, lmask, CR, RP)
+            lower = lower & (sq[:, None] == sq[None, :])
+            eacs = tl.where(enter, eacs, 0.0)
         diff = tl.minimum(acs[:, None] - acs[None, :], 0.0)
-        return acs, gam, w, tl.where(ts > 0, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
+        mask = tl.where(lower, tl.exp(diff) * w[None, :], tl.where(ts == 0, gam[:, None], 0.0))
+        return acs, gam, w, mask, lower, eacs
 
     @triton.jit
-    def _scan_chunk_loads(xbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib,
-                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+    def _scan_chunk_loads(xbase, cs_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm,
+                          ia, ib, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, HAS_SEQ: tl.constexpr,
+                          REVERSE: tl.constexpr):
         """What both state scans read for chunk c, which may be one past either end (c = -1 or nc: rows all masked,
         atot clamped), as they load a chunk ahead: the rows (`_rank_rows`, the mask also false before position 0),
-        their acs, the chunk's atot, the rotation table, and the raw halves of the keys or queries at xbase."""
+        their acs, the chunk's atot and decay exp(atot), the rotation table, and the raw halves of the keys or queries
+        at xbase. Packed sequences (HAS_SEQ) cut the scan where one starts: the decay is 0 where the entering state
+        is not handed on, and acs is made +inf for the forward scan's rows outside the sequence of the chunk's last
+        position (their weight in the state handed on, exp(atot - acs) w, is 0), -inf for the reverse scan's rows
+        outside that of the entering state (exp(acs) is 0): neither scan reads acs otherwise."""
         r_i, offs_l, lmask = _rank_rows(c, L, R, RP, CR)
         lmask = lmask & (offs_l >= 0)
         acs = tl.load(acs_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         atot = tl.load(atot_ptr + pid_bh * nc + tl.minimum(tl.maximum(c, 0), nc - 1))
+        decay = tl.exp(atot)
+        if HAS_SEQ:
+            sq, enter, end, carry = _seq_flags(seq_ptr, b, c, L, offs_l, lmask, CR, RP)
+            decay = tl.where(carry, decay, 0.0)
+            if REVERSE:
+                acs = tl.where(enter, acs, -float("inf"))
+            else:
+                acs = tl.where(end, acs, float("inf"))
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
         rows = xbase + ((offs_l * R + r_i) * G * N)[:, None]
         xm = lmask[:, None] & jm[None, :]
         xa = tl.load(rows + ia[None, :], mask=xm, other=0.0)
         xb = tl.load(rows + ib[None, :], mask=xm, other=0.0)
-        return r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb
+        return r_i, offs_l, lmask, acs, atot, decay, cos, sin, xa, xb
 
     @triton.jit
-    def _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, VS,
-                    offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr):
+    def _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, VS,
+                    offs_j, jm, ia, ib, offs_p, pmask, R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr,
+                    HAS_SEQ: tl.constexpr):
         """The forward scan's loads for chunk c: `_scan_chunk_loads` (keys), the rows' w and the inputs v."""
-        r_i, offs_l, lmask, acs, atot, cos, sin, xa, xb = _scan_chunk_loads(
-            kbase, cs_ptr, acs_ptr, atot_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP, CR)
+        r_i, offs_l, lmask, acs, atot, decay, cos, sin, xa, xb = _scan_chunk_loads(
+            kbase, cs_ptr, acs_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c, L, H, G, K, N, nc, offs_j, jm, ia, ib, R, RP,
+            CR, HAS_SEQ, False)
         w = tl.load(w_ptr + (b * L + offs_l) * H + h, mask=lmask, other=0.0)
         v = tl.load(vbase + offs_l[:, None] * VS + offs_p[None, :], mask=lmask[:, None] & pmask[None, :], other=0.0)
-        return acs, w, atot, cos, sin, xa, xb, v
+        return acs, w, atot, decay, cos, sin, xa, xb, v
 
     @triton.jit
-    def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, s0_ptr, enter_ptr,
-                           final_ptr, ckpt_ptr, L, H, G, K, N, P, nc, VS, nseg,
+    def _state_scan_kernel(k_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, acs_ptr, w_ptr, atot_ptr, seq_ptr, s0_ptr,
+                           enter_ptr, final_ptr, ckpt_ptr, L, H, G, K, N, P, nc, VS, nseg,
                            R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                            HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BPB: tl.constexpr,
                            BJ: tl.constexpr, HAS_S0: tl.constexpr, BIAS_PAIRS: tl.constexpr, SEG: tl.constexpr,
-                           FROM_CKPT: tl.constexpr):
+                           FROM_CKPT: tl.constexpr, HAS_SEQ: tl.constexpr):
         """Grid (B*H, P / BPB * N / (2 BJ)): a (BPB rows, BJ pairs) block of the state, in fp32 registers, carried
         through the chunks: E_c+1 = exp(atot_c) E_c + (to_end o mx v)^T kr over the chunk's rows, stored (operand
         dtype) on entry to each chunk. No chunk-parallel first pass: a per-chunk own-state buffer in fp32 cost more
@@ -288,9 +329,9 @@ if triton is not None:
         # previous chunk's matmul and state stores instead of stalling the serial chain.
         kbase = k_ptr + b * L * R * G * N + g * N
         vbase = v_ptr + b * L * VS + h * P
-        acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr,
-                                                                        pid_bh, b, h, c0, L, H, G, K, N, nc, VS,
-                                                                        offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
+        acs_n, w_n, atot_n, dec_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
+            kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c0, L, H, G, K, N, nc, VS, offs_j,
+            jm, ia, ib, offs_p, pmask, R, RP, CR, HAS_SEQ)
         for c in range(c0, c1):
             out = enter_ptr + ((pid_bh * nc + c) * P + offs_p[:, None]) * N
             tl.store(out + ia[None, :], run_a.to(enter_ptr.dtype.element_ty), mask=m)
@@ -300,16 +341,15 @@ if triton is not None:
                     seg = ckpt_ptr + ((pid_bh * nseg + c // SEG) * P + offs_p[:, None]) * N
                     tl.store(seg + ia[None, :], run_a, mask=m)
                     tl.store(seg + ib[None, :], run_b, mask=m)
-            acs, w, atot, cos, sin, xa, xb, v = acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n
-            acs_n, w_n, atot_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
-                kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
-                offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR)
+            acs, w, atot, decay, cos, sin, xa, xb, v = acs_n, w_n, atot_n, dec_n, cos_n, sin_n, xa_n, xb_n, v_n
+            acs_n, w_n, atot_n, dec_n, cos_n, sin_n, xa_n, xb_n, v_n = _scan_loads(
+                kbase, vbase, cs_ptr, acs_ptr, w_ptr, atot_ptr, seq_ptr, pid_bh, b, h, c + 1, L, H, G, K, N, nc, VS,
+                offs_j, jm, ia, ib, offs_p, pmask, R, RP, CR, HAS_SEQ)
             xa = xa.to(tl.float32) + kba  # rows past the sequence get the bias too, but their v is 0
             xb = xb.to(tl.float32) + kbb
             ka = (xa * cos - xb * sin).to(DOT)
             kb = (xa * sin + xb * cos).to(DOT)
             vt = tl.trans(v.to(tl.float32) * mxr * (tl.exp(atot - acs) * w)[:, None]).to(DOT)
-            decay = tl.exp(atot)
             run_a = tl.dot(vt, ka, run_a * decay, input_precision=PREC)
             run_b = tl.dot(vt, kb, run_b * decay, input_precision=PREC)
         if not FROM_CKPT:
@@ -318,12 +358,12 @@ if triton is not None:
 
     @triton.jit
     def _chunk_output_kernel(q_ptr, k_ptr, qb_ptr, kb_ptr, cs_ptr, v_ptr, mx_ptr, mz_ptr, mo_ptr, d_ptr, z_ptr,
-                             acs_ptr, gam_ptr, w_ptr, states_ptr, out_ptr, opre_ptr,
+                             acs_ptr, gam_ptr, w_ptr, seq_ptr, states_ptr, out_ptr, opre_ptr,
                              L, H, G, K, N, P, nc, VS, ZS,
                              R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                              HALF: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                              CONTRACT: tl.constexpr, SAVE_O: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                             BIAS_PAIRS: tl.constexpr):
+                             BIAS_PAIRS: tl.constexpr, HAS_SEQ: tl.constexpr):
         """Grid (B*H, chunks): chunk c's output from the state entering it (stored by the state scan).
 
         Tried in place of scan + this kernel (H200, inference forward, kernel ms): a program per (batch, head), or
@@ -343,7 +383,8 @@ if triton is not None:
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
         ba, bb = _bias_columns(offs_j, HALF, BIAS_PAIRS)
 
-        acs, gam, w, mask = _decay_mask(acs_ptr, gam_ptr, w_ptr, b, h, L, H, offs_l, lmask)
+        acs, gam, w, mask, lower, eacs = _decay_mask(acs_ptr, gam_ptr, w_ptr, seq_ptr, b, h, c, L, H, offs_l, lmask,
+                                                     CR, RP, HAS_SEQ)
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, False)
         row_off = (offs_l * R + r_i) * G * N
         qa, qb = _load_rotated(q_ptr + b * L * R * G * N + g * N, row_off, lmask, ia, ib, jm,
@@ -358,7 +399,7 @@ if triton is not None:
         ea = tl.load(st + ia[None, :], mask=m, other=0.0)
         eb = tl.load(st + ib[None, :], mask=m, other=0.0)
         o = tl.dot(qa, tl.trans(ea), input_precision=PREC)
-        o = tl.dot(qb, tl.trans(eb), o, input_precision=PREC) * tl.exp(acs)[:, None]
+        o = tl.dot(qb, tl.trans(eb), o, input_precision=PREC) * eacs[:, None]
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC) * mask
         o = tl.dot(s.to(DOT), vr.to(DOT), o, input_precision=PREC)
@@ -405,7 +446,7 @@ class _Setup:
     """Everything both directions need: shapes, fp32 views of the small tensors, launch meta-parameters."""
 
     def __init__(self, q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                 C: int, bias_pairs: bool):
+                 C: int, bias_pairs: bool, seq: torch.Tensor | None = None):
         self.B, self.L, self.R, self.G, self.N = q.shape
         self.H, self.P = v.shape[2:]
         self.K = angles.shape[-1]
@@ -421,7 +462,7 @@ class _Setup:
         self.qb, self.kb = q_bias.to(f32).contiguous(), k_bias.to(f32).contiguous()
         self.D = D.to(f32).contiguous() if D is not None else ones
         self.has_d, self.has_z, self.contract = D is not None, z is not None, mimo_o is not None
-        self.init, self.lengths = init, lengths
+        self.init, self.lengths, self.seq = init, lengths, seq
         low = q.dtype in (torch.bfloat16, torch.float16)
         dot = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16) if low else tl.float32
         self.operand_dtype = q.dtype if low else torch.float32
@@ -436,11 +477,16 @@ class _Setup:
         floor = 64 if q.is_cuda and low else 1
         bh, bp = max(_pow2(self.N // 2), floor), max(_pow2(self.P), floor)
         self.meta = dict(R=self.R, RP=rp, CR=C * rp, BH=bh, BP=bp, HALF=self.N // 2,
-                         BIAS_PAIRS=bias_pairs, DOT=dot, PREC="tf32" if low else "ieee",
+                         BIAS_PAIRS=bias_pairs, DOT=dot, PREC="tf32" if low else "ieee", HAS_SEQ=seq is not None,
                          # 4 warps: the tiles take ~255 registers a thread either way (a few spill at 4), and
                          # 4 warps let 2 programs share an SM, hiding each other's load latency: R4 b8 x 2048
                          # fwd+bwd kernels on H100 36.0 -> 29.3 ms against 8 warps (evals/kernel_report.py)
                          num_warps=4)
+
+    def seq_or(self, placeholder: torch.Tensor) -> torch.Tensor:
+        """The packed rows' `common.sequence_index` for a launch, or without packed rows (HAS_SEQ False: never read) a
+        tensor the launch takes anyway."""
+        return self.seq if self.seq is not None else placeholder
 
     def rotation_table(self, angles, dt, final: bool = False):
         """The kernels' (B, L, H, 2, K) cos | sin table from the raw angles (a `rows_of` view) and dt, and with
@@ -558,7 +604,8 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0, keep_ckpt: bool = F
     final = None if from_ckpt else torch.empty(B, H, P, N, device=k.device, dtype=torch.float32)
     if seg and not from_ckpt:
         ckpt = torch.empty(B, H, nseg, P, N, device=k.device, dtype=torch.float32)
-    _state_scan_kernel[grid](k, st.kb, cs, v, st.mx, acs, w, atot, s0 if s0 is not None else enter, enter,
+    _state_scan_kernel[grid](k, st.kb, cs, v, st.mx, acs, w, atot, st.seq_or(acs), s0 if s0 is not None else enter,
+                             enter,
                              final if final is not None else enter, ckpt if ckpt is not None else enter, st.L, H,
                              st.G, st.K, N, P, nc, row_stride(v), nseg, BPB=bp, BJ=bj, HAS_S0=s0 is not None,
                              SEG=seg, FROM_CKPT=from_ckpt, **scan_meta(st, bp, bj), **FMA)
@@ -566,15 +613,15 @@ def _entering_states(st: _Setup, k, v, cs, acs, w, atot, s0, keep_ckpt: bool = F
 
 
 def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
-                     lengths, bias_pairs: bool, save_o: bool = False, need_final: bool = True):
-    """Batched (B, L) forward with fp32 state; returns (y in v's dtype, final Mamba3State in fp32 (None without
-    need_final: a training forward skips its ~15 gathers and small ops), and with save_o (a training forward) what
-    the backward takes from it: the pre-gate output per row (B, L, R, H, P) in v's dtype and the state checkpoints
-    (`_entering_states`), else None, None)."""
+                     lengths, seq, bias_pairs: bool, save_o: bool = False, need_final: bool = True):
+    """Batched (B, L) forward with fp32 state (seq: packed rows' `common.sequence_index`, or None); returns (y in v's
+    dtype, final Mamba3State in fp32 (None without need_final: a training forward skips its ~15 gathers and small
+    ops), and with save_o (a training forward) what the backward takes from it: the pre-gate output per row
+    (B, L, R, H, P) in v's dtype and the state checkpoints (`_entering_states`), else None, None)."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
     st = _Setup(q, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, init, lengths,
-                kernel_chunk(q.shape[2]), bias_pairs)
+                kernel_chunk(q.shape[2]), bias_pairs, seq)
     gam, w, acs, atot = token_scalars(adt, dt, trap, lengths, st.C)
     s0 = None if init is None else _initial_state(st, first_next(dt, trap), st.mx)
     q, k, v, z = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z)
@@ -584,7 +631,7 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     out = torch.empty((B, L, H, P) if st.contract else (B, L, st.R, H, P), device=q.device, dtype=v.dtype)
     opre = torch.empty(B, L, st.R, H, P, device=q.device, dtype=v.dtype) if save_o else None
     _chunk_output_kernel[(B * H, st.nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.mz, st.mo, st.D,
-                                         z if z is not None else v, acs, gam, w, states, out,
+                                         z if z is not None else v, acs, gam, w, st.seq_or(acs), states, out,
                                          opre if save_o else out, L, H, st.G, st.K, st.N, P, st.nc, row_stride(v),
                                          row_stride(z if z is not None else v), HAS_D=st.has_d,
                                          HAS_Z=st.has_z, CONTRACT=st.contract, SAVE_O=save_o, **st.meta, **FMA)
@@ -603,15 +650,24 @@ def _forward_batched(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mim
 _SPLIT_PIECES = {"v": 2, "trap": 5, "angles": 8, "z": 13}  # positions in the op's 14 tensor inputs
 
 
+def elements_per_row(L: int, R: int, G: int, N: int, H: int, P: int, K: int) -> int:
+    """The most elements any tensor of the op (inputs, the buffers it makes, their gradients) holds per batch row of L
+    positions: q and k and their gradients (L R G N), the pre-gate output and its gradient (L R H P), the chunks'
+    entering states and their gradients (chunks x H P N), the rotation table (L H 2 K). Batch rows x this must stay
+    below `common.INT32_LIMIT`."""
+    nc = cdiv(max(L, 1), kernel_chunk(R))
+    return max(L * R * G * N, L * R * H * P, nc * H * P * N, L * H * 2 * K)
+
+
 class _Mamba3Triton(torch.autograd.Function):
     """Batched (B, L) scan; packed sequences arrive already padded (differentiable gathers outside)."""
 
     @staticmethod
-    def forward(ctx, initial_state, lengths, need_final, bias_pairs, *tensors):
+    def forward(ctx, initial_state, lengths, seq, need_final, bias_pairs, *tensors):
         with torch.no_grad():
-            y, fin, opre, ckpt = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
-                                                  save_o=any(ctx.needs_input_grad[4:]), need_final=need_final)
-        ctx.initial_state, ctx.lengths, ctx.bias_pairs = initial_state, lengths, bias_pairs
+            y, fin, opre, ckpt = _forward_batched(*tensors, initial_state, lengths, seq, bias_pairs,
+                                                  save_o=any(ctx.needs_input_grad[5:]), need_final=need_final)
+        ctx.initial_state, ctx.lengths, ctx.seq, ctx.bias_pairs = initial_state, lengths, seq, bias_pairs
         # the inputs that are pieces of the layer's in_proj split: their gradients go into its buffer (`shared_grad`)
         ctx.slots = {name: grad_slot(tensors[i]) for name, i in _SPLIT_PIECES.items()}
         ctx.save_for_backward(opre, ckpt, *tensors)
@@ -626,8 +682,8 @@ class _Mamba3Triton(torch.autograd.Function):
 
         opre, ckpt, *tensors = ctx.saved_tensors
         grads = chunked_backward(dy, opre, *tensors, ctx.initial_state, ctx.lengths, ctx.bias_pairs, ctx.slots,
-                                 ckpt)
-        return (None,) * 4 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:]))
+                                 ckpt, ctx.seq)
+        return (None,) * 5 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[5:]))
 
 
 def mamba3_chunked_triton(
@@ -636,7 +692,7 @@ def mamba3_chunked_triton(
     mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, rope_pairwise: bool = False,
     chunk_size: int | None = None, initial_state: Mamba3State | None = None, return_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, qk_halves: bool = False,
+    cu_seqlens: torch.Tensor | None = None, qk_halves: bool = False, seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """Triton Mamba-3 scan, same contract as `mamba3_chunked` (chunk_size is accepted and ignored: the
     kernels pick their own). Inputs in bf16/fp16/fp32; state and accumulation in fp32; the final state
@@ -653,6 +709,7 @@ def mamba3_chunked_triton(
         raise TypeError("the Triton op computes in fp32; use mamba3_chunked / mamba3_reference for float64")
     if q.shape[-1] % 2:
         raise ValueError(f"d_state must be even for the rotation, got {q.shape[-1]}")
+    cu_seqlens, seq = packed_sequences(cu_seqlens, seq_idx, q, initial_state, return_final_state)
     if initial_state is not None and cu_seqlens is None and initial_state.ssm.shape[0] != q.shape[0]:
         raise ValueError(f"initial_state has batch {initial_state.ssm.shape[0]}, inputs have {q.shape[0]}")
     bias_pairs = rope_pairwise
@@ -667,12 +724,15 @@ def mamba3_chunked_triton(
     if cu_seqlens is not None:  # packed sequences -> a padded batch, and back below
         lengths, valid, pad = varlen_layout(cu_seqlens, q, initial_state)
         q, k, v, adt, dt, trap, angles, z = (pad(t) for t in (q, k, v, adt, dt, trap, angles, z))
+    (B, L, R, G, N), (H, P) = q.shape, v.shape[2:]
+    check_int32_offsets("mamba3_chunked_triton", B, elements_per_row(L, R, G, N, H, P, angles.shape[-1]),
+                        "split the batch (the Mamba3 layer does), or shorten the sequences")
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
     if grad_needed(*tensors):
-        y, *fin = _Mamba3Triton.apply(initial_state, lengths, return_final_state, bias_pairs, *tensors)
+        y, *fin = _Mamba3Triton.apply(initial_state, lengths, seq, return_final_state, bias_pairs, *tensors)
     else:  # inference: the forward without autograd's bookkeeping
         with torch.no_grad():
-            y, fin, _, _ = _forward_batched(*tensors, initial_state, lengths, bias_pairs,
+            y, fin, _, _ = _forward_batched(*tensors, initial_state, lengths, seq, bias_pairs,
                                             need_final=return_final_state)
     if valid is not None:
         y = y[valid][None]

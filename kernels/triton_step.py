@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import FMA, Mamba3State, cdiv, check_inputs, next_pow2, rows_of
+from .common import FMA, Mamba3State, cdiv, check_inputs, check_int32_offsets, next_pow2, rows_of
 from .triton_chunked import _pow2, _sm_count, triton
 
 if triton is not None:
@@ -180,6 +180,12 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
+def step_elements_per_row(*tensors: torch.Tensor | None) -> int:
+    """The most elements between consecutive batch rows of the step's tensors (states, and per-token inputs that may
+    be views of a wider projection): batch x this must stay below `common.INT32_LIMIT`."""
+    return max((max(t.stride(0), t[0].numel()) for t in tensors if t is not None and t.dim() > 0 and len(t)), default=0)
+
+
 def mamba3_step_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, adt: torch.Tensor, dt: torch.Tensor, trap: torch.Tensor,
     q_bias: torch.Tensor, k_bias: torch.Tensor, angles: torch.Tensor, state: Mamba3State, *,
@@ -209,6 +215,8 @@ def mamba3_step_triton(
     if tuple(tuple(t.shape) for t in state) != expect:
         raise ValueError(f"state shapes {[tuple(t.shape) for t in state]} do not match the inputs: expected "
                          f"{list(expect)} (angle, ssm, k, v); allocate it with Mamba3State.zeros or the layer")
+    check_int32_offsets("mamba3_step_triton", B, step_elements_per_row(q, k, v, z, *state),
+                        "split the batch (the Mamba3 layer does)")
     if not all(t.dtype == torch.float32 and t.is_contiguous() for t in state):
         state = Mamba3State(*(t.to(torch.float32).contiguous() for t in state))
     # every batch row contiguous (the kernel takes the batch strides), copied only where it is not

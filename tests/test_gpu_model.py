@@ -31,7 +31,7 @@ def test_bf16_layer_on_cuda_matches_fp64_reference(kw):
 
 @pytest.mark.parametrize("kw", [dict(is_mimo=True, mimo_rank=4), dict(is_mimo=False),
                                 dict(is_mimo=True, mimo_rank=2, is_outproj_norm=True)], ids=["mimo", "siso", "outnorm"])
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
+@pytest.mark.parametrize("padded", ["full", "left", "right", "packed"])
 def test_layer_gradients_triton_path_vs_torch_path_on_cuda(kw, padded, in_place_record):
     """The layer's Triton path on CUDA against its torch path, both fp32: output, input gradient and every parameter
     gradient. The kernels write the in_proj pieces' gradients into one buffer (`shared_grad`): all eight in place
@@ -48,16 +48,19 @@ def test_layer_gradients_triton_path_vs_torch_path_on_cuda(kw, padded, in_place_
     tri.load_state_dict(ref.state_dict())
     u, dy = torch.randn(2, 300, 256, device="cuda"), torch.randn(2, 300, 256, device="cuda")
     mask = torch.ones(2, 300, dtype=torch.long, device="cuda")
-    if padded:
+    if padded == "left":
         mask[0, :37] = 0
+    if padded == "right":  # runs as if real (no state is carried on): the paths agree everywhere
+        mask[1, 250:] = 0
+    seq_idx = torch.tensor([[0] * 37 + [1] * 200 + [2] * 63, [0] * 300], device="cuda") if padded == "packed" else None
     got = {}
     for layer in (ref, tri):
         x = u.clone().requires_grad_()
-        y = layer(x, attention_mask=mask)
+        y = layer(x, attention_mask=mask, seq_idx=seq_idx)
         y.backward(dy)
         got[layer] = dict(y=y.detach(), u=x.grad, **{n: p.grad for n, p in layer.named_parameters()})
     assert tri.last_backend == "triton"
-    copied = ({0} if kw.get("is_outproj_norm") else set()) | ({1} if padded else set())
+    copied = ({0} if kw.get("is_outproj_norm") else set()) | ({1} if padded == "left" else set())
     assert in_place_record == [set(range(8)) - copied]  # z, x, B, C, dd_dt, dd_A, trap, angles
     for name, want in got[ref].items():
         assert want is not None and not torch.isnan(got[tri][name]).any(), name

@@ -2,7 +2,8 @@
 
 The interpreter tests run the kernels' source with numpy, which is looser than the compiler: a helper returning
 int64 from one constexpr branch and int32 from the other ran there and failed to compile on the GPU. This runs
-`evals/kernel_sass.py --variants` (one fwd+bwd of the op for MIMO and SISO, packed sequences with an initial state,
+`evals/kernel_sass.py --variants` (one fwd+bwd of the op for MIMO and SISO, packed sequences with an initial state and
+packed rows (seq_idx),
 the token activations of both kinds, the fp16 angle table's fast cos / sin that only CUDA tensors select; launches
 replaced by compiles with Triton's bundled ptxas) in a subprocess
 without TRITON_INTERPRET, and checks that every kernel defined in the package was compiled.

@@ -88,6 +88,47 @@ def test_left_padding_leaves_sequences_unchanged():
     assert rel_err(y[:1], y_full) < 1e-10
 
 
+def test_right_padding_without_state_equals_unpadded_runs():
+    """Right padding (and left and right at once) where no state is carried on: outputs at real tokens and every
+    parameter's gradient through them equal those of the unpadded sequences run one by one."""
+    layer = make_layer(is_mimo=True, mimo_rank=2, chunk_size=4)
+    u = torch.randn(3, 11, 32, dtype=torch.float64)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padded
+    mask[2, :2], mask[2, 9:] = 0, 0  # both
+    spans = [(0, 11), (0, 7), (2, 9)]
+    dy = torch.randn(3, 11, 32, dtype=torch.float64)
+    y = layer(u, attention_mask=mask)
+    sum((y[i, a:b] * dy[i, a:b]).sum() for i, (a, b) in enumerate(spans)).backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    for i, (a, b) in enumerate(spans):
+        yi = layer(u[i:i + 1, a:b])
+        assert rel_err(y[i, a:b], yi[0]) < 1e-10
+        (yi[0] * dy[i, a:b]).sum().backward()
+    for n, p in layer.named_parameters():
+        assert rel_err(got[n], p.grad) < 1e-10, n
+
+
+def test_packed_rows_equal_separate_calls():
+    """seq_idx: several rows, each with sequences packed along it (a new one wherever seq_idx changes), run as the
+    sequences one by one; outputs and gradients."""
+    layer = make_layer(is_mimo=True, mimo_rank=2, chunk_size=4)
+    u = torch.randn(2, 13, 32, dtype=torch.float64, requires_grad=True)
+    seq_idx = torch.tensor([[3] * 5 + [4] * 1 + [7] * 7, [0] * 8 + [1] * 5])  # any labels; lengths 5, 1, 7 | 8, 5
+    dy = torch.randn(2, 13, 32, dtype=torch.float64)
+    (layer(u, seq_idx=seq_idx) * dy).sum().backward()
+    got = u.grad.clone(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+    u.grad = None
+    layer.zero_grad()
+    for row, spans in enumerate([[(0, 5), (5, 6), (6, 13)], [(0, 8), (8, 13)]]):
+        for a, b in spans:
+            (layer(u[row:row + 1, a:b]) * dy[row:row + 1, a:b]).sum().backward()
+    assert rel_err(got[0], u.grad) < 1e-10
+    for n, p in layer.named_parameters():
+        assert rel_err(got[1][n], p.grad) < 1e-10, n
+
+
 def test_packed_sequences_equal_separate_calls():
     layer = make_layer(is_mimo=True, mimo_rank=2, chunk_size=4)
     u = torch.randn(1, 20, 32, dtype=torch.float64)
@@ -130,8 +171,14 @@ def test_bad_arguments_give_clear_errors():
     assert any("bogus" in str(x.message) for x in w)
     layer = make_layer(is_mimo=True, mimo_rank=2)
     u = torch.randn(2, 6, 32, dtype=torch.float64)
-    with pytest.raises(ValueError, match="left padding only"):
-        layer(u, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="right padding with a cache"):
+        layer(u, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]), return_final_state=True)
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        layer(u, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="not both"):
+        layer(u[:1], attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]), seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="seq_idx packs sequences"):
+        layer(u, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]]), return_final_state=True)
     with pytest.raises(ValueError, match="2D"):
         layer(u, attention_mask=torch.ones(2, 1, 6, 6))
     with pytest.raises(ValueError, match=r"\(batch, seqlen, 32\)"):

@@ -92,6 +92,53 @@ def test_varlen_resets_state_at_boundaries():
             assert rel_err(a, b) < FP64_TOL
 
 
+# packed rows: (seq_idx, chunk) with boundaries mid-chunk, on a chunk's first and last position, single-token
+# sequences, several in one chunk, and runs of a label that repeats in another row
+PACKED = [
+    ([[0] * 7 + [1] * 20 + [2] * 1 + [3] * 17, [5] * 30 + [9] * 15], 8),
+    ([[0] * 8 + [1] * 8 + [2] * 3 + [3] + [4] * 25, [0] * 45], 8),
+    ([[i // 3 for i in range(45)], [0] * 44 + [1]], 4),
+]
+
+
+@pytest.mark.parametrize("seq,C", PACKED, ids=["mid-chunk", "chunk-edges", "short"])
+@pytest.mark.parametrize("R,pw", [(1, True), (4, False)])
+def test_packed_rows_equal_sequences_one_by_one(seq, C, R, pw):
+    """seq_idx: a zero state at every sequence's start, inside the chunked scan (rows keep their length: no padded
+    batch); outputs and every gradient against the sequential reference run on each sequence alone."""
+    args, opts = make_op_inputs(B=2, L=45, R=R, mimo=R > 1, requires_grad=True)
+    seq = torch.tensor(seq)
+    leaves = [t for t in (*args, *opts.values()) if t is not None]
+    outs, grads = [], []
+    for fn in (mamba3_reference, mamba3_chunked):
+        y, _ = fn(*args, **opts, rope_pairwise=pw, chunk_size=C, seq_idx=seq)
+        w = w if outs else torch.randn_like(y)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * w).sum(), leaves))
+    assert rel_err(outs[1], outs[0]) < FP64_TOL
+    for g_ref, g in zip(*grads):
+        assert rel_err(g, g_ref) < 1e-10
+    # the reference itself: the first row's second sequence alone
+    row = lambda t: t[:1, 7:27] if t.dim() > 2 and t.shape[1] == 45 else t  # noqa: E731
+    alone, _ = mamba3_reference(*map(row, args), **{**opts, "z": row(opts["z"])}, rope_pairwise=pw)
+    if seq[0, 7] != seq[0, 6] and seq[0, 26] != seq[0, 27] and bool((seq[0, 7:27] == seq[0, 7]).all()):
+        assert rel_err(outs[0][:1, 7:27], alone) < FP64_TOL
+
+
+def test_cu_seqlens_without_states_runs_packed_in_place(monkeypatch):
+    """cu_seqlens with no state in or out runs as seq_idx does (no padded batch), with the same result as with
+    states (the padded-batch layout)."""
+    from hybrid_mamba3.kernels import chunked
+
+    lengths = [5, 17, 1, 22]
+    args, opts = make_op_inputs(B=1, L=sum(lengths), R=2)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    y_states, _ = mamba3_chunked(*args, **opts, chunk_size=8, cu_seqlens=cu, return_final_state=True)
+    monkeypatch.setattr(chunked, "varlen_layout", None)  # called, it would fail
+    y, fin = mamba3_chunked(*args, **opts, chunk_size=8, cu_seqlens=cu)
+    assert fin is None and rel_err(y, y_states) < FP64_TOL
+
+
 def test_step_loop_equals_one_chunked_call():
     args, opts = make_op_inputs(L=19, R=4)
     y, fin = mamba3_chunked(*args, **opts, chunk_size=8, return_final_state=True)
@@ -138,8 +185,14 @@ def test_bad_inputs_are_rejected():
         mamba3_chunked(*args[:6], args[6][:, :1], *args[7:], **opts)
     with pytest.raises(ValueError, match="batch dim must be 1"):
         mamba3_chunked(*args, **opts, cu_seqlens=torch.tensor([0, 8]))
+    a1, o1 = make_op_inputs(B=1, L=8, R=2)
+    with pytest.raises(ValueError, match=r"seq_idx must be \(batch, seqlen\)"):
+        mamba3_chunked(*args, **opts, seq_idx=torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="cu_seqlens or seq_idx, not both"):
+        mamba3_chunked(*a1, **o1, cu_seqlens=torch.tensor([0, 8]), seq_idx=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="seq_idx must hold integers"):
+        mamba3_chunked(*a1, **o1, seq_idx=torch.zeros(1, 8))
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
-        a1, o1 = make_op_inputs(B=1, L=8, R=2)
         mamba3_chunked(*a1, **o1, cu_seqlens=torch.tensor([0, 5, 4, 8]))
 
 

@@ -186,7 +186,29 @@ def test_gradients_match_fp64_autograd(R, G, K, pw, L, mimo, gate, skip, init, p
     _assert_grads(got, ref)
 
 
-@pytest.mark.parametrize("R,L,pw,lens", [(4, 37, False, None), (1, 150, True, None), (4, 80, False, [40, 7, 33])])
+@pytest.mark.parametrize("R,G,pw", [(4, 1, False), (1, 2, True), (2, 1, False)], ids=["mimo_r4", "siso_g2", "mimo_r2"])
+def test_packed_rows_match_fp64_autograd(R, G, pw):
+    """seq_idx: sequences packed along 2 rows, the state reset inside the kernels wherever a sequence starts (mid
+    chunk, on a chunk's last and first rows, a single token, several in a chunk): the forward and every gradient vs
+    autograd through the fp64 chunked op (itself checked against the reference run sequence by sequence, test_ops),
+    the rows kept as they are (no padded batch)."""
+    c = kernel_chunk(R)
+    L = 2 * c + 9
+    first = [0] * 5 + [1] * (c - 6) + [2] + [3] * 3 + [4] * (c - 3) + [5] * 4 + [6] * 5  # starts 5, c-1, c, c+3, 2c..
+    seq = torch.tensor([first, [i * 3 // L for i in range(L)]])
+    args, opts = make_op_inputs(B=2, L=L, R=R, G=G, K=4, mimo=R > 1, **SIZES)
+    args[3].mul_(0.05)  # slow decays: a state carried across a sequence start would not fade below the tolerance
+    y64 = mamba3_chunked(*args, **opts, rope_pairwise=pw, seq_idx=seq)[0]
+    dy = torch.randn(y64.shape, dtype=torch.float64)
+    _, ref = _grads(mamba3_chunked, args, opts, dy, rope_pairwise=pw, seq_idx=seq)
+    a32, o32 = _f32(args, opts)
+    y, got = _grads(mamba3_chunked_triton, a32, o32, dy, rope_pairwise=pw, seq_idx=seq)
+    assert rel_err(y, y64) < TOL
+    _assert_grads(got, ref)
+
+
+@pytest.mark.parametrize("R,L,pw,lens", [(4, 37, False, None), (1, 150, True, None), (4, 80, False, [40, 7, 33]),
+                                        (4, 37, False, "seq")])
 def test_state_checkpoints(R, L, pw, lens, monkeypatch, kept_checkpoints):
     """The backward recomputes the states from the forward's fp32 checkpoints (`CKPT_POSITIONS`), one program per
     segment: segments of one chunk, and of two (the last one partial), give every gradient bit for bit as the
@@ -196,12 +218,16 @@ def test_state_checkpoints(R, L, pw, lens, monkeypatch, kept_checkpoints):
     from hybrid_mamba3.kernels import triton_chunked as tc
 
     C = kernel_chunk(R)
+    packed = lens == "seq"  # packed rows (seq_idx: a sequence starts mid chunk, another on a checkpoint), no state
+    lens = None if packed else lens
     assert -(-(max(lens) if lens else L) // C) == 3
     B = 1 if lens else 2
     args, opts = make_op_inputs(B=B, L=L, R=R, G=1, K=4, mimo=R > 1, **SIZES)
     a32, o32 = _f32(args, opts)
-    st = _state(len(lens) if lens else B, R, 4).to(torch.float32)
+    st = None if packed else _state(len(lens) if lens else B, R, 4).to(torch.float32)
     kw = dict(rope_pairwise=pw, initial_state=st, cu_seqlens=torch.tensor([0] + lens).cumsum(0) if lens else None)
+    if packed:
+        kw["seq_idx"] = torch.tensor([[0] * 5 + [1] * (C - 5) + [2] * (L - C), [0] * L])
     dy = torch.randn(mamba3_chunked_triton(*a32, **o32, **kw)[0].shape, dtype=torch.float64)
     grads = {}
     monkeypatch.setattr(tc, "_sm_count", lambda device: 64)  # 2 x 4 heads: a GPU with SMs to spare
@@ -560,3 +586,72 @@ def test_layer_triton_path_under_gradient_checkpointing(reentrant, monkeypatch, 
     assert in_place_record == [set(range(8))] * 2
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_layer_runs_in_pieces_past_the_kernels_int32_offsets(monkeypatch):
+    """Inputs past the Triton kernels' 32-bit offsets (`common.INT32_LIMIT`, lowered here to a few thousand elements)
+    run in pieces (`Mamba3.max_rows_per_call`), with the results of one call: slices of the batch (training: output
+    and every gradient; with a final state), stretches of a row too long for one call at inference (a chunked
+    prefill, each stretch from the state the one before left; left padding included), and decode steps. Training on
+    a row too long for one call, and the op called directly past the limit, are refused with a clear error."""
+    from hybrid_mamba3 import Mamba3
+    from hybrid_mamba3 import mamba3 as layer_module
+
+    torch.manual_seed(6)
+    layer = Mamba3(d_model=32, d_state=16, headdim=16, is_mimo=True, mimo_rank=2, backend="torch", layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    monkeypatch.setattr(layer, "_select_backend", lambda device: "triton")
+    u, dy = torch.randn(5, 70, 32), torch.randn(5, 70, 32)
+
+    def run(limit, **kw):
+        monkeypatch.setattr(layer_module, "INT32_LIMIT", limit)
+        layer.zero_grad()
+        x = u.clone().requires_grad_()
+        y, fin = layer(x, return_final_state=True, **kw)
+        (y * dy).sum().backward()
+        return y.detach(), fin, x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    whole = run(2**31)
+    limit = 2 * layer.row_elements(70) + 1
+    assert layer_module.Mamba3.max_rows_per_call(layer, 70) > 5 and (limit - 1) // layer.row_elements(70) == 2
+    pieces = run(limit)  # rows 2 + 2 + 1
+    assert rel_err(pieces[0], whole[0]) < TOL and rel_err(pieces[2], whole[2]) < TOL
+    for a, b in zip(pieces[1], whole[1]):
+        assert rel_err(a, b) < TOL
+    for name, g in whole[3].items():
+        assert rel_err(pieces[3][name], g) < 1e-5, name
+
+    mask = torch.ones(5, 70, dtype=torch.long)
+    mask[1, :40] = 0  # left padding past the first stretch
+    with torch.no_grad():
+        monkeypatch.setattr(layer_module, "INT32_LIMIT", 2**31)
+        y_ref, fin_ref = layer(u, attention_mask=mask, return_final_state=True)
+        monkeypatch.setattr(layer_module, "INT32_LIMIT", layer.row_elements(64) + 1)  # rows of 64 positions at most
+        assert layer.max_length_per_call() == 64 and layer.max_rows_per_call(70) == 0
+        y, fin = layer(u, attention_mask=mask, return_final_state=True)  # stretches of 64 and 6 positions
+        assert rel_err(y, y_ref) < TOL
+        for a, b in zip(fin, fin_ref):
+            assert rel_err(a, b) < TOL
+        steps = layer(u[:, :1], initial_state=fin_ref, return_final_state=True)  # decode: 1 row per call here
+        monkeypatch.setattr(layer_module, "INT32_LIMIT", 2**31)
+        steps_ref = layer(u[:, :1], initial_state=fin_ref, return_final_state=True)
+        assert torch.equal(steps[0], steps_ref[0])
+    monkeypatch.setattr(layer_module, "INT32_LIMIT", layer.row_elements(64) + 1)
+    with pytest.raises(ValueError, match="train on shorter rows"):
+        layer(u)
+    with pytest.raises(ValueError, match="pack the sequences into more, shorter rows"), torch.no_grad():
+        layer(u[:1], seq_idx=torch.zeros(1, 70, dtype=torch.long))
+
+
+def test_op_refuses_inputs_past_int32_offsets():
+    """mamba3_chunked_triton checks the size of what it would index (inputs and its own buffers) before launching:
+    the Llama-3.2-1B conversion's layer shape at 33 x 8192 (B/C alone 2^31 + 2^26 elements), on meta tensors."""
+    B, L, R, G, N, H, P, K = 33, 8192, 4, 32, 64, 32, 64, 16
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    args = (torch.empty(B, L, R, G, N, **meta), torch.empty(B, L, R, G, N, **meta), torch.empty(B, L, H, P, **meta),
+            torch.empty(B, L, H, **meta), torch.empty(B, L, H, **meta), torch.empty(B, L, H, **meta),
+            torch.empty(H, R, N, **meta), torch.empty(H, R, N, **meta), torch.empty(B, L, K, **meta))
+    with pytest.raises(ValueError, match="32-bit offsets; split the batch"):
+        mamba3_chunked_triton(*args)
