@@ -77,7 +77,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .convert import load_tokenizer
         tokenizer = load_tokenizer(args.source)
     t1 = time.perf_counter()
-    path = save_hybrid(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    path = save_hybrid(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                       remote_code=not args.no_remote_code)
     report["times"]["save_s"] = round(time.perf_counter() - t1, 2)
     report["times"]["cli_total_s"] = round(time.perf_counter() - t0, 2)
     for target in [path / "conversion_report.json"] + ([Path(args.report)] if args.report else []):
@@ -174,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--a-activation", default="softplus", choices=["softplus", "heavy_tail"])
     c.add_argument("--report", default=None, help="also write the report here (default: <out>/conversion_report.json)")
     c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    c.add_argument("--no-remote-code", action="store_true",
+                   help="write no remote-code stubs (auto_map): nothing asks to run code when the directory is read "
+                        "without hybrid_mamba3 imported (AutoTokenizer does ask otherwise), but only processes that "
+                        "import hybrid_mamba3 can load the model")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--seed", type=int, default=0)

@@ -691,9 +691,10 @@ def format_summary(report: dict) -> str:
 
 
 def save_hybrid(model, out_dir, tokenizer=None, report: dict | None = None, overwrite: bool = False,
-                report_path=None) -> Path:
+                report_path=None, remote_code: bool = True) -> Path:
     """Write config, safetensors, tokenizer files and the conversion report into `out_dir` atomically:
-    everything goes to a temporary directory beside it, which is then renamed."""
+    everything goes to a temporary directory beside it, which is then renamed. remote_code: see
+    `HybridMamba3PreTrainedModel.save_pretrained`."""
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise ValueError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
@@ -702,7 +703,7 @@ def save_hybrid(model, out_dir, tokenizer=None, report: dict | None = None, over
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, remote_code=remote_code)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -80,14 +80,23 @@ class HybridMamba3PreTrainedModel(PreTrainedModel):
                                     "B_norm", "C_norm", "mamba.norm"]
     _can_record_outputs = {"hidden_states": HybridMamba3DecoderLayer, "attentions": LlamaAttention}
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """safetensors + config, plus two small remote-code files so that
-        `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a process that never
-        imported hybrid_mamba3 (the package must be installed)."""
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """safetensors + config, plus (remote_code) two small remote-code files named in config.json's auto_map, so
+        that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a process that never
+        imported hybrid_mamba3 (the package must be installed): stock lm-eval and TRL command lines, say.
+
+        The price of remote code is transformers' question: any process that reads such a config.json without
+        trust_remote_code and without hybrid_mamba3 imported (AutoTokenizer reads it too) asks whether to run it.
+        remote_code=False writes neither: nothing ever asks, and the model loads wherever hybrid_mamba3 is
+        imported."""
         from .remote_code import write_remote_code
-        self.config.auto_map = dict(REMOTE_AUTO_MAP)
+        if remote_code:
+            self.config.auto_map = dict(REMOTE_AUTO_MAP)
+        elif getattr(self.config, "auto_map", None) == REMOTE_AUTO_MAP:
+            del self.config.auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_remote_code(save_directory)
+        if remote_code:
+            write_remote_code(save_directory)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -128,6 +128,29 @@ def test_save_load_round_trip_is_bit_exact_and_remote_code_loads(tmp_path):
     assert "HybridMamba3ForCausalLM ['mamba3', 'attention', 'mamba3', 'attention']" in res.stdout
 
 
+@pytest.mark.parametrize("remote_code,preamble,kwargs", [
+    (True, "import hybrid_mamba3", ""),  # the package registered: transformers knows the model type
+    (True, "", ", trust_remote_code=True"),  # the stubs run (they import the package)
+    (False, "", ""),  # no remote code declared: nothing to ask about in a process that knows nothing of it
+], ids=["imported", "trusted", "no-remote-code"])
+def test_tokenizer_of_a_saved_hybrid_loads_without_asking(tmp_path, remote_code, preamble, kwargs):
+    """AutoTokenizer reads config.json first; where the config declares remote code that the process cannot resolve,
+    transformers asks on stdin whether to run it. Each way to load without that question, in a fresh process (stdin
+    closed: a question shows in the output); and save_pretrained(remote_code=False) writes no auto_map or stubs."""
+    from test_batches import _tokenizer
+
+    hybrid((1,)).save_pretrained(tmp_path, remote_code=remote_code)
+    _tokenizer().save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_hybrid_mamba3.py").exists() == remote_code
+    assert ("auto_map" in (tmp_path / "config.json").read_text()) == remote_code
+    script = (f"{preamble}\nfrom transformers import AutoTokenizer\n"
+              f"t = AutoTokenizer.from_pretrained({str(tmp_path)!r}{kwargs})\nprint(t('w5 w6').input_ids)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("[5, 6]") and "custom code" not in res.stdout + res.stderr
+
+
 def test_bf16_loading_keeps_fp32_parameters(tmp_path):
     hybrid((1,)).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build .whl/oracle.tar.xz: the official Mamba-3 oracle for the GPU device (python 3.12, x86-64, no internet).
-# Run HERE (needs pip + PyPI). Contents, in site-packages layout (what `pip install --target` gives):
+# Run HERE (needs pip and a package index; the CPU torch installed, for the sdist's metadata step). Contents, in site-packages layout (what `pip install --target` gives):
 #   - the python package `mamba_ssm` from the mamba-ssm 2.3.2.post1 sdist (its CUDA extension is not built;
 #     tests import its submodules through a stand-in package, see tests/oracle.py)
 #   - the unpacked wheels of its MIMO dependencies: tilelang 0.1.8, apache-tvm-ffi 0.1.9, z3-solver 4.15.4.0
@@ -14,7 +14,6 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT_FILE="${1:-$ROOT/.whl/oracle.tar.xz}"
-MAMBA_SDIST_URL="https://files.pythonhosted.org/packages/af/48/aa7bec0efc7453fa0512276c0069c854bf684219050294266534bfef34bb/mamba_ssm-2.3.2.post1.tar.gz"
 MAMBA_SDIST_SHA256="104cc47e9101e5401a675fa2b784f2952b9b037f3b1dd83b5ac544394e95d028"
 WHEELS=(tilelang==0.1.8 apache-tvm-ffi==0.1.9 z3-solver==4.15.4.0 torch-c-dlpack-ext==0.1.5)
 
@@ -48,10 +47,12 @@ if cmp -s "$TMP/site/z3/lib/libz3.so" "$TMP/site/z3/lib/libz3.so.4.15" 2>/dev/nu
     ln -sf libz3.so.4.15 "$TMP/site/z3/lib/libz3.so"
 fi
 
-# mamba_ssm python files from the sdist (setup.py would try to build the CUDA extension; we need none of it)
-curl -sSfL -o "$TMP/mamba.tar.gz" "$MAMBA_SDIST_URL"
-echo "$MAMBA_SDIST_SHA256  $TMP/mamba.tar.gz" | sha256sum -c --quiet
-tar -xzf "$TMP/mamba.tar.gz" -C "$TMP"
+# mamba_ssm python files from the sdist, fetched by pip from the configured index (setup.py would try to build the CUDA
+# extension: skipped, and --no-build-isolation uses this machine's torch for the metadata step; we need none of it)
+MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-binary mamba-ssm --no-build-isolation \
+    -d "$TMP/sdist" mamba-ssm==2.3.2.post1
+echo "$MAMBA_SDIST_SHA256  $TMP/sdist/mamba_ssm-2.3.2.post1.tar.gz" | sha256sum -c --quiet
+tar -xzf "$TMP/sdist/mamba_ssm-2.3.2.post1.tar.gz" -C "$TMP"
 cp -a "$TMP/mamba_ssm-2.3.2.post1/mamba_ssm" "$TMP/site/mamba_ssm"
 find "$TMP/site" -name '__pycache__' -type d -prune -exec rm -rf {} +
 
