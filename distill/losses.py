@@ -1,0 +1,85 @@
+"""Distillation losses, per real token, and never a whole batch of vocabulary-sized logits at once.
+
+- `distillation_loss`: forward KL from the teacher's next-token distribution to the student's (temperature T, the
+  usual T^2 scale; optionally only over the teacher's top-k tokens), plus a weighted cross-entropy on the data. Both
+  are averaged over the positions that predict a real next token (labels[t + 1] != -100: padding and each document's
+  first token, the separators, are out), so the loss does not grow with the sequence length, nor count padding:
+  the two defects of reference implementations. The logits are made chunk by chunk of tokens from the final hidden
+  states, through the models' own output heads (modules, so ZeRO-3 gathers them), in fp32 for the chunk only, and
+  each chunk is recomputed in the backward (activation checkpointing): memory holds one chunk of logits, not a
+  batch.
+- `alignment_loss`: stage 1's per-layer MSE between each new layer's output and the teacher attention output it
+  replaces, normalised by the target's energy (so layers of any scale count alike), averaged over layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_terms(hs: torch.Tensor, ht: torch.Tensor, y: torch.Tensor, student_head: nn.Module,
+                 teacher_head: nn.Module, temperature: float, top_k: int | None, want_ce: bool) -> torch.Tensor:
+    """(KL sum, CE sum) over a chunk of positions, as a 2-vector (fp32; fp64 for fp64 logits)."""
+    zs = student_head(hs)
+    zs = zs.to(torch.promote_types(zs.dtype, torch.float32))
+    with torch.no_grad():
+        zt = teacher_head(ht).to(zs.dtype)
+    if zs.shape[-1] != zt.shape[-1]:
+        raise ValueError(f"student and teacher vocabularies differ ({zs.shape[-1]} vs {zt.shape[-1]} logits)")
+    ls = F.log_softmax(zs / temperature, dim=-1)
+    if top_k:  # the teacher's top-k tokens, renormalised; the student's full distribution
+        vals, idx = zt.topk(top_k, dim=-1)
+        lt = F.log_softmax(vals / temperature, dim=-1)
+        kl = (lt.exp() * (lt - ls.gather(-1, idx))).sum()
+    else:
+        lt = F.log_softmax(zt / temperature, dim=-1)
+        kl = (lt.exp() * (lt - ls)).sum()
+    ce = F.cross_entropy(zs, y, reduction="sum") if want_ce else zs.new_zeros(())
+    return torch.stack((kl * temperature ** 2, ce))
+
+
+def distillation_loss(student_hidden: torch.Tensor, student_head: nn.Module, teacher_hidden: torch.Tensor,
+                      teacher_head: nn.Module, labels: torch.Tensor, *, temperature: float = 1.0,
+                      top_k: int | None = None, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                      chunk_tokens: int = 2048) -> tuple[torch.Tensor, dict]:
+    """kl_weight x KL + ce_weight x CE, each a mean over the positions t with labels[:, t + 1] != -100.
+
+    student_hidden, teacher_hidden: (B, L, D) final hidden states (after the final norm); the heads map them to
+    logits. labels: (B, L) the input ids with -100 where nothing is to be predicted (as causal-LM labels).
+    Returns (loss, {"kl": mean KL, "ce": mean CE (0 unless weighted), "tokens": positions counted})."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    valid = labels[:, 1:] != -100
+    hs, ht, y = student_hidden[:, :-1][valid], teacher_hidden[:, :-1][valid], labels[:, 1:][valid]
+    n = y.numel()
+    if n == 0:  # nothing to predict: a zero that keeps the graph (every rank must backpropagate something)
+        zero = student_hidden.sum() * 0.0
+        return zero, dict(kl=0.0, ce=0.0, tokens=0)
+    sums = 0
+    for a in range(0, n, chunk_tokens):
+        args = (hs[a:a + chunk_tokens], ht[a:a + chunk_tokens], y[a:a + chunk_tokens], student_head, teacher_head,
+                temperature, top_k, ce_weight != 0)
+        sums = sums + (checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled()
+                       else _chunk_terms(*args))
+    kl, ce = sums / n
+    return kl_weight * kl + ce_weight * ce, dict(kl=float(kl.detach()), ce=float(ce.detach()), tokens=n)
+
+
+def alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over layers of sum((out - target)^2) / sum(target^2), over the real tokens (mask (B, L) True; all
+    without a mask), in fp32."""
+    if len(outputs) != len(targets) or not outputs:
+        raise ValueError(f"need one target per output, got {len(outputs)} outputs and {len(targets)} targets")
+    terms = []
+    for out, tgt in zip(outputs, targets):
+        out, tgt = out.float(), tgt.float()
+        if mask is not None:
+            out, tgt = out[mask], tgt[mask]
+        terms.append((out - tgt).square().sum() / tgt.square().sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()

@@ -1,0 +1,166 @@
+"""Distillation on transformers' Trainer: a subclass that only adds the loss (DeepSpeed, accelerate, gradient
+accumulation and checkpointing, bf16, schedulers, logging and resuming stay the Trainer's).
+
+- Stage "align" (after MOHAWK and LoLCATs): one teacher pass gives, at every layer the student replaced, the input of
+  its attention (after the layer's input norm) and the attention's output; each new Mamba-3 layer is trained to map
+  the one to the other (`losses.alignment_loss`), all of them at once from that pass. The Trainer's model is then
+  `ReplacedLayers`, the student's new mixers alone: only they train, and a distributed run's gradient sync sees
+  every call (the wrapper's forward runs them).
+- Stage "kd": the student end to end, against the teacher's next-token distribution (`losses.distillation_loss`).
+  The Trainer's model is the student (or its PEFT wrapper); which parameters train is `select_trainable`'s choice.
+  The student's forward keeps no logits (an empty `logits_to_keep`): the loss makes them chunk by chunk from the
+  final hidden state, which a hook on the base model hands over.
+The teacher is frozen, in eval mode, outside the optimizer, on the training device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..modeling_hybrid_mamba3 import packed_sequence_index
+from .losses import alignment_loss, distillation_loss
+
+TRAINABLE = ("mamba", "mamba+mlp", "all", "lora")
+STAGES = ("align", "kd")
+
+
+def replaced_layers(student, teacher) -> list[int]:
+    """Indices of the student's layers whose mixer is not the teacher's attention (those distillation trains first);
+    checks that the student is a hybrid of this teacher (layer count, widths, vocabulary)."""
+    s, t = student.config, teacher.config
+    for name in ("num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size"):
+        if getattr(s, name) != getattr(t, name):
+            raise ValueError(f"the student is not a hybrid of this teacher: {name} {getattr(s, name)} vs "
+                             f"{getattr(t, name)} (convert the teacher with hybrid-mamba3 convert)")
+    if not hasattr(s, "mixers"):
+        raise ValueError(f"the student ({type(student).__name__}) is not a hybrid: convert the teacher first")
+    layers = [i for i, m in enumerate(s.mixers) if m != "attention"]
+    if not layers:
+        raise ValueError("the student has no Mamba-3 layer: nothing to distil")
+    return layers
+
+
+def select_trainable(student, train: str) -> list[str]:
+    """Freeze the student but for `train`: "mamba" (the new mixers), "mamba+mlp" (and every MLP), "all". Returns the
+    names of the trainable parameters. ("lora" is applied with PEFT by `lora_student`.)"""
+    if train not in TRAINABLE:
+        raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
+    names = []
+    for name, p in student.named_parameters():
+        keep = (train == "all" or ".mamba." in name or (train == "mamba+mlp" and ".mlp." in name))
+        p.requires_grad_(keep)
+        if keep:
+            names.append(name)
+    return names
+
+
+class ReplacedLayers(nn.Module):
+    """The student's new mixers, keyed by layer index: stage 1's trainable model. forward(inputs, seq_idx) maps the
+    teacher's attention inputs at those layers to the mixers' outputs."""
+
+    def __init__(self, student, layers: list[int]):
+        super().__init__()
+        self.layers = layers
+        self.mixers = nn.ModuleDict({str(i): student.model.layers[i].mixer for i in layers})
+
+    def forward(self, inputs: dict[int, torch.Tensor], seq_idx: torch.Tensor | None = None):
+        return [self.mixers[str(i)](inputs[i], seq_idx=seq_idx) for i in self.layers]
+
+
+@contextlib.contextmanager
+def attention_io(teacher, layers: list[int]):
+    """Records, during a teacher forward, each listed layer's attention input and output (dicts by layer index)."""
+    ins, outs, handles = {}, {}, []
+    for i in layers:
+        def hook(module, args, kwargs, output, i=i):
+            ins[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            outs[i] = output[0] if isinstance(output, tuple) else output
+        handles.append(teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield ins, outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class DistillTrainer(Trainer):
+    """Trainer whose loss is distillation from `teacher` (module docstring). stage: "align" (model: a
+    `ReplacedLayers`) or "kd" (model: the student). The KD options are `losses.distillation_loss`'s."""
+
+    def __init__(self, *args, teacher, stage: str = "kd", temperature: float = 1.0, top_k: int | None = None,
+                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 2048, **kwargs):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self.kd = dict(temperature=temperature, top_k=top_k, kl_weight=kl_weight, ce_weight=ce_weight,
+                       chunk_tokens=chunk_tokens)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        # the loss below is a mean per micro-batch: let the Trainer divide by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.args.remove_unused_columns = False  # the loss takes labels and position_ids, whatever the model's forward
+        self._sums: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        labels = inputs.pop("labels")
+        mask = inputs.get("attention_mask")
+        seq_idx = None
+        if mask is None and "position_ids" in inputs:
+            seq_idx = packed_sequence_index(inputs["position_ids"])
+        if self.stage == "align":
+            core = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), attention_io(self.teacher, core.layers) as (ins, outs):
+                self.teacher.model(**inputs, use_cache=False)
+            dtype = next(core.parameters()).dtype  # the student's (the teacher may run in another)
+            preds = model({i: x.to(dtype) for i, x in ins.items()}, seq_idx=seq_idx)
+            loss = alignment_loss(preds, [outs[i] for i in core.layers], None if mask is None else mask.bool())
+            self._track(align_mse=float(loss.detach()))
+            return (loss, None) if return_outputs else loss
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(**inputs, use_cache=False).last_hidden_state
+        base = _base_model(self.accelerator.unwrap_model(model))
+        stash = {}
+        handle = base.register_forward_hook(lambda m, a, out: stash.update(h=out.last_hidden_state))
+        try:  # no logits: an empty index keeps none
+            model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                          device=labels.device))
+        finally:
+            handle.remove()
+        head = _output_head(self.accelerator.unwrap_model(model))
+        loss, parts = distillation_loss(stash["h"], head, teacher_hidden, self.teacher.lm_head, labels, **self.kd)
+        self._track(kl=parts["kl"], ce=parts["ce"])
+        return (loss, None) if return_outputs else loss
+
+    def _track(self, **values):
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._sums["_n"] = self._sums.get("_n", 0) + 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds the loss parts' means since the last log (kl, ce; align_mse) to what the Trainer logs."""
+        n = self._sums.pop("_n", 0)
+        if n:
+            prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+            logs.update({prefix + k: v / n for k, v in self._sums.items()})
+        self._sums = {}
+        super().log(logs, *args, **kwargs)
+
+
+def _base_model(model) -> nn.Module:
+    """The decoder stack (the module returning last_hidden_state) of a causal LM, PEFT-wrapped or not."""
+    while not hasattr(model, "lm_head") and hasattr(model, "base_model") and model.base_model is not model:
+        model = model.base_model
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.model
+
+
+def _output_head(model) -> nn.Module:
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.lm_head
