@@ -210,8 +210,8 @@ def test_packed_rows_vs_chunked(R, pw, ckpt, monkeypatch):
         monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
     B, L, H, P, N, K = 2, 1024, 8, 64, 128, 32
     g = torch.Generator().manual_seed(R)
-    seq = torch.cat([torch.zeros(1, dtype=torch.long)] + [(torch.rand(B, L - 1, generator=g) < 1 / 150).long()],
-                    1).cumsum(1)
+    starts = (torch.rand(B, L - 1, generator=g) < 1 / 150).long()  # a document starts after ~150 tokens
+    seq = torch.cat((torch.zeros(B, 1, dtype=torch.long), starts), 1).cumsum(1)
     seq[1, 100:101] += 1  # a one-token document
     seq[1, 101:] += 2
     seq = seq.cuda()
