@@ -23,9 +23,7 @@ from transformers import Trainer
 
 from ..modeling_hybrid_mamba3 import packed_sequence_index
 from .losses import alignment_loss, distillation_loss
-
-TRAINABLE = ("mamba", "mamba+mlp", "all", "lora")
-STAGES = ("align", "kd")
+from .options import STAGES, TRAINABLE
 
 
 def replaced_layers(student, teacher) -> list[int]:

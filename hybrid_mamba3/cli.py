@@ -131,6 +131,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .distill.options import DistillOptions, load_recipe
+    from .distill.run import distill
+    given = {f.name: getattr(args, f.name) for f in fields(DistillOptions) if hasattr(args, f.name)}
+    recipe = load_recipe(args.config) if args.config else {}
+    options = DistillOptions(**{**recipe, **given})
+    result = distill(options)
+    report = json.loads((result / "distill_report.json").read_text())
+    before, after = report.get("eval_before") or {}, report.get("eval_after") or {}
+    if before and after:
+        print(f"held-out perplexity: teacher {before['teacher']:.2f}, student {before['student']:.2f} -> "
+              f"{after['student']:.2f} ({after['ratio']:.3f}x the teacher's)")
+    print(f"distilled hybrid saved to {result}")
+    return 0
+
+
+def _add_distill_flags(d: argparse.ArgumentParser) -> None:
+    """One flag per `DistillOptions` field; only the flags given override the recipe (--config)."""
+    from dataclasses import MISSING, fields
+
+    from .distill.options import DistillOptions
+    S = argparse.SUPPRESS
+    helps = {"teacher": "Hugging Face directory or .gguf file of the Llama-style teacher",
+             "student": "a converted hybrid directory (default: convert the teacher with --mamba-layers ...)",
+             "data": "text files, directories (HTML stripped), .jsonl files, or a shard directory",
+             "stage": "align (layer alignment), kd (end-to-end distillation) or both",
+             "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
+             "train": "what stage kd trains: mamba, mamba+mlp or all",
+             "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
+             "resume": "continue the run in --output-dir from its newest complete checkpoint"}
+    for f in fields(DistillOptions):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if f.name == "data":
+            d.add_argument(flag, nargs="+", default=S, help=helps[f.name])
+        elif isinstance(default, bool) or f.name == "bf16":
+            d.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=helps.get(f.name))
+        elif f.name == "mamba_layers":
+            d.add_argument(flag, type=parse_convert_layers, default=S, help="for the conversion, as in convert")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name == "top_k":
+                kind = int
+            d.add_argument(flag, type=kind, default=S, help=f"{helps.get(f.name, '')} (default {default})".strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybrid-mamba3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("distill", help="distil a converted hybrid from its Transformer teacher (align, then KD)",
+                       description="Layer alignment then end-to-end knowledge distillation on transformers' Trainer, "
+                                   "resumable; the result is OUTPUT_DIR/model. Flags override a --config recipe.")
+    d.add_argument("--config", default=None, help="a YAML recipe: a path, or the name of one in configs/")
+    _add_distill_flags(d)
+    d.set_defaults(func=cmd_distill)
     return p
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import trapezoid_weights
-from .common import A_ACTIVATIONS, FMA, cdiv, grad_needed, next_pow2, row_stride, rows_of
+from .common import A_ACTIVATIONS, FMA, cdiv, check_int32_offsets, grad_needed, next_pow2, row_stride, rows_of
 from .shared_grad import grad_output, grad_slot
 
 try:
@@ -269,6 +269,8 @@ def token_activations_triton(dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: t
     dd_dt and dd_A (B, L, H) (views of it are read in place) and dt_bias (H,) (the layer keeps it fp32)."""
     if a_activation not in A_ACTIVATIONS:
         raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
+    B, L, H = dd_dt.shape
+    check_int32_offsets("token_activations_triton", B * L, H, "split the batch (the Mamba3 layer does)")
     if not grad_needed(dd_dt, dd_A, dt_bias):
         return _activations_forward(dd_dt, dd_A, dt_bias.contiguous(), a_activation, a_floor)[:2]
     return _TokenActivations.apply(dd_dt, dd_A, dt_bias.contiguous(), a_activation, a_floor)

@@ -646,8 +646,9 @@ def test_layer_runs_in_pieces_past_the_kernels_int32_offsets(monkeypatch):
 
 
 def test_op_refuses_inputs_past_int32_offsets():
-    """mamba3_chunked_triton checks the size of what it would index (inputs and its own buffers) before launching:
-    the Llama-3.2-1B conversion's layer shape at 33 x 8192 (B/C alone 2^31 + 2^26 elements), on meta tensors."""
+    """The Triton ops check the size of what they would index (inputs and their own buffers) before launching: the
+    scan and the decode step at the Llama-3.2-1B conversion's layer shape (33 x 8192: B/C alone 2^31 + 2^26 elements;
+    2^14 + 1 decode states), and the token activations on 2^26 positions, on meta tensors."""
     B, L, R, G, N, H, P, K = 33, 8192, 4, 32, 64, 32, 64, 16
     meta = dict(device="meta", dtype=torch.bfloat16)
     args = (torch.empty(B, L, R, G, N, **meta), torch.empty(B, L, R, G, N, **meta), torch.empty(B, L, H, P, **meta),
@@ -655,3 +656,13 @@ def test_op_refuses_inputs_past_int32_offsets():
             torch.empty(H, R, N, **meta), torch.empty(H, R, N, **meta), torch.empty(B, L, K, **meta))
     with pytest.raises(ValueError, match="32-bit offsets; split the batch"):
         mamba3_chunked_triton(*args)
+    from hybrid_mamba3.kernels.triton_scalars import token_activations_triton
+
+    with pytest.raises(ValueError, match="token_activations_triton: .* 32-bit offsets"):
+        token_activations_triton(*(torch.empty(1, 2**26, H, **meta) for _ in range(2)), torch.zeros(H), "softplus",
+                                 1e-4)  # (B, L, H) of 2^31 elements
+    S = 2**14 + 1  # decode states of 32 x 64 x 64 elements a row: 2^31 + 2^17 in all
+    one = [torch.empty(S, *a.shape[2:], **meta) if a.dim() == 5 or a.shape[:2] == (B, L) else a for a in args]
+    state = Mamba3State(*(torch.empty(S, *shape, device="meta") for shape in [(H, K), (H, P, N), (R, H, N), (H, P)]))
+    with pytest.raises(ValueError, match="mamba3_step_triton: .* 32-bit offsets"):
+        mamba3_step_triton(*one, state)

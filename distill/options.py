@@ -1,0 +1,83 @@
+"""The options of a distillation run (`DistillOptions`): the CLI's flags and a YAML recipe's keys (`load_recipe`).
+Kept free of heavy imports, so the CLI builds its parser without loading the Trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+STAGES = ("align", "kd")
+TRAINABLE = ("mamba", "mamba+mlp", "all", "lora")
+
+
+@dataclasses.dataclass
+class DistillOptions:
+    """Everything a distillation run takes; field names are the CLI flags (dashes for underscores) and recipe keys."""
+
+    teacher: str = ""  # a Hugging Face directory or a .gguf file (a Llama-style causal LM)
+    output_dir: str = ""
+    data: list = dataclasses.field(default_factory=list)  # text files / directories / .jsonl, or a shard directory
+    student: str | None = None  # a converted hybrid directory; None: convert the teacher (mamba_layers, ...)
+    mamba_layers: Any = "auto:0.25"
+    mimo_rank: int = 4
+    chunk_size: int = 16
+    stage: str = "both"  # align, kd or both
+    align_tokens: int = 2_000_000
+    tokens: int = 20_000_000  # for stage kd
+    seq_len: int = 1024
+    batch_size: int = 8  # rows per device and step
+    grad_accum: int = 1
+    lr: float = 1e-3  # stage kd
+    align_lr: float = 3e-3
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.0
+    train: str = "mamba"  # what stage kd trains: mamba, mamba+mlp, all (lora: see the LoRA recipes)
+    temperature: float = 1.0
+    top_k: int | None = None
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_tokens: int = 2048
+    heldout: float = 0.01
+    max_data_tokens: int | None = None
+    eval_tokens: int = 65536  # held-out tokens scored before and after
+    save_steps: int = 200
+    deepspeed: str | None = None  # a DeepSpeed JSON (configs/ds_zero2.json, ds_zero3.json) or None
+    bf16: bool | None = None  # None: on CUDA
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def check(self) -> "DistillOptions":
+        if not self.teacher:
+            raise ValueError("a teacher is needed (--teacher: a Hugging Face directory or a .gguf file)")
+        if not self.output_dir:
+            raise ValueError("an output directory is needed (--output-dir)")
+        if not self.data:
+            raise ValueError("no data (--data: text files, directories, .jsonl files, or a shard directory)")
+        if self.stage not in STAGES + ("both",):
+            raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
+        if self.train not in TRAINABLE or self.train == "lora":
+            raise ValueError(f"train must be one of mamba, mamba+mlp, all, got {self.train!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+def load_recipe(path_or_name: str) -> dict:
+    """A YAML recipe (yaml.safe_load): a path, or the name of one shipped in configs/ ("distill_smollm2")."""
+    import yaml
+
+    from ..configs import load_config
+
+    path = Path(path_or_name)
+    recipe = yaml.safe_load(path.read_text()) if path.is_file() else load_config(
+        path_or_name if path_or_name.endswith((".yaml", ".yml")) else path_or_name + ".yaml")
+    fields = {f.name for f in dataclasses.fields(DistillOptions)}
+    recipe = {k.replace("-", "_"): v for k, v in (recipe or {}).items()}
+    unknown = sorted(set(recipe) - fields)
+    if unknown:
+        raise ValueError(f"unknown recipe keys {unknown}; known: {sorted(fields)}")
+    return recipe

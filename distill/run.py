@@ -1,0 +1,241 @@
+"""`distill(options)`: from a Llama teacher and text to a distilled hybrid directory, in resumable stages.
+
+    output_dir/
+      converted/        the student as converted from the teacher (when no --student is given)
+      data/             token shards of the data (train, heldout), built once
+      align/, kd/       each stage's Trainer checkpoints (checkpoint-N, each with a COMPLETE marker once written)
+                        and, when the stage is done, its student (align/student) and a DONE marker
+      model/            the result: the distilled hybrid, with the teacher's tokenizer, chat template and generation
+                        config, a model card (README.md), distill_report.json and the loss curves (JSON, PNG)
+
+Run again with resume=True (`--resume`), it picks up where it stopped: finished stages are skipped, an unfinished one
+continues from its newest complete checkpoint (a checkpoint the run was killed while writing is passed over).
+The options (`DistillOptions`) are the CLI's flags and a YAML recipe's keys (`load_recipe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from .data import PackedRows, build_shards, iter_documents, load_meta, tokenizer_fingerprint
+from .options import DistillOptions, load_recipe  # noqa: F401  (re-exported: the run's options and recipes)
+from .trainer import DistillTrainer, ReplacedLayers, replaced_layers, select_trainable
+
+COMPLETE, DONE = "COMPLETE", "DONE"
+
+
+class _CompleteMarker(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written all of it (on_save comes after the writes)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).touch()
+
+
+class _TokensPerSecond(TrainerCallback):
+    """Adds tokens/s (all ranks) since the last log to each training log."""
+
+    def __init__(self, tokens_per_step: int):
+        self.per_step, self.t, self.step = tokens_per_step, None, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.t is None:
+            self.t, self.step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.t is not None and "loss" in logs and state.global_step > self.step:
+            now = time.perf_counter()
+            logs["tokens_per_s"] = round((state.global_step - self.step) * self.per_step / (now - self.t))
+            self.t, self.step = now, state.global_step
+
+
+def latest_complete_checkpoint(folder: Path) -> str | None:
+    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).exists() and p.name.split("-")[-1].isdigit()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
+    """Run the stages `options` asks for; returns the result directory (output_dir/model)."""
+    from ..convert import load_source, save_hybrid
+
+    o = options.check()
+    out = Path(o.output_dir)
+    if out.exists() and any(out.iterdir()) and not o.resume:
+        raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose another")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1, default=str))
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if o.bf16 is None else o.bf16
+    teacher, tokenizer, source = load_source(o.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if tokenizer is None:
+        raise ValueError(f"the teacher {o.teacher!r} has no tokenizer files: the data is tokenized with them")
+    shards = _data(o, tokenizer, out)
+    student, conversion = _student(o, teacher, tokenizer, shards, out)
+    layers = replaced_layers(student, teacher)
+    report = dict(teacher=source, student=o.student or str(out / "converted"), mamba_layers=layers,
+                  layout="".join("M" if i in layers else "A" for i in range(student.config.num_hidden_layers)),
+                  options=dataclasses.asdict(o), stages={}, conversion=conversion)
+    report["eval_before"] = _heldout_ppl(student, teacher, shards, o)
+    curves = {}
+    for stage in (("align", "kd") if o.stage == "both" else (o.stage,)):
+        student, curves[stage], report["stages"][stage] = _stage(stage, o, student, teacher, shards, out, bf16,
+                                                                 callbacks)
+    report["eval_after"] = _heldout_ppl(student, teacher, shards, o)
+    result = out / "model"
+    student.config.use_cache = True
+    save_hybrid(student, result, tokenizer=tokenizer, report=conversion, overwrite=True)
+    if teacher.generation_config is not None:
+        teacher.generation_config.save_pretrained(result)
+    (result / "distill_report.json").write_text(json.dumps(report, indent=1, default=str))
+    (result / "distill_curves.json").write_text(json.dumps(curves, indent=1))
+    _plot_curves(curves, result / "distill_curves.png")
+    (result / "README.md").write_text(_model_card(report))
+    return result
+
+
+def _data(o: DistillOptions, tokenizer, out: Path) -> Path:
+    """The shard directory (train/, heldout/): given, or built once into output_dir/data."""
+    given = Path(o.data[0]) if len(o.data) == 1 else None
+    folder = given if given is not None and (given / "train" / "meta.json").exists() else out / "data"
+    if not (folder / "train" / "meta.json").exists():
+        build_shards(iter_documents(o.data), tokenizer, folder, heldout=o.heldout, seed=o.seed,
+                     max_tokens=o.max_data_tokens, progress=o.progress)
+    meta = load_meta(folder / "train")
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"the shards in {str(folder)!r} were made with another tokenizer ({meta['tokenizer']}) than "
+                         "the teacher's: rebuild them from the text")
+    if meta["tokens"] < o.seq_len * o.batch_size:
+        raise ValueError(f"{meta['tokens']} training tokens are fewer than one batch ({o.batch_size} x {o.seq_len}): "
+                         "give more data or shorter rows")
+    return folder
+
+
+def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
+    """(student, conversion report or None): loaded from --student, from an earlier run's conversion, or converted."""
+    from transformers import AutoModelForCausalLM
+
+    from ..convert import convert_llama, save_hybrid
+
+    path = Path(o.student) if o.student else out / "converted"
+    if o.student or (path / "config.json").exists():
+        student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        report = json.loads((path / "conversion_report.json").read_text()) \
+            if (path / "conversion_report.json").exists() else None
+        return student, report
+    rows = PackedRows(shards / "train", min(o.seq_len, 256))
+    calib = torch.stack([rows[i]["input_ids"] for i in range(min(8, len(rows)))])
+    student, report = convert_llama(teacher, mamba_layers=o.mamba_layers, calibration_ids=calib, dtype=torch.float32,
+                                    mimo_rank=o.mimo_rank, chunk_size=o.chunk_size, seed=o.seed,
+                                    progress=o.progress)
+    save_hybrid(student, path, tokenizer=tokenizer, report=report, overwrite=True)
+    return student, report
+
+
+def _stage(stage: str, o: DistillOptions, student, teacher, shards: Path, out: Path, bf16: bool, callbacks):
+    """One stage on the Trainer, resumable; returns (student, loss curve, stage report)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = out / stage
+    if (folder / DONE).exists():  # finished in an earlier run
+        done = json.loads((folder / DONE).read_text())
+        return AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32), done["curve"], done
+    align = stage == "align"
+    layers = replaced_layers(student, teacher)
+    select_trainable(student, "mamba" if align else o.train)
+    model = ReplacedLayers(student, layers) if align else student
+    world = max(1, int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1)
+    per_step = o.batch_size * o.grad_accum * o.seq_len * world
+    steps = max(1, math.ceil((o.align_tokens if align else o.tokens) / per_step))
+    args = TrainingArguments(
+        output_dir=str(folder), max_steps=steps, per_device_train_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum, learning_rate=o.align_lr if align else o.lr,
+        warmup_steps=max(0, round(o.warmup_ratio * steps)), weight_decay=o.weight_decay, lr_scheduler_type="cosine",
+        logging_steps=max(1, min(25, steps // 20)), save_steps=o.save_steps, save_total_limit=2, report_to=[],
+        bf16=bf16, deepspeed=o.deepspeed, **_checkpointing(o.gradient_checkpointing and not align),
+        seed=o.seed, data_seed=o.seed, disable_tqdm=not o.progress, dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(), save_only_model=False)
+    trainer = DistillTrainer(model=model, args=args, teacher=teacher, stage=stage, train_dataset=PackedRows(
+        shards / "train", o.seq_len), temperature=o.temperature, top_k=o.top_k, kl_weight=o.kl_weight,
+        ce_weight=o.ce_weight, chunk_tokens=o.chunk_tokens,
+        callbacks=[_CompleteMarker(), _TokensPerSecond(per_step)] + list(callbacks or []))
+    t0 = time.perf_counter()
+    resume_from = latest_complete_checkpoint(folder) if o.resume else None
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    key = "align_mse" if align else "kl"
+    curve = [dict(step=h["step"], loss=h["loss"], **{k: h[k] for k in (key, "ce", "tokens_per_s") if k in h})
+             for h in trainer.state.log_history if "loss" in h]
+    report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
+                  resumed_from=resume_from, train_loss=result.training_loss, curve=curve)
+    if trainer.is_world_process_zero():
+        student.save_pretrained(folder / "student")
+        (folder / DONE).write_text(json.dumps(report, indent=1))
+        for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return student, curve, report
+
+
+def _checkpointing(on: bool) -> dict:
+    """TrainingArguments' activation checkpointing flag under its name (gradient_checkpointing before transformers
+    5.24), only when on."""
+    if not on:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
+
+
+@torch.no_grad()
+def _heldout_ppl(student, teacher, shards: Path, o: DistillOptions) -> dict:
+    from ..evals.perplexity import perplexity
+
+    rows = PackedRows(shards / "heldout", o.seq_len)
+    if not len(rows):
+        return {}
+    ids = torch.cat([rows[i]["input_ids"] for i in range(min(len(rows), max(1, o.eval_tokens // o.seq_len)))])
+    dev = next(teacher.parameters()).device
+    was = next(student.parameters()).device
+    out = {name: perplexity(m.to(dev), ids, window=o.seq_len, progress=False)["ppl"]
+           for name, m in (("teacher", teacher), ("student", student))}
+    student.to(was)
+    out["ratio"] = out["student"] / out["teacher"]
+    return out
+
+
+def _plot_curves(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (stage, curve) in zip(axes[0], curves.items()):
+        ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+        ax.set(title=f"stage {stage}", xlabel="step", ylabel="alignment MSE" if stage == "align" else "KD loss")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _model_card(report: dict) -> str:
+    before, after = report.get("eval_before", {}), report.get("eval_after", {})
+    lines = [f"# Hybrid Mamba-3 / attention model distilled from {report['teacher']}", "",
+             f"- layers: `{report['layout']}` (M: Mamba-3 MIMO, A: the teacher's attention), Mamba-3 at "
+             f"{report['mamba_layers']}", f"- student before distillation: {report['student']}"]
+    for stage, r in report["stages"].items():
+        lines.append(f"- stage {stage}: {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']} s")
+    if before and after:
+        lines.append(f"- held-out perplexity: teacher {before['teacher']:.2f}; student {before['student']:.2f} "
+                     f"({before['ratio']:.3f}x) before, {after['student']:.2f} ({after['ratio']:.3f}x) after")
+    lines += ["", "Load it with `import hybrid_mamba3` and `AutoModelForCausalLM.from_pretrained(dir)` (or pass "
+              "`trust_remote_code=True`). Reports: `distill_report.json`, `conversion_report.json`; loss curves: "
+              "`distill_curves.json` / `.png`.", ""]
+    return "\n".join(lines)

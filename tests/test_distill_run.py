@@ -1,0 +1,116 @@
+"""The distillation command end to end on a tiny teacher (CPU): the result directory, resuming after a kill, and the
+errors that come before any training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_batches import _tokenizer
+from test_distill import _teacher, _words
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hybrid_mamba3.cli import main
+
+FLAGS = ["--mamba-layers", "1,3", "--seq-len", "32", "--batch-size", "4", "--align-tokens", "1536", "--tokens", "2560",
+         "--mimo-rank", "2", "--chunk-size", "8", "--heldout", "0.1", "--eval-tokens", "256", "--save-steps", "5",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def teacher_and_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    _teacher().save_pretrained(root / "teacher")
+    _tokenizer().save_pretrained(root / "teacher")
+    g = torch.Generator().manual_seed(3)
+    (root / "text").mkdir()
+    for i in range(40):
+        (root / "text" / f"d{i}.txt").write_text(_words(g, int(torch.randint(10, 80, (1,), generator=g))))
+    return root
+
+
+def test_distill_command_gives_a_loadable_distilled_hybrid(teacher_and_text, tmp_path, capsys):
+    root = teacher_and_text
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), "--output-dir",
+                 str(out), *FLAGS]) == 0
+    assert "distilled hybrid saved to" in capsys.readouterr().out
+    result = out / "model"
+    model = AutoModelForCausalLM.from_pretrained(result)
+    tok = AutoTokenizer.from_pretrained(result)
+    assert model.config.mixers == ["attention", "mamba3", "attention", "mamba3"] and tok("w5")["input_ids"] == [5]
+    report = json.loads((result / "distill_report.json").read_text())
+    assert set(report["stages"]) == {"align", "kd"} and report["stages"]["kd"]["tokens"] >= 2560
+    curves = json.loads((result / "distill_curves.json").read_text())
+    for stage in ("align", "kd"):
+        losses = [c["loss"] for c in curves[stage]]
+        assert losses[-1] < losses[0], (stage, losses)
+    for when in ("eval_before", "eval_after"):  # (a random teacher on random words: the ratio itself is noise here)
+        assert set(report[when]) == {"teacher", "student", "ratio"} and 0 < report[when]["ratio"] < 2
+    for name in ("README.md", "conversion_report.json", "generation_config.json", "tokenizer.json"):
+        assert (result / name).exists(), name
+    assert not list((out / "kd").glob("checkpoint-*"))  # a finished stage keeps its result, not its checkpoints
+
+
+def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path):
+    """SIGKILL in stage kd after its checkpoint at step 5 (and a partial checkpoint-99 lying about, as a kill while
+    writing leaves one): --resume skips the finished align stage and the partial checkpoint, continues from step 5,
+    and logs the losses of the uninterrupted run, bit for bit (one process)."""
+    root = teacher_and_text
+    args = ["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), *FLAGS]
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from transformers import TrainerCallback
+        from hybrid_mamba3.cli import build_parser
+        from hybrid_mamba3.distill import run
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if "kd" in args.output_dir and state.global_step == 7:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        original = run._stage
+        run._stage = lambda *a: original(*a[:-1], [Kill()])
+        sys.exit(build_parser().parse_args(sys.argv[1:]).func(build_parser().parse_args(sys.argv[1:])))
+    """)
+    killed = tmp_path / "killed"
+    res = subprocess.run([sys.executable, "-c", script, *args, "--output-dir", str(killed)], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert (killed / "align" / "DONE").exists() and (killed / "kd" / "checkpoint-5" / "COMPLETE").exists()
+    (killed / "kd" / "checkpoint-99").mkdir()  # partial: no COMPLETE marker
+    assert main([*args, "--output-dir", str(killed), "--resume"]) == 0
+    whole = tmp_path / "whole"
+    assert main([*args, "--output-dir", str(whole)]) == 0
+    got, want = (json.loads((d / "model" / "distill_report.json").read_text())["stages"] for d in (killed, whole))
+    assert got["kd"]["resumed_from"].endswith("checkpoint-5") and got["align"]["curve"] == want["align"]["curve"]
+    loss = lambda stage: [(c["step"], c["loss"]) for c in stage["curve"]]  # noqa: E731
+    assert [x for x in loss(got["kd"]) if x[0] > 5] == [x for x in loss(want["kd"]) if x[0] > 5]
+
+
+def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys):
+    """Each refusal comes with a message that says what to change, before any training (exit code 2)."""
+    from hybrid_mamba3 import HybridMamba3Config, HybridMamba3ForCausalLM
+
+    root = teacher_and_text
+    base = ["distill", "--teacher", str(root / "teacher"), *FLAGS]
+    (tmp_path / "empty").mkdir()
+    other = _teacher().config
+    other.hidden_size = 32
+    HybridMamba3ForCausalLM(HybridMamba3Config.from_llama(other, [1], d_state=16, headdim=16, mimo_rank=2)) \
+        .save_pretrained(tmp_path / "wrong")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    cases = [(["--data", str(tmp_path / "empty")], "no documents"),
+             (["--data", str(root / "text"), "--student", str(tmp_path / "wrong")], "not a hybrid of this teacher"),
+             (["--data", str(root / "text"), "--stage", "x"], "stage must be align, kd or both"),
+             (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch")]
+    for i, (extra, message) in enumerate(cases):
+        assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
+        assert message in capsys.readouterr().err
+    assert main([*base, "--data", str(root / "text"), "--output-dir", str(tmp_path / "busy")]) == 2
+    assert "is not empty: pass resume" in capsys.readouterr().err
