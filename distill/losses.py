@@ -6,8 +6,9 @@
   first token, the separators, are out), so the loss does not grow with the sequence length, nor count padding:
   the two defects of reference implementations. The logits are made chunk by chunk of tokens from the final hidden
   states, through the models' own output heads (modules, so ZeRO-3 gathers them), in fp32 for the chunk only, and
-  each chunk is recomputed in the backward (activation checkpointing): memory holds one chunk of logits, not a
-  batch.
+  each chunk is recomputed in the backward (activation checkpointing, reentrant: the non-reentrant kind checks
+  the recomputed tensors' metadata, which ZeRO-3's gathered parameters fail): memory holds one chunk of logits, not
+  a batch. The backward must be `.backward()` (reentrant checkpoints do not support `torch.autograd.grad`).
 - `alignment_loss`: stage 1's per-layer MSE between each new layer's output and the teacher attention output it
   replaces, normalised by the target's energy (so layers of any scale count alike), averaged over layers.
 """
@@ -64,7 +65,7 @@ def distillation_loss(student_hidden: torch.Tensor, student_head: nn.Module, tea
     for a in range(0, n, chunk_tokens):
         args = (hs[a:a + chunk_tokens], ht[a:a + chunk_tokens], y[a:a + chunk_tokens], student_head, teacher_head,
                 temperature, top_k, ce_weight != 0)
-        sums = sums + (checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled()
+        sums = sums + (checkpoint(_chunk_terms, *args, use_reentrant=True) if torch.is_grad_enabled()
                        else _chunk_terms(*args))
     kl, ce = sums / n
     return kl_weight * kl + ce_weight * ce, dict(kl=float(kl.detach()), ce=float(ce.detach()), tokens=n)

@@ -63,41 +63,63 @@ def latest_complete_checkpoint(folder: Path) -> str | None:
 
 
 def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
-    """Run the stages `options` asks for; returns the result directory (output_dir/model)."""
+    """Run the stages `options` asks for; returns the result directory (output_dir/model). In a distributed launch
+    (torchrun, deepspeed, accelerate) every rank calls it: the first builds the shards and converts, the others then
+    read them; each stage trains on all ranks; the first writes the reports and the result."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from ..convert import load_source, save_hybrid
 
     o = options.check()
+    state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(o.output_dir)
-    if out.exists() and any(out.iterdir()) and not o.resume:
-        raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose another")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1, default=str))
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if o.bf16 is None else o.bf16
+    with state.main_process_first():
+        if state.is_main_process:
+            if out.exists() and any(out.iterdir()) and not o.resume:
+                raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose "
+                                 "another")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1, default=str))
+    bf16 = torch.cuda.is_available() if o.bf16 is None else o.bf16
     teacher, tokenizer, source = load_source(o.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
     if tokenizer is None:
         raise ValueError(f"the teacher {o.teacher!r} has no tokenizer files: the data is tokenized with them")
-    shards = _data(o, tokenizer, out)
-    student, conversion = _student(o, teacher, tokenizer, shards, out)
+    with state.main_process_first():  # the first rank builds and converts; the others read what it wrote
+        shards = _data(o, tokenizer, out)
+        student, conversion = _student(o, teacher, tokenizer, shards, out)
     layers = replaced_layers(student, teacher)
     report = dict(teacher=source, student=o.student or str(out / "converted"), mamba_layers=layers,
                   layout="".join("M" if i in layers else "A" for i in range(student.config.num_hidden_layers)),
                   options=dataclasses.asdict(o), stages={}, conversion=conversion)
-    report["eval_before"] = _heldout_ppl(student, teacher, shards, o)
+    if state.is_main_process:
+        report["eval_before"] = _heldout_ppl(student, teacher, shards, o)
     curves = {}
     for stage in (("align", "kd") if o.stage == "both" else (o.stage,)):
-        student, curves[stage], report["stages"][stage] = _stage(stage, o, student, teacher, shards, out, bf16,
-                                                                 callbacks)
-    report["eval_after"] = _heldout_ppl(student, teacher, shards, o)
+        path, curves[stage], report["stages"][stage] = _stage(stage, o, student, teacher, shards, out, bf16,
+                                                              callbacks)
+        state.wait_for_everyone()
+        # as the stage saved it, whole: not built partitioned, as loading is while a ZeRO-3 Trainer's config is set
+        # (the next stage's DeepSpeed engine partitions it itself)
+        unset_hf_deepspeed_config()
+        student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     result = out / "model"
-    student.config.use_cache = True
-    save_hybrid(student, result, tokenizer=tokenizer, report=conversion, overwrite=True)
-    if teacher.generation_config is not None:
-        teacher.generation_config.save_pretrained(result)
-    (result / "distill_report.json").write_text(json.dumps(report, indent=1, default=str))
-    (result / "distill_curves.json").write_text(json.dumps(curves, indent=1))
-    _plot_curves(curves, result / "distill_curves.png")
-    (result / "README.md").write_text(_model_card(report))
+    if state.is_main_process:
+        if report.get("eval_before"):  # the teacher is unchanged (and under ZeRO-3 now partitioned): score the student
+            after = _heldout_ppl(student, None, shards, o)
+            teacher_ppl = report["eval_before"]["teacher"]
+            report["eval_after"] = dict(teacher=teacher_ppl, student=after["student"],
+                                        ratio=after["student"] / teacher_ppl)
+        student.config.use_cache = True
+        save_hybrid(student, result, tokenizer=tokenizer, report=conversion, overwrite=True)
+        if teacher.generation_config is not None:
+            teacher.generation_config.save_pretrained(result)
+        (result / "distill_report.json").write_text(json.dumps(report, indent=1, default=str))
+        (result / "distill_curves.json").write_text(json.dumps(curves, indent=1))
+        _plot_curves(curves, result / "distill_curves.png")
+        (result / "README.md").write_text(_model_card(report))
+    state.wait_for_everyone()
     return result
 
 
@@ -119,7 +141,8 @@ def _data(o: DistillOptions, tokenizer, out: Path) -> Path:
 
 
 def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
-    """(student, conversion report or None): loaded from --student, from an earlier run's conversion, or converted."""
+    """(student, conversion report or None): loaded from --student, from an earlier run's conversion, or converted
+    (and saved, so that a resumed run and the other ranks load it)."""
     from transformers import AutoModelForCausalLM
 
     from ..convert import convert_llama, save_hybrid
@@ -140,13 +163,11 @@ def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
 
 
 def _stage(stage: str, o: DistillOptions, student, teacher, shards: Path, out: Path, bf16: bool, callbacks):
-    """One stage on the Trainer, resumable; returns (student, loss curve, stage report)."""
-    from transformers import AutoModelForCausalLM
-
+    """One stage on the Trainer, resumable; returns (the directory of the student it saved, loss curve, report)."""
     folder = out / stage
     if (folder / DONE).exists():  # finished in an earlier run
         done = json.loads((folder / DONE).read_text())
-        return AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32), done["curve"], done
+        return folder / "student", done["curve"], done
     align = stage == "align"
     layers = replaced_layers(student, teacher)
     select_trainable(student, "mamba" if align else o.train)
@@ -174,12 +195,20 @@ def _stage(stage: str, o: DistillOptions, student, teacher, shards: Path, out: P
              for h in trainer.state.log_history if "loss" in h]
     report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
                   resumed_from=resume_from, train_loss=result.training_loss, curve=curve)
+    trained = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under ZeRO-3 (every rank takes part)
     if trainer.is_world_process_zero():
-        student.save_pretrained(folder / "student")
+        full = student.state_dict()
+        if align:  # "mixers.<i>.<name>" of ReplacedLayers -> the student's "model.layers.<i>.<mixer attr>.<name>"
+            for key, value in trained.items():
+                _, i, name = key.split(".", 2)
+                full[f"model.layers.{i}.{student.model.layers[int(i)].spec.attr}.{name}"] = value
+        else:
+            full.update(trained)
+        student.save_pretrained(folder / "student", state_dict=full)
         (folder / DONE).write_text(json.dumps(report, indent=1))
         for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
             shutil.rmtree(ckpt, ignore_errors=True)
-    return student, curve, report
+    return folder / "student", curve, report
 
 
 def _checkpointing(on: bool) -> dict:
@@ -199,12 +228,13 @@ def _heldout_ppl(student, teacher, shards: Path, o: DistillOptions) -> dict:
     if not len(rows):
         return {}
     ids = torch.cat([rows[i]["input_ids"] for i in range(min(len(rows), max(1, o.eval_tokens // o.seq_len)))])
-    dev = next(teacher.parameters()).device
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     was = next(student.parameters()).device
-    out = {name: perplexity(m.to(dev), ids, window=o.seq_len, progress=False)["ppl"]
-           for name, m in (("teacher", teacher), ("student", student))}
+    models = (("teacher", teacher), ("student", student)) if teacher is not None else (("student", student),)
+    out = {name: perplexity(m.to(dev), ids, window=o.seq_len, progress=False)["ppl"] for name, m in models}
     student.to(was)
-    out["ratio"] = out["student"] / out["teacher"]
+    if teacher is not None:
+        out["ratio"] = out["student"] / out["teacher"]
     return out
 
 

@@ -10,7 +10,8 @@ accumulation and checkpointing, bf16, schedulers, logging and resuming stay the 
   The Trainer's model is the student (or its PEFT wrapper); which parameters train is `select_trainable`'s choice.
   The student's forward keeps no logits (an empty `logits_to_keep`): the loss makes them chunk by chunk from the
   final hidden state, which a hook on the base model hands over.
-The teacher is frozen, in eval mode, outside the optimizer, on the training device.
+The teacher is frozen, in eval mode, outside the optimizer, on the training device; under DeepSpeed ZeRO-3 it is
+partitioned across the ranks as the student is (TRL's `prepare_deepspeed`, an inference engine without optimizer).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class DistillTrainer(Trainer):
         self.kd = dict(temperature=temperature, top_k=top_k, kl_weight=kl_weight, ce_weight=ce_weight,
                        chunk_tokens=chunk_tokens)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            from trl.models.utils import prepare_deepspeed  # the teacher partitioned as the student is, for inference
+
+            self.teacher = prepare_deepspeed(self.teacher, self.accelerator).module
         # the loss below is a mean per micro-batch: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.args.remove_unused_columns = False  # the loss takes labels and position_ids, whatever the model's forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Sequence
@@ -140,6 +141,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     options = DistillOptions(**{**recipe, **given})
     result = distill(options)
+    if int(os.environ.get("RANK", "0")) != 0:  # a distributed launch: the first rank reports
+        return 0
     report = json.loads((result / "distill_report.json").read_text())
     before, after = report.get("eval_before") or {}, report.get("eval_after") or {}
     if before and after:
@@ -168,14 +171,12 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else None
         if f.name == "data":
             d.add_argument(flag, nargs="+", default=S, help=helps[f.name])
-        elif isinstance(default, bool) or f.name == "bf16":
+        elif "bool" in f.type:
             d.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=helps.get(f.name))
         elif f.name == "mamba_layers":
             d.add_argument(flag, type=parse_convert_layers, default=S, help="for the conversion, as in convert")
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "top_k":
-                kind = int
+        else:  # the annotation says (a string: the module postpones annotations): "int | None", "float", ...
+            kind = int if "int" in f.type else float if "float" in f.type else str
             d.add_argument(flag, type=kind, default=S, help=f"{helps.get(f.name, '')} (default {default})".strip())
 
 

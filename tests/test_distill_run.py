@@ -114,3 +114,20 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
         assert message in capsys.readouterr().err
     assert main([*base, "--data", str(root / "text"), "--output-dir", str(tmp_path / "busy")]) == 2
     assert "is not empty: pass resume" in capsys.readouterr().err
+
+
+def test_recipe_keys_are_the_flags_and_flags_win(tmp_path):
+    from hybrid_mamba3.cli import build_parser
+    from hybrid_mamba3.distill.options import DistillOptions, load_recipe
+
+    shipped = load_recipe("distill_smollm2")
+    assert shipped["mamba_layers"] == "auto:0.25" and DistillOptions(**shipped).seq_len == 256
+    mine = tmp_path / "r.yaml"
+    mine.write_text("seq-len: 64\nlr: 0.01\n")
+    args = build_parser().parse_args(["distill", "--config", str(mine), "--lr", "0.5", "--teacher", "t"])
+    given = {k: getattr(args, k) for k in ("lr", "teacher") if hasattr(args, k)}
+    opts = DistillOptions(**{**load_recipe(args.config), **given})
+    assert (opts.seq_len, opts.lr, opts.teacher) == (64, 0.5, "t") and not hasattr(args, "seq_len")
+    mine.write_text("sequence_length: 64\n")
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        load_recipe(str(mine))

@@ -1,0 +1,41 @@
+"""One distillation run of a few Trainer steps on the tiny teacher, for tests that need their own processes
+(DeepSpeed, several ranks): `torchrun ... tests/distill_worker.py OUT.json [ds_zero2|ds_zero3|none] BATCH`.
+Writes the logged losses (rank 0) and, per Mamba-3 fp32 parameter, the dtype it is stored and trained in."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_distill import _rows, _teacher  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from hybrid_mamba3.convert import convert_llama  # noqa: E402
+from hybrid_mamba3.distill.trainer import DistillTrainer, select_trainable  # noqa: E402
+
+out, ds, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = None if ds == "none" else str(Path(__file__).resolve().parents[1] / "configs" / f"{ds}.json")
+teacher = _teacher()
+student, _ = convert_llama(teacher, mamba_layers=[1, 3], init="attention", d_state=16, mimo_rank=2, chunk_size=8,
+                           progress=False)
+select_trainable(student, "mamba")
+work = Path(out).parent / f"work-{os.environ.get('RANK', '0')}"
+work.mkdir(parents=True, exist_ok=True)
+rows = _rows(work)
+args = TrainingArguments(output_dir=str(work / "o"), per_device_train_batch_size=batch, max_steps=4, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                         deepspeed=config, lr_scheduler_type="constant")
+trainer = DistillTrainer(model=student, args=args, teacher=teacher, stage="kd", train_dataset=rows)
+trainer.train()
+fp32 = {n: (str(p.dtype), str(getattr(p, "ds_tensor", p).dtype)) for n, p in trainer.model.named_parameters()
+        if n.endswith(("dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", ".D", "B_norm.weight",
+                       "C_norm.weight"))}
+teacher_partitioned = any(hasattr(p, "ds_tensor") for p in trainer.teacher.parameters())
+if trainer.is_world_process_zero():
+    Path(out).write_text(json.dumps(dict(
+        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], fp32=fp32,
+        world=int(os.environ.get("WORLD_SIZE", 1)), teacher_partitioned=teacher_partitioned,
+        engine=type(trainer.model_wrapped).__name__)))
