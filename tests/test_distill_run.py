@@ -103,12 +103,21 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
     other.hidden_size = 32
     HybridMamba3ForCausalLM(HybridMamba3Config.from_llama(other, [1], d_state=16, headdim=16, mimo_rank=2)) \
         .save_pretrained(tmp_path / "wrong")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hybrid_mamba3.distill.data import build_shards
+    other_tok = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "w5": 3}, unk_token="<pad>"))
+    other_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=other_tok, eos_token="</s>")
+    build_shards(["w5 w5 w5"] * 400, other_tok, tmp_path / "foreign", progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     cases = [(["--data", str(tmp_path / "empty")], "no documents"),
              (["--data", str(root / "text"), "--student", str(tmp_path / "wrong")], "not a hybrid of this teacher"),
              (["--data", str(root / "text"), "--stage", "x"], "stage must be align, kd or both"),
-             (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch")]
+             (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch"),
+             (["--data", str(tmp_path / "foreign")], "made with another tokenizer")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
