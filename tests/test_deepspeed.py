@@ -86,17 +86,10 @@ def test_distill_command_on_two_ranks_with_zero3(tmp_path):
     builds the shards and converts, both train both stages (the new layers and then the student partitioned across
     them), the first writes a result that loads, with the stages' parameters gathered from the partitions."""
     import torch
-    from test_batches import _tokenizer
-    from test_distill import _teacher, _words
-    from test_distill_run import FLAGS
+    from test_distill_run import FLAGS, make_teacher_and_text
     from transformers import AutoModelForCausalLM
 
-    _teacher().save_pretrained(tmp_path / "teacher")
-    _tokenizer().save_pretrained(tmp_path / "teacher")
-    g = torch.Generator().manual_seed(3)
-    (tmp_path / "text").mkdir()
-    for i in range(40):
-        (tmp_path / "text" / f"d{i}.txt").write_text(_words(g, int(torch.randint(10, 80, (1,), generator=g))))
+    make_teacher_and_text(tmp_path)
     config = Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), "-m",
            "hybrid_mamba3.cli", "distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"),

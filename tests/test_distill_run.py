@@ -21,9 +21,8 @@ FLAGS = ["--mamba-layers", "1,3", "--seq-len", "32", "--batch-size", "4", "--ali
          "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def teacher_and_text(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
+def make_teacher_and_text(root):
+    """root/teacher: the tiny teacher with its tokenizer; root/text: 40 documents of its words."""
     _teacher().save_pretrained(root / "teacher")
     _tokenizer().save_pretrained(root / "teacher")
     g = torch.Generator().manual_seed(3)
@@ -31,6 +30,11 @@ def teacher_and_text(tmp_path_factory):
     for i in range(40):
         (root / "text" / f"d{i}.txt").write_text(_words(g, int(torch.randint(10, 80, (1,), generator=g))))
     return root
+
+
+@pytest.fixture(scope="module")
+def teacher_and_text(tmp_path_factory):
+    return make_teacher_and_text(tmp_path_factory.mktemp("distill"))
 
 
 def test_distill_command_gives_a_loadable_distilled_hybrid(teacher_and_text, tmp_path, capsys):

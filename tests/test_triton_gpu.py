@@ -39,6 +39,28 @@ def _inputs(B, L, R, G, N, H, P, K, mimo, gate, skip, seed):
     return [to(a) for a in args], {k: to(v) for k, v in opts.items()}
 
 
+def _bf16_and_fp32_inputs(args, opts):
+    """The bf16 inputs of the Triton op and their fp32 copies for the chunked op, all leaves that take gradients."""
+    low = [a.bfloat16().requires_grad_() for a in args]
+    lowo = {k: None if v is None else v.bfloat16().requires_grad_() for k, v in opts.items()}
+    ref_in = [a.detach().float().requires_grad_() for a in low]
+    ref_o = {k: None if v is None else v.detach().float().requires_grad_() for k, v in lowo.items()}
+    return low, lowo, ref_in, ref_o
+
+
+def _assert_same_gradients(y, ref, low, lowo, ref_in, ref_o):
+    """Backpropagate one random dy through the Triton output y and the reference ref: every input's gradient is
+    written (no NaN from the poisoned allocator) and within TOL of the reference's."""
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    _poison()
+    y.backward(dy.bfloat16())
+    pairs = list(zip(NAMES, low, ref_in)) + [(k, lowo[k], ref_o[k]) for k in lowo if lowo[k] is not None]
+    for name, a, b in pairs:
+        assert a.grad is not None and not torch.isnan(a.grad).any(), name
+        assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
+
+
 GRID = [
     # R, G, N, K(=N/4 rope 0.5 | N/2 rope 1.0), pairwise, gate, skip, init, headdim P
     (4, 1, 128, 32, False, True, True, False, 64),
@@ -71,10 +93,7 @@ def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L
     if init:
         st = Mamba3State(torch.rand(B, H, K, device="cuda") * 6, torch.randn(B, H, P, N, device="cuda") * 0.1,
                          torch.randn(B, R, H, N, device="cuda"), torch.randn(B, H, P, device="cuda"))
-    low = [a.bfloat16().requires_grad_() for a in args]
-    lowo = {k: None if v is None else v.bfloat16().requires_grad_() for k, v in opts.items()}
-    ref_in = [a.detach().float().requires_grad_() for a in low]
-    ref_o = {k: None if v is None else v.detach().float().requires_grad_() for k, v in lowo.items()}
+    low, lowo, ref_in, ref_o = _bf16_and_fp32_inputs(args, opts)
     ref, ref_fin = mamba3_chunked(*ref_in, **ref_o, rope_pairwise=pw, chunk_size=64, initial_state=st,
                                   return_final_state=True)
     _poison()
@@ -83,14 +102,7 @@ def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L
     assert rel_err(y, ref) < TOL
     for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
         assert not torch.isnan(a).any() and rel_err(a, b) < TOL, name
-    dy = torch.randn_like(ref)
-    ref.backward(dy)
-    _poison()
-    y.backward(dy.bfloat16())
-    pairs = list(zip(NAMES, low, ref_in)) + [(k, lowo[k], ref_o[k]) for k in lowo if lowo[k] is not None]
-    for name, a, b in pairs:
-        assert a.grad is not None and not torch.isnan(a.grad).any(), name
-        assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
+    _assert_same_gradients(y, ref, low, lowo, ref_in, ref_o)
 
 
 @pytest.mark.parametrize("R,pw", [(4, False), (1, True)])
@@ -216,22 +228,12 @@ def test_packed_rows_vs_chunked(R, pw, ckpt, monkeypatch):
     seq[1, 101:] += 2
     seq = seq.cuda()
     args, opts = _inputs(B, L, R, 1, N, H, P, K, R > 1, True, True, seed=7 + R)
-    low = [a.bfloat16().requires_grad_() for a in args]
-    lowo = {k: None if v is None else v.bfloat16().requires_grad_() for k, v in opts.items()}
-    ref_in = [a.detach().float().requires_grad_() for a in low]
-    ref_o = {k: None if v is None else v.detach().float().requires_grad_() for k, v in lowo.items()}
+    low, lowo, ref_in, ref_o = _bf16_and_fp32_inputs(args, opts)
     ref, _ = mamba3_chunked(*ref_in, **ref_o, rope_pairwise=pw, chunk_size=64, seq_idx=seq)
     _poison()
     y, _ = mamba3_chunked_triton(*low, **lowo, rope_pairwise=pw, seq_idx=seq)
     assert not torch.isnan(y).any() and rel_err(y, ref) < TOL
-    dy = torch.randn_like(ref)
-    ref.backward(dy)
-    _poison()
-    y.backward(dy.bfloat16())
-    pairs = list(zip(NAMES, low, ref_in)) + [(k, lowo[k], ref_o[k]) for k in lowo if lowo[k] is not None]
-    for name, a, b in pairs:
-        assert a.grad is not None and not torch.isnan(a.grad).any(), name
-        assert rel_err(a.grad, b.grad) < TOL, (name, rel_err(a.grad, b.grad))
+    _assert_same_gradients(y, ref, low, lowo, ref_in, ref_o)
 
 
 def test_bc_norm_kernel_vs_torch_norm():
