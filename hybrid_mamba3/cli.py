@@ -152,6 +152,28 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_tasks(items: Sequence[str]) -> dict:
+    """["lambada_openai_local=PATH", "hellaswag"] -> {name: path or None}."""
+    out = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        out[name] = path or None
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evals.evaluate import evaluate, table, write
+    texts = read_calibration(args.perplexity) if args.perplexity else None
+    if not args.tasks and not texts:
+        raise ValueError("nothing to measure: give --tasks and/or --perplexity")
+    result = evaluate(args.models, parse_tasks(args.tasks or []), teacher=args.teacher, ppl_texts=texts,
+                      ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window, batch_size=args.batch_size,
+                      limit=args.limit, progress=not args.no_progress)
+    print(table(result))
+    print(f"written to {write(result, args.out)}")
+    return 0
+
+
 def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     """One flag per `DistillOptions` field; only the flags given override the recipe (--config)."""
     from dataclasses import MISSING, fields
@@ -232,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="lm-eval tasks and held-out perplexity of hybrids beside their teacher",
+                       description="Scores each model (hybrid directories; Llama-style directories or .gguf files) "
+                                   "with lm-eval (offline tasks shipped in evals/tasks, or any lm-eval task name) and "
+                                   "held-out perplexity; one table, eval.json and eval.png in --out.")
+    e.add_argument("models", nargs="*", help="hybrid directories (or other causal LMs) to score")
+    e.add_argument("--teacher", default=None, help="the teacher (directory or .gguf): scored first, the 100%% mark")
+    e.add_argument("--tasks", nargs="+", default=None,
+                   help="lambada_openai_local=PATH, multiple_choice_local=PATH, or lm-eval task names")
+    e.add_argument("--perplexity", nargs="+", default=None, help="held-out text files or directories (HTML stripped)")
+    e.add_argument("--ppl-tokens", type=int, default=65536)
+    e.add_argument("--ppl-window", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    e.add_argument("--out", default="eval_out")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("distill", help="distil a converted hybrid from its Transformer teacher (align, then KD)",
                        description="Layer alignment then end-to-end knowledge distillation on transformers' Trainer, "
