@@ -21,8 +21,8 @@ import contextlib
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.masking_utils import find_packed_sequence_indices
 
-from ..modeling_hybrid_mamba3 import packed_sequence_index
 from .losses import alignment_loss, distillation_loss
 from .options import STAGES, TRAINABLE
 
@@ -114,7 +114,7 @@ class DistillTrainer(Trainer):
         mask = inputs.get("attention_mask")
         seq_idx = None
         if mask is None and "position_ids" in inputs:
-            seq_idx = packed_sequence_index(inputs["position_ids"])
+            seq_idx = find_packed_sequence_indices(inputs["position_ids"])  # the model's rule (packed rows)
         if self.stage == "align":
             core = self.accelerator.unwrap_model(model)
             with torch.no_grad(), attention_io(self.teacher, core.layers) as (ins, outs):
@@ -126,16 +126,15 @@ class DistillTrainer(Trainer):
             return (loss, None) if return_outputs else loss
         with torch.no_grad():
             teacher_hidden = self.teacher.model(**inputs, use_cache=False).last_hidden_state
-        base = _base_model(self.accelerator.unwrap_model(model))
+        causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         stash = {}
-        handle = base.register_forward_hook(lambda m, a, out: stash.update(h=out.last_hidden_state))
+        handle = causal_lm.model.register_forward_hook(lambda m, a, out: stash.update(h=out.last_hidden_state))
         try:  # no logits: an empty index keeps none
             model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                           device=labels.device))
         finally:
             handle.remove()
-        head = _output_head(self.accelerator.unwrap_model(model))
-        loss, parts = distillation_loss(stash["h"], head, teacher_hidden, self.teacher.lm_head, labels, **self.kd)
+        loss, parts = distillation_loss(stash["h"], causal_lm.lm_head, teacher_hidden, self.teacher.lm_head, labels, **self.kd)
         self._track(kl=parts["kl"], ce=parts["ce"])
         return (loss, None) if return_outputs else loss
 
@@ -154,16 +153,6 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _base_model(model) -> nn.Module:
-    """The decoder stack (the module returning last_hidden_state) of a causal LM, PEFT-wrapped or not."""
-    while not hasattr(model, "lm_head") and hasattr(model, "base_model") and model.base_model is not model:
-        model = model.base_model
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.model
-
-
-def _output_head(model) -> nn.Module:
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.lm_head
+def _causal_lm(model) -> nn.Module:
+    """The causal LM itself (its .model returns last_hidden_state, its .lm_head makes logits), PEFT-wrapped or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

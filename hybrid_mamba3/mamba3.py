@@ -71,6 +71,19 @@ def padding_mask(attention_mask: torch.Tensor | None, length: int, carries_state
     return None if none_padded else real[:, -length:]
 
 
+@functools.lru_cache(maxsize=256)
+def _row_elements(length: int, width: int, R: int, G: int, N: int, H: int, P: int, K: int) -> int:
+    """`Mamba3.row_elements`, cached: it runs on every layer call, decode steps included (~7 us uncached)."""
+    from .kernels.triton_chunked import elements_per_row
+
+    return max(length * width, elements_per_row(length, R, G, N, H, P, K), H * P * N)
+
+
+def _rows_joined(outs: list, finals: list, need_state: bool):
+    """The outputs and final states of calls on slices of the batch, as one call's."""
+    return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+
+
 class Mamba3(KeepFP32Mixin, nn.Module):
     """Mamba-3 mixer, MIMO of rank `mimo_rank` (`is_mimo=True`) or SISO.
 
@@ -290,11 +303,8 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         """Elements of the widest per-row tensor a call of the Triton kernels on rows of `length` positions (1: a decode
         step) indexes: the in_proj output (the kernels read views of it), the op's own tensors
         (`triton_chunked.elements_per_row`), or the decode state."""
-        from .kernels.triton_chunked import elements_per_row
-
-        H, P, N, G, R, K = (self.nheads, self.headdim, self.d_state, self.num_bc_heads, self.mimo_rank,
-                            self.num_rope_angles)
-        return max(length * self.in_proj.out_features, elements_per_row(length, R, G, N, H, P, K), H * P * N)
+        return _row_elements(length, self.in_proj.out_features, self.mimo_rank, self.num_bc_heads, self.d_state,
+                             self.nheads, self.headdim, self.num_rope_angles)
 
     def max_rows_per_call(self, length: int) -> int:
         """Batch rows of `length` positions that one call of the Triton kernels takes: their offsets are 32-bit
@@ -332,7 +342,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                         need_state)
             outs.append(o)
             finals.append(st)
-        return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+        return _rows_joined(outs, finals, need_state)
 
     def _in_stretches(self, run, u, state, mask, seq_idx, need_state, packed):
         span = self.max_length_per_call()
@@ -353,7 +363,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                 row.append(o)
             outs.append(torch.cat(row, 1))
             finals.append(st)
-        return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+        return _rows_joined(outs, finals, need_state)
 
     def _scan(self, u, state, mask, cu_seqlens, seq_idx, need_state):
         backend = self._select_backend(u.device)

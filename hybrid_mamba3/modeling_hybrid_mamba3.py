@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -138,7 +138,10 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
         elif (seq_idx is None and kwargs.get("cu_seq_lens_q") is None and attention_mask is None and cache is None
               and self.config.mamba_layers):
-            seq_idx = packed_sequence_index(position_ids)
+            # transformers' own rule for its attention masks: a new sequence wherever a position is not its
+            # predecessor's plus one (TRL's padding-free and packing batches send no other mark); None when no row
+            # holds more than one
+            seq_idx = find_packed_sequence_indices(position_ids)
         padding_mask = None
         if attention_mask is not None and self.config.mamba_layers:
             if attention_mask.dim() != 2:
@@ -159,14 +162,6 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
                                   use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
-
-
-def packed_sequence_index(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Sequences packed along rows, from position_ids alone (TRL's padding-free and packing collators send no other
-    mark): (B, L) int, a new sequence wherever a position is not its predecessor's plus one (transformers' rule for
-    its attention masks, `find_packed_sequence_indices`); None when no row holds more than one (one host sync)."""
-    starts = torch.nn.functional.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0))
-    return starts.cumsum(-1) if bool(starts.any()) else None
 
 
 def _past_length(cache: Cache | None) -> int:

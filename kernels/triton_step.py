@@ -183,7 +183,8 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 def step_elements_per_row(*tensors: torch.Tensor | None) -> int:
     """The most elements between consecutive batch rows of the step's tensors (states, and per-token inputs that may
     be views of a wider projection): batch x this must stay below `common.INT32_LIMIT`."""
-    return max((max(t.stride(0), t[0].numel()) for t in tensors if t is not None and t.dim() > 0 and len(t)), default=0)
+    # shapes and strides only (no views: the decode step is on the host's hot path)
+    return max((max(t.stride(0), math.prod(t.shape[1:])) for t in tensors if t is not None and t.dim() > 0), default=0)
 
 
 def mamba3_step_triton(

@@ -69,7 +69,7 @@ def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path)
     script = textwrap.dedent(f"""
         import os, signal, sys
         from transformers import TrainerCallback
-        from hybrid_mamba3.cli import build_parser
+        from hybrid_mamba3.cli import main
         from hybrid_mamba3.distill import run
 
         class Kill(TrainerCallback):
@@ -79,7 +79,7 @@ def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path)
 
         original = run._stage
         run._stage = lambda *a: original(*a[:-1], [Kill()])
-        sys.exit(build_parser().parse_args(sys.argv[1:]).func(build_parser().parse_args(sys.argv[1:])))
+        sys.exit(main(sys.argv[1:]))
     """)
     killed = tmp_path / "killed"
     res = subprocess.run([sys.executable, "-c", script, *args, "--output-dir", str(killed)], capture_output=True,
