@@ -11,12 +11,15 @@
 - Order, sharding across ranks and the position in the data are the Trainer's: its sampler shuffles rows with the
   run's seed, gives each rank its part, and a resumed run skips the rows already seen.
 
-Sources (`iter_documents`): text files and directories (HTML reduced to its text), .jsonl files (a "text" field per
-line), or a `datasets.Dataset` (its "text" column).
+Sources (`iter_documents`): text files and directories (HTML reduced to its text; gzip-compressed files read as the
+file they hold, as Debian ships documentation), .jsonl files (a "text" field per line), or a `datasets.Dataset` (its
+"text" column).
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import os
@@ -32,7 +35,7 @@ from ..evals.text import html_to_text
 
 SHARD_VERSION = 1
 SPLITS = ("train", "heldout")
-_TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".html", ".htm", ""}
+_TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".pod", ".html", ".htm", ""}
 
 
 def iter_documents(sources, text_field: str = "text") -> Iterator[str]:
@@ -55,9 +58,12 @@ def iter_documents(sources, text_field: str = "text") -> Iterator[str]:
 
 
 def _file_documents(f: Path, text_field: str, explicit: bool) -> Iterator[str]:
-    suffix = f.suffix.lower()
+    # Debian compresses its documentation (README.txt.gz, *.rst.gz): the suffix under .gz says what the text is
+    packed = f.suffix.lower() == ".gz"
+    suffix = Path(f.stem).suffix.lower() if packed else f.suffix.lower()
+    opener = functools.partial(gzip.open, mode="rt") if packed else open
     if suffix == ".jsonl":
-        with open(f, encoding="utf-8") as fh:
+        with opener(f, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -69,7 +75,8 @@ def _file_documents(f: Path, text_field: str, explicit: bool) -> Iterator[str]:
         return
     if suffix not in _TEXT_SUFFIXES and not explicit:  # images, archives, ... in a documentation tree
         return
-    text = f.read_text(encoding="utf-8", errors="replace")
+    with opener(f, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
     if suffix in (".html", ".htm"):
         text = html_to_text(text)
     if text.strip():

@@ -97,8 +97,8 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
         report["eval_before"] = _heldout_ppl(student, teacher, shards, o)
     curves = {}
     for stage in (("align", "kd") if o.stage == "both" else (o.stage,)):
-        path, curves[stage], report["stages"][stage] = _stage(stage, o, student, teacher, shards, out, bf16,
-                                                              callbacks)
+        path, curves[stage], report["stages"][stage] = _stage(stage, o, student, teacher, tokenizer, shards, out,
+                                                              bf16, callbacks)
         state.wait_for_everyone()
         # as the stage saved it, whole: not built partitioned, as loading is while a ZeRO-3 Trainer's config is set
         # (the next stage's DeepSpeed engine partitions it itself)
@@ -162,8 +162,10 @@ def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
     return student, report
 
 
-def _stage(stage: str, o: DistillOptions, student, teacher, shards: Path, out: Path, bf16: bool, callbacks):
-    """One stage on the Trainer, resumable; returns (the directory of the student it saved, loss curve, report)."""
+def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: Path, out: Path, bf16: bool,
+           callbacks):
+    """One stage on the Trainer, resumable; returns (the directory of the student it saved, loss curve, report).
+    The stage's student is a whole hybrid directory (with the tokenizer), for evaluating each stage apart."""
     folder = out / stage
     if (folder / DONE).exists():  # finished in an earlier run
         done = json.loads((folder / DONE).read_text())
@@ -205,6 +207,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, shards: Path, out: P
         else:
             full.update(trained)
         student.save_pretrained(folder / "student", state_dict=full)
+        tokenizer.save_pretrained(folder / "student")
         (folder / DONE).write_text(json.dumps(report, indent=1))
         for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -152,6 +153,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .convert import load_tokenizer
+    from .distill.data import build_shards, iter_documents
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{str(out)!r} is not empty: choose another --out, or pass --overwrite to replace it")
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer in {args.tokenizer!r}: give the teacher's directory or .gguf file")
+    metas = build_shards(iter_documents(args.data), tokenizer, args.out, heldout=args.heldout, seed=args.seed,
+                         max_tokens=args.max_tokens, progress=not args.no_progress)
+    print(", ".join(f"{split}: {m['tokens']:,} tokens in {m['documents']:,} documents" for split, m in metas.items()))
+    print(f"written to {args.out} (distill --data {args.out})")
+    return 0
+
+
 def parse_tasks(items: Sequence[str]) -> dict:
     """["lambada_openai_local=PATH", "hellaswag"] -> {name: path or None}."""
     out = {}
@@ -271,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval_out")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("shards", help="tokenize text once into packed token shards (train, heldout) for distill",
+                       description="Token shards that distill --data reads without tokenizing again.")
+    s.add_argument("--tokenizer", required=True, help="the teacher: a Hugging Face directory or a .gguf file")
+    s.add_argument("--data", nargs="+", required=True,
+                   help="text files, directories (HTML stripped, .gz read), .jsonl files")
+    s.add_argument("--out", required=True, help="the shard directory to write (train/, heldout/)")
+    s.add_argument("--heldout", type=float, default=0.01, help="fraction of documents held out")
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_shards)
 
     d = sub.add_parser("distill", help="distil a converted hybrid from its Transformer teacher (align, then KD)",
                        description="Layer alignment then end-to-end knowledge distillation on transformers' Trainer, "

@@ -422,7 +422,9 @@ class _MambaAsAttention(nn.Module):
         self.mamba = mamba
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.mamba(hidden_states), None
+        # the scored mixer is fp32 while the teacher may run in bf16 (a distillation loads it so on a GPU)
+        dtype = self.mamba.in_proj.weight.dtype
+        return self.mamba(hidden_states.to(dtype)).to(hidden_states.dtype), None
 
 
 @contextmanager

@@ -148,6 +148,13 @@ def test_data_driven_choice_is_deterministic_and_picks_lowest_scores():
     assert again["mamba_layers"] == a["mamba_layers"]
 
 
+def test_data_driven_choice_scores_a_bf16_teacher_with_fp32_candidates():
+    """Distillation loads the teacher in bf16 on a GPU; the candidate Mamba-3 layers it scores are fp32."""
+    src = llama(num_hidden_layers=2).to(torch.bfloat16)
+    report = convert_llama(src, "auto:0.5", calibration_ids=calib(n=2, L=16), dtype=torch.float32, progress=False)[1]
+    assert len(report["mamba_layers"]) == 1 and all(math.isfinite(v) for v in report["selection"]["scores"].values())
+
+
 def test_random_init_option():
     src = llama()
     model, report = convert_llama(src, 0.5, init="random", calibration_ids=calib(), progress=False)

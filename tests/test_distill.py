@@ -1,6 +1,7 @@
 """Distillation: data shards and packed rows, the losses against their plain formulas, and both stages on the Trainer
 (tiny teacher and student, CPU)."""
 
+import gzip
 import json
 
 import numpy as np
@@ -26,13 +27,17 @@ def corpus(tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     docs = [_words(gen, int(n)) for n in torch.randint(5, 40, (12,), generator=gen)]
-    for i, d in enumerate(docs[:6]):
+    for i, d in enumerate(docs[:5]):
         (src / f"d{i}.txt").write_text(d)
+    with gzip.open(src / "sub" / "d5.rst.gz", "wt") as f:  # as Debian ships documentation
+        f.write(docs[5])
     (src / "sub" / "page.html").write_text(f"<html><head><title>x</title></head><body><p>{docs[6]}</p></body></html>")
     with open(src / "sub" / "more.jsonl", "w") as f:
         for d in docs[7:]:
             f.write(json.dumps({"text": d}) + "\n")
     (src / "sub" / "image.png").write_bytes(b"\x89PNG not text")
+    with gzip.open(src / "sub" / "image.png.gz", "wb") as f:
+        f.write(b"\x89PNG not text")
     return src, docs
 
 
@@ -40,7 +45,7 @@ def test_shards_keep_documents_apart_and_load_without_the_tokenizer(corpus, tmp_
     src, docs = corpus
     tok = _tokenizer()
     texts = list(iter_documents([src]))
-    assert sorted(texts) == sorted(docs)  # txt, html (text only), jsonl; the png skipped
+    assert sorted(texts) == sorted(docs)  # txt, rst.gz, html (text only), jsonl; the pngs skipped
     metas = build_shards(texts, tok, tmp_path / "shard", heldout=0.2, seed=1, progress=False)
     assert metas["heldout"]["documents"] == 2 and metas["train"]["documents"] == 10
     assert metas["train"]["dtype"] == "uint16" and metas["train"]["vocab_size"] == len(tok)

@@ -58,6 +58,9 @@ def test_distill_command_gives_a_loadable_distilled_hybrid(teacher_and_text, tmp
     for name in ("README.md", "conversion_report.json", "generation_config.json", "tokenizer.json"):
         assert (result / name).exists(), name
     assert not list((out / "kd").glob("checkpoint-*"))  # a finished stage keeps its result, not its checkpoints
+    for stage in ("align", "kd"):  # each stage's student is a whole hybrid directory, to evaluate apart
+        assert AutoTokenizer.from_pretrained(out / stage / "student")("w5")["input_ids"] == [5]
+        assert AutoModelForCausalLM.from_pretrained(out / stage / "student").config.mixers == model.config.mixers
 
 
 def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path):
@@ -144,3 +147,19 @@ def test_recipe_keys_are_the_flags_and_flags_win(tmp_path):
     mine.write_text("sequence_length: 64\n")
     with pytest.raises(ValueError, match="unknown recipe keys"):
         load_recipe(str(mine))
+
+
+def test_shards_command_writes_shards_once_and_keeps_what_exists(teacher_and_text, tmp_path, capsys):
+    root = teacher_and_text
+    out = tmp_path / "shards"
+    args = ["shards", "--tokenizer", str(root / "teacher"), "--data", str(root / "text"), "--out", str(out),
+            "--heldout", "0.1", "--no-progress"]
+    assert main(args) == 0
+    assert "train: " in capsys.readouterr().out
+    train, held = (json.loads((out / s / "meta.json").read_text()) for s in ("train", "heldout"))
+    assert train["documents"] + held["documents"] == 40 and held["documents"] == 4
+    words = sum(len((root / "text" / f"d{i}.txt").read_text().split()) for i in range(40))
+    assert train["tokens"] + held["tokens"] == words + 40  # a token per word, an EOS per document
+    assert main(args) == 2  # not empty: refused, left as it was
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "train" / "meta.json").read_text()) == train
