@@ -47,3 +47,17 @@ def test_split_trace_falls_back_to_the_mean():
     res = bench.split_trace(tr, reps=2)
     assert res["gpu_split"].startswith("mean") and res["gpu_idle_ms"] is None
     assert res["gpu_ms"] == pytest.approx(0.020)
+
+
+def test_distillation_step_benchmark_runs_its_three_modes(tmp_path):
+    """evals/bench_distill.py --smoke on the CPU: every mode runs a few steps of a tiny shape and is reported."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hybrid_mamba3.evals.bench_distill", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_distill.json").read_text())["rows"]
+    assert set(rows) == {"naive", "trainer", "trainer+ckpt"}
+    assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 for r in rows.values())
