@@ -271,8 +271,10 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                 **kwargs):
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
-        if cu_seqlens is None:
-            cu_seqlens = kwargs.get("cu_seq_lens_q")  # transformers' packed-sequence (flattening collator) kwarg
+        if cu_seqlens is None and seq_idx is None:
+            # transformers' packed-sequence (flattening collator) kwarg; where seq_idx comes too (TRL's padding-free
+            # collator sends both), they mark the same documents and seq_idx alone is used
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
         state = initial_state
         cache = one_cache(cache, past_key_values)
         if cache is not None:
