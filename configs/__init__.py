@@ -29,5 +29,6 @@ def load_chat_template(name_or_path: str) -> str:
     shipped = folder / (name_or_path if name_or_path.endswith(".jinja") else name_or_path + ".jinja")
     if not shipped.is_file():
         known = sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
-        raise FileNotFoundError(f"no chat template file {name_or_path!r} and none shipped by that name; shipped: {known}")
+        raise FileNotFoundError(f"no chat template file {name_or_path!r} and none shipped by that name; shipped: "
+                                f"{known}")
     return shipped.read_text().rstrip("\n")

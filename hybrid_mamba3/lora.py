@@ -89,8 +89,8 @@ def lora_targets(model, parts: str | Iterable[str] = "all") -> list[str]:
     missing = [p for p in wanted if not found[p]]
     if missing:
         have = [p for p in PARTS if found[p]]
-        raise ValueError(f"this model has no {' / '.join(missing)} layers to adapt (it has: {', '.join(have) or 'none'})"
-                         f"; choose LoRA targets among those")
+        raise ValueError(f"this model has no {' / '.join(missing)} layers to adapt (it has: "
+                         f"{', '.join(have) or 'none'}); choose LoRA targets among those")
     return sorted(n for p in wanted for n in found[p])
 
 

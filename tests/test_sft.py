@@ -25,7 +25,7 @@ SMOLLM2_TEMPLATE = (
 
 
 def chat_tokenizer():
-    """A word-level tokenizer of the tiny models' 97 ids with ChatML's special tokens and the marked SmolLM2 template."""
+    """A word-level tokenizer of the tiny models' 97 ids, ChatML's special tokens, the marked SmolLM2 template."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<|im_start|>": 4, "<|im_end|>": 5, "user": 6,
              "assistant": 7, "system": 8, **{f"w{i}": i for i in range(9, 97)}}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
