@@ -99,15 +99,14 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     report = dict(options=dataclasses.asdict(o), lora_targets=len(targets), trainable_parameters=trainable,
                   rows=dict(train=len(split["train"]), eval=len(split["test"] or [])))
-    if split["test"] is not None:
-        report["eval_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.perf_counter()
     resume_from = latest_complete_checkpoint(out / "train") if o.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     report.update(seconds=round(time.perf_counter() - t0, 1), resumed_from=resume_from,
                   train_loss=result.training_loss,
                   curve=[dict(step=h["step"], loss=h["loss"]) for h in trainer.state.log_history if "loss" in h])
-    if split["test"] is not None:
+    if split["test"] is not None:  # the first: evaluated at the start of training (eval_on_start)
+        report["eval_before"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         report["eval_after"] = trainer.evaluate()["eval_loss"]
     trainer.save_model(str(out / "adapter"))  # the adapter alone, gathered under ZeRO-3
     state.wait_for_everyone()
@@ -131,7 +130,10 @@ def _trainer(o: SFTOptions, model, tokenizer, peft_config, train, held, bf16: bo
         weight_decay=o.weight_decay, lr_scheduler_type="cosine", logging_steps=o.logging_steps,
         save_steps=o.save_steps, save_total_limit=2, report_to=[], bf16=bf16, deepspeed=o.deepspeed,
         gradient_checkpointing=o.gradient_checkpointing, seed=o.seed, data_seed=o.seed,
-        disable_tqdm=not o.progress, use_cpu=not torch.cuda.is_available(), max_length=o.max_length)
+        disable_tqdm=not o.progress, use_cpu=not torch.cuda.is_available(), max_length=o.max_length,
+        # the held-out loss before training, from inside train(): an evaluate() before it would set DeepSpeed up for
+        # inference only, and training would then find no engine to step
+        eval_on_start=held is not None)
     callbacks = [_CompleteMarker()] + list(callbacks or [])
     if o.mode == "sft":
         from trl import SFTConfig, SFTTrainer
