@@ -123,9 +123,45 @@ def test_packed_and_padding_free_batches_equal_documents_one_by_one(layout, tmp_
     """The batches TRL's SFTTrainer makes with packing=True (best-fit, padding-free rows), padding_free=True, or right
     padding: the trainer's loss and every LoRA gradient equal those of the batch's documents run one by one (fp64; the
     tolerances of test_batches). Each document must be one of the dataset's, whole."""
-    model = hybrid((1, 3)).double()
+    loss, grads, ref_loss, ref_grads = _packed_and_one_by_one(layout, tmp_path, torch.float64, "cpu")
+    assert_same(loss, grads, ref_loss, ref_grads)
+    assert LOSS_TOL <= 1e-6 and GRAD_TOL <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["packing", "padding_free"])
+def test_packed_batches_equal_documents_one_by_one_on_the_triton_path(layout, tmp_path):
+    """As above on CUDA, where the Mamba-3 layers run the Triton scan (documents reset by seq_idx inside the kernels),
+    fp32 with TF32 off: loss within 1e-5 and gradients within 1e-4 of their largest (the kernels' fp32 summation order
+    differs between a packed row and a lone document; a state leaking across documents moves them by 1e-2)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    loss, grads, ref_loss, ref_grads = _packed_and_one_by_one(layout, tmp_path, torch.float32, "cuda")
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss) and grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert (grads[n] - g).abs().max() <= 1e-4 * g.abs().max(), n
+
+
+def _one_by_one_on(model, docs):
+    """test_batches.one_by_one on the model's device."""
+    model.zero_grad()
+    count, total = sum(len(d) - 1 for d in docs), 0.0
+    for d in docs:
+        ids = torch.tensor([d], device=model.device)
+        loss = model(ids, labels=ids).loss * (len(d) - 1) / count
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, None
+
+
+def _packed_and_one_by_one(layout, tmp_path, dtype, device):
+    """(loss, LoRA gradients) of the first batch SFTTrainer makes in `layout`, and of its documents one by one."""
+    model = hybrid((1, 3)).to(dtype=dtype, device=device)
     kw = dict(packing=True) if layout == "packing" else dict(padding_free=True, max_length=None) \
         if layout == "padding_free" else {}
+    if device != "cpu":
+        kw["use_cpu"] = False
     data = texts(16)
     trainer = SFTTrainer(model=model, args=config(tmp_path, **kw), train_dataset=data,
                          processing_class=chat_tokenizer(), peft_config=lora(lora_targets(model, "all"),
@@ -133,20 +169,22 @@ def test_packed_and_padding_free_batches_equal_documents_one_by_one(layout, tmp_
     tok = chat_tokenizer()
     known = {tuple(tok(t)["input_ids"] + [tok.eos_token_id]) for t in data["text"]}
     batch = next(iter(trainer.get_train_dataloader()))
-    docs = _documents_of(batch)
+    docs = _documents_of({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()})
     assert len(docs) >= 4 and all(tuple(d) in known for d in docs)
     if layout != "padded":
         assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     peft_model = trainer.model
     peft_model.train()
-    ref_loss, ref_grads, _ = one_by_one(peft_model, docs)
+    ref_loss, ref_grads, _ = one_by_one(peft_model, docs) if device == "cpu" else _one_by_one_on(peft_model, docs)
     peft_model.zero_grad()
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     loss = trainer.compute_loss(peft_model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     assert len(grads) == 2 * len(lora_targets(model, "all"))
-    assert_same(loss.item(), grads, ref_loss, ref_grads)
-    assert LOSS_TOL <= 1e-6 and GRAD_TOL <= 1e-5
+    if device != "cpu":
+        assert peft_model.get_base_model().model.layers[1].mamba.last_backend == "triton"
+    return loss.item(), grads, ref_loss, ref_grads
 
 
 def test_smollm2_assistant_template_renders_smollm2_text():
