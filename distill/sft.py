@@ -122,13 +122,24 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
     return out
 
 
+def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:
+    """The Trainer's bf16 flag for a run that wants bf16: off where the DeepSpeed config brings its own autocast
+    (configs/ds_zero*.json: torch_autocast). With the flag on, accelerate adds DeepSpeed's bf16 mode to the config,
+    which casts every parameter to bf16, the Mamba-3 fp32 ones and the adapters included."""
+    if not bf16 or not deepspeed:
+        return bf16
+    config = json.loads(Path(deepspeed).read_text())
+    return not config.get("torch_autocast", {}).get("enabled", False)
+
+
 def _trainer(o: SFTOptions, model, tokenizer, peft_config, train, held, bf16: bool, callbacks):
     common = dict(
         output_dir=str(Path(o.output_dir) / "train"), num_train_epochs=o.epochs, max_steps=o.max_steps,
         per_device_train_batch_size=o.batch_size, per_device_eval_batch_size=o.batch_size,
         gradient_accumulation_steps=o.grad_accum, learning_rate=o.lr, warmup_steps=float(o.warmup_ratio),  # (a ratio)
         weight_decay=o.weight_decay, lr_scheduler_type="cosine", logging_steps=o.logging_steps,
-        save_steps=o.save_steps, save_total_limit=2, report_to=[], bf16=bf16, deepspeed=o.deepspeed,
+        save_steps=o.save_steps, save_total_limit=2, report_to=[], bf16=trainer_bf16(bf16, o.deepspeed),
+        deepspeed=o.deepspeed,
         gradient_checkpointing=o.gradient_checkpointing, seed=o.seed, data_seed=o.seed,
         disable_tqdm=not o.progress, use_cpu=not torch.cuda.is_available(), max_length=o.max_length,
         # the held-out loss before training, from inside train(): an evaluate() before it would set DeepSpeed up for

@@ -108,6 +108,19 @@ def test_gkd_generates_from_left_padded_prompts_inside_training(models, tmp_path
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "merged").exists()
 
 
+def test_bf16_comes_from_the_deepspeed_configs_autocast():
+    """With the shipped DeepSpeed configs the Trainer's bf16 flag stays off (their torch_autocast does bf16): the flag
+    would make accelerate add DeepSpeed's bf16 mode, which casts every parameter, fp32 Mamba-3 ones included, to bf16
+    (a ZeRO-2 run with it saved bf16-rounded adapters, measured)."""
+    from pathlib import Path
+
+    from hybrid_mamba3.distill.sft import trainer_bf16
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert not any(trainer_bf16(True, str(configs / f"ds_zero{s}.json")) for s in (2, 3))
+    assert trainer_bf16(True, None) and not trainer_bf16(False, None)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mode", "gkd"], "give --teacher"),
     (["--mode", "gkd", "--teacher", "t", "--packing"], "packing and padding_free do not apply"),
