@@ -66,8 +66,9 @@ class DistillOptions:
         return self
 
 
-def load_recipe(path_or_name: str) -> dict:
-    """A YAML recipe (yaml.safe_load): a path, or the name of one shipped in configs/ ("distill_smollm2")."""
+def load_recipe(path_or_name: str, options: type = DistillOptions) -> dict:
+    """A YAML recipe (yaml.safe_load): a path, or the name of one shipped in configs/ ("distill_smollm2"); its keys
+    must be fields of `options` (DistillOptions, or SFTOptions for fine-tuning recipes)."""
     import yaml
 
     from ..configs import load_config
@@ -75,7 +76,7 @@ def load_recipe(path_or_name: str) -> dict:
     path = Path(path_or_name)
     recipe = yaml.safe_load(path.read_text()) if path.is_file() else load_config(
         path_or_name if path_or_name.endswith((".yaml", ".yml")) else path_or_name + ".yaml")
-    fields = {f.name for f in dataclasses.fields(DistillOptions)}
+    fields = {f.name for f in dataclasses.fields(options)}
     recipe = {k.replace("-", "_"): v for k, v in (recipe or {}).items()}
     unknown = sorted(set(recipe) - fields)
     if unknown:

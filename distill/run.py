@@ -182,7 +182,8 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         gradient_accumulation_steps=o.grad_accum, learning_rate=o.align_lr if align else o.lr,
         warmup_steps=max(0, round(o.warmup_ratio * steps)), weight_decay=o.weight_decay, lr_scheduler_type="cosine",
         logging_steps=max(1, min(25, steps // 20)), save_steps=o.save_steps, save_total_limit=2, report_to=[],
-        bf16=bf16, deepspeed=o.deepspeed, **_checkpointing(o.gradient_checkpointing and not align),
+        bf16=trainer_bf16(bf16, o.deepspeed), deepspeed=o.deepspeed,
+        **_checkpointing(o.gradient_checkpointing and not align),
         seed=o.seed, data_seed=o.seed, disable_tqdm=not o.progress, dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(), save_only_model=False)
     trainer = DistillTrainer(model=model, args=args, teacher=teacher, stage=stage, train_dataset=PackedRows(
@@ -212,6 +213,16 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
             shutil.rmtree(ckpt, ignore_errors=True)
     return folder / "student", curve, report
+
+
+def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:
+    """The Trainer's bf16 flag for a run that wants bf16: off where the DeepSpeed config brings its own autocast
+    (configs/ds_zero*.json: torch_autocast). With the flag on, accelerate adds DeepSpeed's bf16 mode to the config,
+    which casts every parameter to bf16, the Mamba-3 fp32 ones and the adapters included."""
+    if not bf16 or not deepspeed:
+        return bf16
+    config = json.loads(Path(deepspeed).read_text())
+    return not config.get("torch_autocast", {}).get("enabled", False)
 
 
 def _checkpointing(on: bool) -> dict:

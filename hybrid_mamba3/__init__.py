@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_hybrid_mamba3 import HybridMamba3Config, resolve_positions
 from .kernels import Mamba3State
+from .lora import check_lora_targets, lora_targets
 from .mamba3 import Mamba3
 from .modeling_hybrid_mamba3 import HybridMamba3ForCausalLM, HybridMamba3Model, HybridMamba3PreTrainedModel
 from .registry import MixerSpec, get_mixer, mixer_names, register_mixer
@@ -20,5 +21,6 @@ AutoModelForCausalLM.register(HybridMamba3Config, HybridMamba3ForCausalLM, exist
 __version__ = "0.1.0"
 __all__ = [
     "HybridMamba3Config", "HybridMamba3ForCausalLM", "HybridMamba3Model", "HybridMamba3PreTrainedModel",
-    "Mamba3", "Mamba3State", "MixerSpec", "get_mixer", "mixer_names", "register_mixer", "resolve_positions",
+    "Mamba3", "Mamba3State", "MixerSpec", "check_lora_targets", "get_mixer", "lora_targets", "mixer_names",
+    "register_mixer", "resolve_positions",
 ]

@@ -1,5 +1,6 @@
 """`hybrid-mamba3` command line. Subcommands: `demo` (build a small hybrid and generate), `convert` (a Llama
-checkpoint into a hybrid, Mamba-3 layers initialised from attention)."""
+checkpoint into a hybrid, Mamba-3 layers initialised from attention), `distill`, `eval`, `sft` (LoRA fine-tuning with
+TRL) and `sft-data` (an offline instruction dataset from documentation)."""
 
 from __future__ import annotations
 
@@ -169,6 +170,33 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .distill.options import load_recipe
+    from .distill.sft import sft
+    from .distill.sft_options import SFTOptions
+    given = {f.name: getattr(args, f.name) for f in fields(SFTOptions) if hasattr(args, f.name)}
+    recipe = load_recipe(args.config, SFTOptions) if args.config else {}
+    out = sft(SFTOptions(**{**recipe, **given}))
+    if int(os.environ.get("RANK", "0")) != 0:  # a distributed launch: the first rank reports
+        return 0
+    report = json.loads((out / "sft_report.json").read_text())
+    if "eval_before" in report:
+        print(f"held-out loss {report['eval_before']:.4f} -> {report['eval_after']:.4f}")
+    print(f"adapter saved to {out / 'adapter'}" + (f", merged model to {out / 'merged'}" if (out / "merged").exists()
+                                                    else ""))
+    return 0
+
+
+def cmd_sft_data(args: argparse.Namespace) -> int:
+    from .distill.instructions import build_instructions
+    counts = build_instructions(args.sources, args.out, min_chars=args.min_chars, max_chars=args.max_chars,
+                                seed=args.seed, max_rows=args.max_rows)
+    print(f"{counts['rows']} question/answer conversations from {counts['files']} files written to {counts['path']}")
+    return 0
+
+
 def parse_tasks(items: Sequence[str]) -> dict:
     """["lambada_openai_local=PATH", "hellaswag"] -> {name: path or None}."""
     out = {}
@@ -191,21 +219,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_distill_flags(d: argparse.ArgumentParser) -> None:
-    """One flag per `DistillOptions` field; only the flags given override the recipe (--config)."""
+def _add_option_flags(d: argparse.ArgumentParser, options: type, helps: dict) -> None:
+    """One flag per field of the options dataclass; only the flags given override the recipe (--config)."""
     from dataclasses import MISSING, fields
 
-    from .distill.options import DistillOptions
     S = argparse.SUPPRESS
-    helps = {"teacher": "Hugging Face directory or .gguf file of the Llama-style teacher",
-             "student": "a converted hybrid directory (default: convert the teacher with --mamba-layers ...)",
-             "data": "text files, directories (HTML stripped), .jsonl files, or a shard directory",
-             "stage": "align (layer alignment), kd (end-to-end distillation) or both",
-             "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
-             "train": "what stage kd trains: mamba, mamba+mlp or all",
-             "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
-             "resume": "continue the run in --output-dir from its newest complete checkpoint"}
-    for f in fields(DistillOptions):
+    for f in fields(options):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         if f.name == "data":
@@ -217,6 +236,37 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
         else:  # the annotation says (a string: the module postpones annotations): "int | None", "float", ...
             kind = int if "int" in f.type else float if "float" in f.type else str
             d.add_argument(flag, type=kind, default=S, help=f"{helps.get(f.name, '')} (default {default})".strip())
+
+
+def _add_distill_flags(d: argparse.ArgumentParser) -> None:
+    from .distill.options import DistillOptions
+    helps = {"teacher": "Hugging Face directory or .gguf file of the Llama-style teacher",
+             "student": "a converted hybrid directory (default: convert the teacher with --mamba-layers ...)",
+             "data": "text files, directories (HTML stripped), .jsonl files, or a shard directory",
+             "stage": "align (layer alignment), kd (end-to-end distillation) or both",
+             "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
+             "train": "what stage kd trains: mamba, mamba+mlp or all",
+             "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
+             "resume": "continue the run in --output-dir from its newest complete checkpoint"}
+    _add_option_flags(d, DistillOptions, helps)
+
+
+def _add_sft_flags(d: argparse.ArgumentParser) -> None:
+    from .distill.sft_options import SFTOptions
+    helps = {"model": "the hybrid directory to fine-tune (with its tokenizer)",
+             "data": ".jsonl files (messages, prompt/completion or text rows) or a saved dataset directory",
+             "mode": "sft (TRL's SFTTrainer) or gkd (on-policy distillation from --teacher)",
+             "teacher": "gkd: the original Llama (directory or .gguf)",
+             "lora_targets": "mamba, attention, mlp, all, or several joined by +",
+             "chat_template": "a .jinja file or a shipped template name (smollm2_assistant)",
+             "assistant_only_loss": "loss on the assistant's tokens only (a chat template with generation markers)",
+             "completion_only_loss": "loss on the completion only (prompt/completion rows)",
+             "packing": "TRL's best-fit packing into padding-free rows", "padding_free": "TRL's padding-free rows",
+             "max_steps": "optimizer steps (instead of --epochs)", "eval_fraction": "rows held out and scored",
+             "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero3.json)",
+             "merge": "also save the model with the adapter merged (OUTPUT_DIR/merged)",
+             "resume": "continue the run in --output-dir from its newest complete checkpoint"}
+    _add_option_flags(d, SFTOptions, helps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default=None, help="a YAML recipe: a path, or the name of one in configs/")
     _add_distill_flags(d)
     d.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("sft", help="LoRA fine-tuning of a hybrid with TRL (SFT, or on-policy distillation: gkd)",
+                       description="TRL's SFTTrainer (or GKDTrainer) with a LoRA adapter on the chosen parts of the "
+                                   "hybrid; writes OUTPUT_DIR/adapter, OUTPUT_DIR/merged and sft_report.json. Flags "
+                                   "override a --config recipe.")
+    s.add_argument("--config", default=None, help="a YAML recipe: a path, or the name of one in configs/")
+    _add_sft_flags(s)
+    s.set_defaults(func=cmd_sft)
+
+    q = sub.add_parser("sft-data", help="an offline instruction dataset (.jsonl) from documentation sections",
+                       description="One question/answer conversation per documentation section (HTML h1-h4, "
+                                   "Markdown, reStructuredText; a .txt file is one section).")
+    q.add_argument("sources", nargs="+", help="documentation files or directories")
+    q.add_argument("--out", required=True, help="the .jsonl file to write")
+    q.add_argument("--min-chars", type=int, default=200, help="skip sections with less text")
+    q.add_argument("--max-chars", type=int, default=1200, help="answers are cut at a sentence end before this")
+    q.add_argument("--max-rows", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_sft_data)
     return p
 
 

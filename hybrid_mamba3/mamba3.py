@@ -79,6 +79,14 @@ def _row_elements(length: int, width: int, R: int, G: int, N: int, H: int, P: in
     return max(length * width, elements_per_row(length, R, G, N, H, P, K), H * P * N)
 
 
+def _partitioned(*params: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds any of `params` partitioned right now. Its hooks gather a module's own parameters
+    when that module is called; the fused decode step reads the B/C norms' weights without calling the norms, so while
+    they are partitioned (generation inside ZeRO-3 training without gathering the whole model) the step goes through
+    the norm modules instead."""
+    return any(getattr(p, "ds_status", None) is not None and p.ds_status.name != "AVAILABLE" for p in params)
+
+
 def _rows_joined(outs: list, finals: list, need_state: bool):
     """The outputs and final states of calls on slices of the batch, as one call's."""
     return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
@@ -271,8 +279,10 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                 **kwargs):
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
-        if cu_seqlens is None:
-            cu_seqlens = kwargs.get("cu_seq_lens_q")  # transformers' packed-sequence (flattening collator) kwarg
+        if cu_seqlens is None and seq_idx is None:
+            # transformers' packed-sequence (flattening collator) kwarg; where seq_idx comes too (TRL's padding-free
+            # collator sends both), they mark the same documents and seq_idx alone is used
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
         state = initial_state
         cache = one_cache(cache, past_key_values)
         if cache is not None:
@@ -400,7 +410,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             raise ValueError(f"Mamba3.step expects (batch, {self.d_model}), got {tuple(u.shape)}")
         use_triton = self._select_backend_default(u.device) == "triton" and self.backend != "torch"
         self.last_backend = "triton" if use_triton else "torch"
-        if use_triton and not self.is_outproj_norm:
+        if use_triton and not self.is_outproj_norm and not _partitioned(self.B_norm.weight, self.C_norm.weight):
             return self._step_triton(u, state)
         p = self._project(u)
         fn = _triton_ops()[1] if use_triton else mamba3_step
