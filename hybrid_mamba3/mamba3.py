@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .cache import one_cache, read_mamba_state, write_mamba_state
+from .cache import one_cache, read_mamba_state, states_to_record, write_mamba_state
 from .kernels import Mamba3State, mamba3_chunked, mamba3_step
 from .kernels.common import A_ACTIVATIONS, INT32_LIMIT, at_least_fp32, token_activations
 from .kernels.shared_grad import split_shared_grad
@@ -297,17 +297,52 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             raise ValueError("pass either an attention_mask with padding or packed sequences (cu_seqlens / seq_idx), "
                              "not both")
 
-        if state is not None and u.shape[1] == 1 and mask is None and not packed:
-            out, new_state = self._in_pieces(lambda x, s, m, sq, need: self.step(x[:, 0], s), u, state, None, None,
-                                             carries)
-            out = out[:, None]
+        record = 0
+        if cache is not None:
+            record = states_to_record(cache, self.layer_idx, u.shape[1], continues=state is not None)
+            if record and packed:
+                raise ValueError("a cache that records its past (assisted generation) cannot take packed sequences")
+        if record:
+            out, new_state = self._recorded(u, state, mask, record)
+        elif state is not None and u.shape[1] == 1 and mask is None and not packed:
+            out, new_state = self._one_token(u, state, None, carries)
         else:
             out, new_state = self._in_pieces(
                 lambda x, s, m, sq, need: self._scan(x, s, m, cu_seqlens, sq, need), u, state, mask, seq_idx,
                 carries, packed=cu_seqlens is not None)
         if cache is not None:
             write_mamba_state(cache, self.layer_idx, new_state)
-        return (out, new_state) if return_final_state else out
+        return (out, new_state if not isinstance(new_state, list) else new_state[-1]) if return_final_state else out
+
+    def _one_token(self, u, state, mask, need_state):
+        """A call on one position: the decode step, or (a padded position somewhere in the batch) a scan of one."""
+        if mask is None and state is not None:
+            out, new_state = self._in_pieces(lambda x, s, m, sq, need: self.step(x[:, 0], s), u, state, None, None,
+                                             need_state)
+            return out[:, None], new_state
+        return self._in_pieces(lambda x, s, m, sq, need: self._scan(x, s, m, None, sq, need), u, state, mask, None,
+                               need_state)
+
+    def _recorded(self, u, state, mask, record: int):
+        """The call with the states after each of its last `record` positions, as a list (a cache that rolls back
+        rejected draft tokens keeps them): a scan up to those positions, then one position at a time. Those tokens
+        take the path a decode step takes, so a verified draft gives what decoding it token by token gives."""
+        head = u.shape[1] - record
+        outs, states = [], []
+        if state is not None:  # the cache's own tensors, which the slot's history must still see as they are
+            state = Mamba3State(*(x.clone() for x in state))
+        if head:
+            o, state = self._in_pieces(
+                lambda x, s, m, sq, need: self._scan(x, s, m, None, sq, need), u[:, :head], state,
+                None if mask is None else mask[:, :head], None, True)
+            outs.append(o)
+        for t in range(head, u.shape[1]):
+            o, state = self._one_token(u[:, t:t + 1], state, None if mask is None else mask[:, t:t + 1], True)
+            # the Triton step updates the ssm state in place: keep each position's own copy
+            state = Mamba3State(*(x.clone() for x in state))
+            outs.append(o)
+            states.append(state)
+        return torch.cat(outs, 1), states
 
     def row_elements(self, length: int) -> int:
         """Elements of the widest per-row tensor a call of the Triton kernels on rows of `length` positions (1: a decode

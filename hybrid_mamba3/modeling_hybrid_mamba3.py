@@ -3,17 +3,21 @@
 Embeddings, RMSNorms, MLPs and rotary embedding are Llama's own modules, and kept attention layers
 are transformers' `LlamaAttention` under the attribute `self_attn`, so a Llama state dict maps key
 for key. Attention mixers get the causal mask from `create_causal_mask`; recurrent mixers get the 2D
-padding mask. Caching goes through transformers' `DynamicCache(config=...)`, passed as `cache` (or, as before
-transformers 5.24, `past_key_values`; see `cache.CACHE_KWARG`).
+padding mask. Caching goes through transformers' `DynamicCache(config=...)` or
+`StaticCache(config=..., max_cache_len=...)` (`generate(cache_implementation="static")`), passed as `cache` (or, as
+before transformers 5.24, `past_key_values`; see `cache.CACHE_KWARG`); the Mamba-3 slots and their generation hooks
+are in `cache`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -28,6 +32,9 @@ from .mamba3 import Mamba3
 from .mamba3 import padding_mask as mamba_padding_mask
 from .registry import get_mixer
 from .remote_code import REMOTE_AUTO_MAP
+
+# see HybridMamba3ForCausalLM._prepare_cache_for_generation
+GENERATE_NAMES_IT_CACHE_PARAMS = '"cache_params"' in inspect.getsource(GenerationMixin._prepare_cache_for_generation)
 
 
 class HybridMamba3DecoderLayer(GradientCheckpointingLayer):
@@ -74,6 +81,7 @@ class HybridMamba3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # the decode step traces whole with the torch ops (tests/test_generation.py); True once the Triton step does too
     _can_compile_fullgraph = False
     # Mamba-3 decay/bias/MIMO/norm parameters stay fp32 when loading in fp16 or bf16.
     _keep_in_fp32_modules_strict = ["dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "mamba.D",
@@ -122,7 +130,7 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
                 position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 past_key_values: Cache | None = None, **kwargs) -> BaseModelOutputWithPast:
-        cache = one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values, kwargs.pop("cache_params", None))
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -142,15 +150,19 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
             # predecessor's plus one (TRL's padding-free and packing batches send no other mark); None when no row
             # holds more than one
             seq_idx = find_packed_sequence_indices(position_ids)
-        padding_mask = None
-        if attention_mask is not None and self.config.mamba_layers:
-            if attention_mask.dim() != 2:
-                raise ValueError("Mamba-3 layers take a 2D (batch, seq) padding mask; custom 4D masks cannot be "
-                                 "honoured by a recurrent layer (pack sequences with seq_idx or position_ids instead)")
-            # checked here once, rather than by every layer (each check is a host sync)
-            padding_mask = mamba_padding_mask(attention_mask, inputs_embeds.shape[1], carries_state=cache is not None)
+        # generate() with a compileable (static) cache hands over the masks already built, one per layer kind
+        # (transformers' create_masks_for_generate): a 4D one for attention and the 2D padding mask for recurrent
+        # layers, None where nothing is padded or at a one-token step
+        masks = attention_mask if isinstance(attention_mask, dict) else None
+        if masks is not None and self.config.mamba_layers and "linear_attention" not in masks:
+            raise ValueError(f"a dict attention_mask needs a 'linear_attention' entry (the 2D padding mask) for the "
+                             f"Mamba-3 layers, got keys {sorted(masks)}: pass the 2D mask instead")
+        padding_mask = recurrent_padding_mask(masks["linear_attention"] if masks is not None else attention_mask,
+                                              inputs_embeds.shape[1], cache) if self.config.mamba_layers else None
         causal_mask = None
-        if any(get_mixer(m).is_attention for m in self.config.mixers):
+        if masks is not None:
+            causal_mask = masks.get("full_attention")
+        elif any(get_mixer(m).is_attention for m in self.config.mixers):
             # the cache positionally: its keyword is `cache` from transformers 5.24, `past_key_values` before
             causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache,
                                              position_ids=position_ids)
@@ -164,15 +176,26 @@ class HybridMamba3Model(HybridMamba3PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
-def _past_length(cache: Cache | None) -> int:
-    """Tokens already in the cache. A cache with no attention slot (an all-Mamba model) cannot say, and
-    needs not: positions only feed the rotary embedding of attention layers."""
-    if cache is None:
-        return 0
-    try:
-        return cache.get_seq_length()
-    except ValueError:
-        return 0
+def recurrent_padding_mask(attention_mask: torch.Tensor | None, length: int, cache: Cache | None):
+    """The Mamba-3 layers' padding mask for a call on `length` new positions, checked here once for all layers
+    (`mamba3.padding_mask`: one host sync). A one-token call with a cache is a decode step, and a generated token is
+    never padding (transformers' `create_recurrent_attention_mask` has the same rule): no check, no sync, so the
+    decode step stays capturable."""
+    if attention_mask is None or (length == 1 and cache is not None):
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError("Mamba-3 layers take a 2D (batch, seq) padding mask; custom 4D masks cannot be honoured by "
+                         "a recurrent layer (pack sequences with seq_idx or position_ids instead)")
+    return mamba_padding_mask(attention_mask, length, carries_state=cache is not None)
+
+
+def _past_length(cache: Cache | None) -> int | torch.Tensor:
+    """Tokens already in the cache, as its first attention slot counts them (a static slot counts in a tensor, so
+    that compiled code does not specialise on it). A cache with no attention slot (an all-Mamba model) cannot say,
+    and needs not: positions only feed the rotary embedding of attention layers."""
+    layers = getattr(cache, "layers", None) or []
+    first = next((i for i, layer in enumerate(layers) if isinstance(layer, CacheLayerMixin)), None)
+    return 0 if first is None else cache.get_seq_length(first)
 
 
 class HybridMamba3ForCausalLM(HybridMamba3PreTrainedModel, GenerationMixin):
@@ -186,6 +209,22 @@ class HybridMamba3ForCausalLM(HybridMamba3PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """Releases whose generate() keeps the cache of any model whose class name holds "mamba" under `cache_params`
+        (the Mamba models' keyword; 5.17 does, 5.25 does not) also look for the user's cache there. The model takes
+        that name too, but their assisted generation looks for the cache under `past_key_values` only: keep it
+        there, as later releases do for every model. Not for a model without attention, whose cache those releases
+        cannot ask for its length (they raise): there it stays under `cache_params`, as for their Mamba models."""
+        if not GENERATE_NAMES_IT_CACHE_PARAMS:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get(CACHE_KWARG) is not None:  # the user's cache, where those releases look for it
+            model_kwargs["cache_params"] = model_kwargs.pop(CACHE_KWARG)
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        has_attention = self.config.num_hidden_layers > len(self.config.mamba_layers)
+        if model_kwargs.get("cache_params") is not None and has_attention:
+            model_kwargs[CACHE_KWARG] = model_kwargs.pop("cache_params")
+        return out
 
     @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Model-level speed: a Llama against its 50% and 75% Mamba-3 hybrids, prefill and decode, eager and static cache.
+
+    python3 evals/bench_model.py                        # on the device: every shape, model, cache and setting
+    python3 evals/bench_model.py --shapes llama-3.2-1b --settings 1x2048,16x16384 --caches static,static+compile
+    python3 evals/bench_model.py --smoke                # tiny shapes on the CPU in seconds (tests/test_bench_model.py)
+
+Writes bench_model.json (rewritten after every cell, so a run cut short keeps its figures) and bench_model.png when
+matplotlib is importable to --out (default $OUT, else ./out), and prints a table.
+
+- Shapes (random weights, bf16, sdpa attention): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 50% / 75% of the
+  layers, evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives them (`convert.attention_shapes`:
+  d_state = headdim = the attention head size, one B/C group per head).
+- Settings: batch x context. Prefill: one forward over the context that fills a fresh cache (logits for the last
+  position only, as generate() asks), `--prefill-chunk` positions per call when given. Decode: after that prefill,
+  one token per sequence per step, as generate()'s loop calls the model (sampling and stopping left out).
+- Caches: "dynamic" (transformers' DynamicCache, eager: what generate() uses by default), "static" (StaticCache,
+  eager), "static+compile" (the decode step under torch.compile, mode reduce-overhead: CUDA graphs; prefill eager,
+  as generate() does). By default compiled for the Llama only; --compile-hybrid compiles the hybrids' decode too.
+- Figures, medians over the timed repetitions after untimed warmups: gpu ms (CUDA events around each call, on the
+  stream: launch gaps included) and wall ms (host clock, synchronized; for decode the wall clock over all timed steps
+  with one synchronize at the end, divided by the steps, so the host's lead over the GPU counts as it does in
+  generate()). tokens/s = batch x positions / wall. Peak GiB: max_memory_allocated over the cell (weights, cache and
+  activations). A cell that runs out of memory or fails records the error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+SHAPES = {  # LlamaConfig fields of the released models
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+SMOKE_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256)
+MODELS = {"llama": 0.0, "hybrid-50": 0.5, "hybrid-75": 0.75}  # fraction of layers that become Mamba-3
+CACHES = ("dynamic", "static", "static+compile")
+SETTINGS = "1x2048,16x16384,64x16384,16x32768"
+
+
+def build(shape: dict, fraction: float, device, dtype) -> torch.nn.Module:
+    """The Llama (fraction 0) or its hybrid, random weights, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_mamba3 import HybridMamba3Config, HybridMamba3ForCausalLM
+    from hybrid_mamba3.convert import attention_shapes
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(**shape, attn_implementation="sdpa")
+    if fraction == 0:
+        model = LlamaForCausalLM(llama)
+    else:
+        cfg = HybridMamba3Config.from_llama(llama, fraction, **attention_shapes(llama), mimo_rank=4, chunk_size=16)
+        cfg._attn_implementation = "sdpa"
+        model = HybridMamba3ForCausalLM(cfg)
+    return model.to(device, dtype).eval()
+
+
+def make_cache(model, kind: str, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def cache_kwarg(model) -> str:
+    """`cache` from transformers 5.24, `past_key_values` before (the device's release is older than this one)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Clock:
+    """GPU time by CUDA events (None on the CPU) and wall time, per call."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn) -> tuple[float | None, float]:
+        """(gpu ms, wall ms) of one synchronized call of fn."""
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        if self.cuda:
+            end.record()
+        self.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        return (start.elapsed_time(end) if self.cuda else None), wall
+
+    def steps(self, fn, n: int) -> tuple[float | None, float]:
+        """(median gpu ms per call, wall ms per call) of n back-to-back calls, one synchronize at the end."""
+        self.sync()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)] \
+            if self.cuda else []
+        t0 = time.perf_counter()
+        for i in range(n):
+            if self.cuda:
+                events[i][0].record()
+            fn()
+            if self.cuda:
+                events[i][1].record()
+        self.sync()
+        wall = (time.perf_counter() - t0) * 1e3 / n
+        return (statistics.median(a.elapsed_time(b) for a, b in events) if self.cuda else None), wall
+
+
+def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device) -> dict:
+    """Prefill and decode figures of one model, cache kind and setting."""
+    key = cache_kwarg(model)
+    compiled = kind == "static+compile"
+    max_len = context + a.decode_warmup + a.decode_steps + 1
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+    chunk = a.prefill_chunk or context
+
+    def prefill(cache):
+        for s in range(0, context, chunk):
+            pos = torch.arange(s, min(s + chunk, context), device=device)[None].expand(batch, -1)
+            model(ids[:, s:s + chunk], position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        prefill_times = []
+        for rep in range(a.prefill_warmup + a.prefill_reps):
+            cache = make_cache(model, kind, max_len)
+            gpu, wall = clock.time(lambda: prefill(cache))
+            if rep >= a.prefill_warmup:
+                prefill_times.append((gpu, wall))
+            if rep < a.prefill_warmup + a.prefill_reps - 1:
+                del cache
+        step = model
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(model, mode=None if a.compile_backend != "inductor" else "reduce-overhead",
+                                 backend=a.compile_backend, fullgraph=True)
+        tok = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
+        at = [context]
+
+        def decode():
+            pos = torch.full((batch, 1), at[0], device=device, dtype=torch.long)
+            step(tok, position_ids=pos, use_cache=True, **{key: cache})
+            at[0] += 1
+
+        t0 = time.perf_counter()
+        for _ in range(a.decode_warmup):
+            decode()
+        clock.sync()
+        warmup_s = time.perf_counter() - t0
+        decode_gpu, decode_wall = clock.steps(decode, a.decode_steps)
+    pre_gpu = [g for g, _ in prefill_times]
+    pre_wall = statistics.median(w for _, w in prefill_times)
+    out = dict(prefill_wall_ms=pre_wall, prefill_gpu_ms=statistics.median(pre_gpu) if pre_gpu[0] is not None else None,
+               prefill_tokens_per_s=batch * context / pre_wall * 1e3, decode_wall_ms=decode_wall,
+               decode_gpu_ms=decode_gpu, decode_tokens_per_s=batch / decode_wall * 1e3,
+               decode_warmup_s=warmup_s, prefill_chunk=a.prefill_chunk or None)
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    pairs = [item.lower().split("x") for item in text.split(",") if item]
+    if not pairs or any(len(p) != 2 or not all(x.isdigit() and int(x) > 0 for x in p) for p in pairs):
+        raise SystemExit(f"--settings takes batch x context pairs such as 1x2048,16x16384, got {text!r}")
+    return [(int(b), int(c)) for b, c in pairs]
+
+
+def table(results: dict) -> str:
+    lines = [f"{'shape':<14} {'model':<10} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
+             f"{'decode tok/s':>13} {'decode ms':>10} {'peak GiB':>9}"]
+    for cell in results["cells"]:
+        head = (f"{cell['shape']:<14} {cell['model']:<10} {cell['cache']:<15} "
+                f"{str(cell['batch']) + 'x' + str(cell['context']):>12}")
+        if "error" in cell:
+            lines.append(f"{head} {cell['error'][:60]}")
+            continue
+        peak = f"{cell['peak_gib']:>9.1f}" if cell.get("peak_gib") is not None else f"{'-':>9}"
+        lines.append(f"{head} {cell['prefill_tokens_per_s']:>14.0f} {cell['decode_tokens_per_s']:>13.0f} "
+                     f"{cell['decode_wall_ms']:>10.2f} {peak}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> str:
+    """Decode and prefill tokens/s per cell, one panel each; a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no PNG: matplotlib not importable ({e})"
+    cells = [c for c in results["cells"] if "error" not in c]
+    if not cells:
+        return "no PNG: no cell ran"
+    labels = [f"{c['shape']} {c['model']} {c['cache']} {c['batch']}x{c['context']}" for c in cells]
+    fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
+    for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
+        ax.barh(range(len(cells)), [c[key] for c in cells])
+        ax.set_yticks(range(len(cells)), labels if ax is axes[0] else [""] * len(cells), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(f"{title} tokens/s ({results['device']})")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"wrote {path}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
+    ap.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated, of {list(CACHES)}")
+    ap.add_argument("--settings", help=f"batch x context pairs, comma-separated (default {SETTINGS}; smoke 2x12)")
+    ap.add_argument("--prefill-chunk", type=int, default=0, help="positions per prefill call (0: the whole context)")
+    ap.add_argument("--prefill-warmup", type=int, default=1)
+    ap.add_argument("--prefill-reps", type=int, default=2)
+    ap.add_argument("--decode-warmup", type=int, default=8, help="untimed steps (compilation and graph capture)")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--compile-hybrid", action="store_true", help="compile the hybrids' decode step too")
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32, a few steps")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args(argv)
+    if a.smoke:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, {"smoke": SMOKE_SHAPE}
+        a.settings = a.settings or "2x12"
+        a.prefill_warmup, a.prefill_reps, a.decode_warmup, a.decode_steps = 0, 1, 1, 2
+        a.compile_backend = "eager"  # traces the decode step whole; code generation needs a compiler and minutes
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_model.py measures on CUDA; --smoke runs tiny shapes on the CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = {}
+        for name in a.shapes.split(","):
+            if name not in SHAPES:
+                raise SystemExit(f"unknown shape {name!r}: choose from {list(SHAPES)}")
+            shapes[name] = SHAPES[name]
+    settings = parse_settings(a.settings or SETTINGS)
+    for name in a.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}: choose from {list(MODELS)}")
+    for name in a.caches.split(","):
+        if name not in CACHES:
+            raise SystemExit(f"unknown cache {name!r}: choose from {list(CACHES)}")
+    import transformers
+
+    results = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", dtype=str(dtype),
+                   torch=torch.__version__, transformers=transformers.__version__, cells=[])
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "bench_model.json")
+    clock = Clock(device)
+    for shape_name, shape in shapes.items():
+        for model_name in a.models.split(","):
+            model = build(shape, MODELS[model_name], device, dtype)
+            for kind in a.caches.split(","):
+                if kind == "static+compile" and model_name != "llama" and not a.compile_hybrid:
+                    continue
+                for batch, context in settings:
+                    cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context)
+                    try:
+                        cell.update(run_cell(model, kind, batch, context, a, clock, device))
+                    except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)
+                        if a.smoke:
+                            raise
+                        cell["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                    results["cells"].append(cell)
+                    print(table(dict(cells=[cell])).splitlines()[-1], flush=True)
+                    with open(path, "w") as f:
+                        json.dump(results, f, indent=1)
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            del model
+    results["table"] = table(results)
+    print(f"\n{results['device']}, {results['dtype']}, torch {results['torch']}, transformers "
+          f"{results['transformers']}\n{results['table']}")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    with contextlib.suppress(Exception):
+        print(plot(results, os.path.join(a.out, "bench_model.png")))
+    return results
+
+
+if __name__ == "__main__":
+    main()
