@@ -32,7 +32,8 @@ class DistillOptions:
     align_lr: float = 3e-3
     warmup_ratio: float = 0.02
     weight_decay: float = 0.0
-    train: str = "mamba"  # what stage kd trains: mamba, mamba+mlp, all (lora: see the LoRA recipes)
+    train: str = "mamba"  # what stage kd trains: mamba, mamba+mlp, all, lora (the mixers + LoRA on the rest)
+    lora_rank: int = 16  # train lora: the adapters' rank (alpha = 2 x rank)
     temperature: float = 1.0
     top_k: int | None = None
     kl_weight: float = 1.0
@@ -58,12 +59,21 @@ class DistillOptions:
             raise ValueError("no data (--data: text files, directories, .jsonl files, or a shard directory)")
         if self.stage not in STAGES + ("both",):
             raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
-        if self.train not in TRAINABLE or self.train == "lora":
-            raise ValueError(f"train must be one of mamba, mamba+mlp, all, got {self.train!r}")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.train == "lora" and self.deepspeed and _zero_stage(self.deepspeed) == 3:
+            raise ValueError("train lora is not supported under ZeRO-3 yet (the adapters are merged on one rank): use "
+                             "configs/ds_zero2.json, or train mamba / mamba+mlp / all")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
+
+
+def _zero_stage(config: str) -> int | None:
+    import json
+
+    return json.loads(Path(config).read_text()).get("zero_optimization", {}).get("stage")
 
 
 def load_recipe(path_or_name: str, options: type = DistillOptions) -> dict:

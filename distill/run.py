@@ -171,9 +171,10 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         done = json.loads((folder / DONE).read_text())
         return folder / "student", done["curve"], done
     align = stage == "align"
+    lora = not align and o.train == "lora"
     layers = replaced_layers(student, teacher)
-    select_trainable(student, "mamba" if align else o.train)
-    model = ReplacedLayers(student, layers) if align else student
+    select_trainable(student, "mamba" if align or lora else o.train)
+    model = ReplacedLayers(student, layers) if align else _with_lora(student, layers, o.lora_rank) if lora else student
     world = max(1, int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1)
     per_step = o.batch_size * o.grad_accum * o.seq_len * world
     steps = max(1, math.ceil((o.align_tokens if align else o.tokens) / per_step))
@@ -205,6 +206,9 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
             for key, value in trained.items():
                 _, i, name = key.split(".", 2)
                 full[f"model.layers.{i}.{student.model.layers[int(i)].spec.attr}.{name}"] = value
+        elif lora:  # the adapters merged into the kept layers, the trained mixers in place: a plain hybrid again
+            student = trainer.accelerator.unwrap_model(trainer.model_wrapped).merge_and_unload()
+            full = student.state_dict()
         else:
             full.update(trained)
         student.save_pretrained(folder / "student", state_dict=full)
@@ -213,6 +217,21 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
             shutil.rmtree(ckpt, ignore_errors=True)
     return folder / "student", curve, report
+
+
+def _with_lora(student, layers: list[int], rank: int):
+    """Stage kd's model for train=lora (after LoLCATs): LoRA adapters on the teacher's layers the student kept
+    (attention, MLPs), the new Mamba-3 mixers trained whole (PEFT's modules_to_save: checkpoints hold them too)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..lora import check_lora_targets, lora_targets
+
+    targets = lora_targets(student, "attention+mlp")
+    mixers = sorted({student.model.layers[i].spec.attr for i in layers})
+    model = get_peft_model(student, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                                               modules_to_save=mixers))
+    check_lora_targets(model, targets)
+    return model
 
 
 def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:

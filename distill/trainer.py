@@ -45,7 +45,7 @@ def replaced_layers(student, teacher) -> list[int]:
 
 def select_trainable(student, train: str) -> list[str]:
     """Freeze the student but for `train`: "mamba" (the new mixers), "mamba+mlp" (and every MLP), "all". Returns the
-    names of the trainable parameters. ("lora" is applied with PEFT by `lora_student`.)"""
+    names of the trainable parameters. (train "lora": `run._with_lora` wraps the student with PEFT.)"""
     if train not in TRAINABLE:
         raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
     names = []

@@ -39,3 +39,6 @@ if trainer.is_world_process_zero():
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], fp32=fp32,
         world=int(os.environ.get("WORLD_SIZE", 1)), teacher_partitioned=teacher_partitioned,
         engine=type(trainer.model_wrapped).__name__)))
+if torch.distributed.is_initialized():  # an orderly exit: a gloo group left to the interpreter's exit can abort it
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

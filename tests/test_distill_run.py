@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,12 +125,34 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
              (["--data", str(root / "text"), "--student", str(tmp_path / "wrong")], "not a hybrid of this teacher"),
              (["--data", str(root / "text"), "--stage", "x"], "stage must be align, kd or both"),
              (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch"),
-             (["--data", str(tmp_path / "foreign")], "made with another tokenizer")]
+             (["--data", str(tmp_path / "foreign")], "made with another tokenizer"),
+             (["--data", str(root / "text"), "--train", "lora", "--deepspeed",
+               str(Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json")], "not supported under ZeRO-3")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
     assert main([*base, "--data", str(root / "text"), "--output-dir", str(tmp_path / "busy")]) == 2
     assert "is not empty: pass resume" in capsys.readouterr().err
+
+
+def test_lora_stage_merges_adapters_into_the_kept_layers(teacher_and_text, tmp_path):
+    """--train lora: the new mixers train whole, the kept layers through LoRA adapters; the result is a plain hybrid
+    (no adapter left) whose kept layers hold the merged adapters and whose mixers moved."""
+    from safetensors.torch import load_file
+
+    root = teacher_and_text
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), "--output-dir", str(out),
+                 *FLAGS, "--stage", "kd", "--train", "lora", "--lora-rank", "4", "--lr", "1e-2"]) == 0
+    before = load_file(out / "converted" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert set(after) == set(before)  # the same tensors as the converted hybrid: adapters merged, wrappers gone
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    for part in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "mamba.in_proj.weight", "mamba.dt_bias"):
+        assert any(k.endswith(part) for k in moved), part
+    assert not any("embed" in k or "norm" in k and "mamba" not in k for k in moved)  # no adapter there
+    report = json.loads((out / "model" / "distill_report.json").read_text())
+    assert report["eval_after"]["student"] < report["eval_before"]["student"]
 
 
 def test_recipe_keys_are_the_flags_and_flags_win(tmp_path):
