@@ -4,19 +4,24 @@
     python3 evals/bench_model.py                        # on the device: every shape, model, cache and setting
     python3 evals/bench_model.py --shapes llama-3.2-1b --settings 1x2048,16x16384 --caches static,static+compile
     python3 evals/bench_model.py --smoke                # tiny shapes on the CPU in seconds (tests/test_bench_model.py)
+    python3 evals/bench_model.py ... --append ~/grid.json   # add this call's cells to a grid spread over several calls
 
 Writes bench_model.json (rewritten after every cell, so a run cut short keeps its figures) and bench_model.png when
 matplotlib is importable to --out (default $OUT, else ./out), and prints a table.
 
-- Shapes (random weights, bf16, sdpa attention): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 50% / 75% of the
-  layers, evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives them (`convert.attention_shapes`:
-  d_state = headdim = the attention head size, one B/C group per head).
+- Shapes (random weights, bf16, sdpa attention): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 25% / 50% / 75% of
+  the layers (hybrid-50-siso: 50%, SISO), evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives
+  them (`convert.attention_shapes`: d_state = headdim = the attention head size, one B/C group per head).
 - Settings: batch x context. Prefill: one forward over the context that fills a fresh cache (logits for the last
   position only, as generate() asks), `--prefill-chunk` positions per call when given. Decode: after that prefill,
   one token per sequence per step, as generate()'s loop calls the model (sampling and stopping left out).
 - Caches: "dynamic" (transformers' DynamicCache, eager: what generate() uses by default), "static" (StaticCache,
   eager), "static+compile" (the decode step under torch.compile, mode reduce-overhead: CUDA graphs; prefill eager,
   as generate() does). By default compiled for the Llama only; --compile-hybrid compiles the hybrids' decode too.
+  "train": forward + backward with labels (no optimizer), tokens/s and peak memory.
+- The floor beside each decode figure: the bytes a step must move (every parameter read, the attention layers' keys
+  and values of the context read, each Mamba-3 state read and written) over the copy bandwidth measured at the start
+  (a large device-to-device copy): the tokens/s no implementation of that step can pass, and the share reached.
 - Figures, medians over the timed repetitions after untimed warmups: gpu ms (CUDA events around each call, on the
   stream: launch gaps included) and wall ms (host clock, synchronized; for decode the wall clock over all timed steps
   with one synchronize at the end, divided by the steps, so the host's lead over the GPU counts as it does in
@@ -46,12 +51,15 @@ SHAPES = {  # LlamaConfig fields of the released models
 }
 SMOKE_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256)
-MODELS = {"llama": 0.0, "hybrid-50": 0.5, "hybrid-75": 0.75}  # fraction of layers that become Mamba-3
-CACHES = ("dynamic", "static", "static+compile")
+# fraction of layers that become Mamba-3, and its options (MIMO R4 unless said)
+MODELS = {"llama": (0.0, {}), "hybrid-25": (0.25, {}), "hybrid-50": (0.5, {}), "hybrid-75": (0.75, {}),
+          "hybrid-50-siso": (0.5, dict(is_mimo=False, mimo_rank=1))}
+DEFAULT_MODELS = "llama,hybrid-50,hybrid-75"
+CACHES = ("dynamic", "static", "static+compile", "train")
 SETTINGS = "1x2048,16x16384,64x16384,16x32768"
 
 
-def build(shape: dict, fraction: float, device, dtype) -> torch.nn.Module:
+def build(shape: dict, fraction: float, device, dtype, **mamba) -> torch.nn.Module:
     """The Llama (fraction 0) or its hybrid, random weights, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,7 +71,8 @@ def build(shape: dict, fraction: float, device, dtype) -> torch.nn.Module:
     if fraction == 0:
         model = LlamaForCausalLM(llama)
     else:
-        cfg = HybridMamba3Config.from_llama(llama, fraction, **attention_shapes(llama), mimo_rank=4, chunk_size=16)
+        cfg = HybridMamba3Config.from_llama(llama, fraction, **{**attention_shapes(llama), "mimo_rank": 4,
+                                                                "chunk_size": 16, **mamba})
         cfg._attn_implementation = "sdpa"
         model = HybridMamba3ForCausalLM(cfg)
     return model.to(device, dtype).eval()
@@ -125,8 +134,62 @@ class Clock:
         return (statistics.median(a.elapsed_time(b) for a, b in events) if self.cuda else None), wall
 
 
+def copy_bandwidth(device, gib: float = 2.0) -> float:
+    """Bytes/s of memory traffic (read + write) of a large device-to-device copy, the median of 5: the rate a decode
+    step's reads of weights, KV and state can reach at best."""
+    n = int(gib * 2**30) // 4 if device.type == "cuda" else 2**22
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    clock, times = Clock(device), []
+    for _ in range(6):
+        times.append(clock.time(lambda: y.copy_(x))[1])
+    return 2 * 4 * n / (statistics.median(times[1:]) / 1e3)
+
+
+def step_bytes(model, cache, batch: int, context: int) -> dict:
+    """Bytes one decode step must move at least: every parameter read once, the attention layers' keys and values of
+    the context read, each Mamba-3 state read and written (taken from the cache after the prefill)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg, state = model.config, 0
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    mixers = getattr(cfg, "mixers", ["attention"] * cfg.num_hidden_layers)
+    elem = next(model.parameters()).element_size()
+    kv = sum(2 * batch * cfg.num_key_value_heads * head * context * elem for m in mixers if m == "attention")
+    for layer in getattr(cache, "layers", []):  # the Mamba-3 slots' states (the attention slots hold none)
+        states = getattr(layer, "recurrent_states", None) or []
+        values = states.values() if isinstance(states, dict) else states
+        state += sum(2 * t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+    return dict(params=params, kv=kv, state=state, total=params + kv + state)
+
+
+def run_train(model, batch: int, context: int, a, clock: Clock, device) -> dict:
+    """Training figures: forward + backward with labels on batch x context (no optimizer), tokens/s and peak."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(a.prefill_warmup):
+            step()
+        times = [clock.time(step) for _ in range(a.prefill_reps)]
+    finally:
+        model.eval()
+    wall = statistics.median(w for _, w in times)
+    out = dict(train_wall_ms=wall, train_gpu_ms=statistics.median(g for g, _ in times) if times[0][0] is not None
+               else None, train_tokens_per_s=batch * context / wall * 1e3)
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device) -> dict:
-    """Prefill and decode figures of one model, cache kind and setting."""
+    """Prefill and decode figures of one model, cache kind and setting (training figures for kind "train")."""
+    if kind == "train":
+        return run_train(model, batch, context, a, clock, device)
     key = cache_kwarg(model)
     compiled = kind == "static+compile"
     max_len = context + a.decode_warmup + a.decode_steps + 1
@@ -170,10 +233,14 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
         decode_gpu, decode_wall = clock.steps(decode, a.decode_steps)
     pre_gpu = [g for g, _ in prefill_times]
     pre_wall = statistics.median(w for _, w in prefill_times)
+    moved = step_bytes(model, cache, batch, context + a.decode_warmup + a.decode_steps // 2)
+    floor_ms = moved["total"] / a.bandwidth * 1e3
     out = dict(prefill_wall_ms=pre_wall, prefill_gpu_ms=statistics.median(pre_gpu) if pre_gpu[0] is not None else None,
                prefill_tokens_per_s=batch * context / pre_wall * 1e3, decode_wall_ms=decode_wall,
                decode_gpu_ms=decode_gpu, decode_tokens_per_s=batch / decode_wall * 1e3,
-               decode_warmup_s=warmup_s, prefill_chunk=a.prefill_chunk or None)
+               decode_warmup_s=warmup_s, prefill_chunk=a.prefill_chunk or None, step_bytes=moved,
+               decode_floor_ms=floor_ms, decode_floor_tokens_per_s=batch / floor_ms * 1e3,
+               decode_of_floor=floor_ms / decode_wall)
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -187,17 +254,23 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 
 def table(results: dict) -> str:
-    lines = [f"{'shape':<14} {'model':<10} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
-             f"{'decode tok/s':>13} {'decode ms':>10} {'peak GiB':>9}"]
+    """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
+    the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
+    lines = [f"{'shape':<14} {'model':<14} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
+             f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9}"]
     for cell in results["cells"]:
-        head = (f"{cell['shape']:<14} {cell['model']:<10} {cell['cache']:<15} "
+        head = (f"{cell['shape']:<14} {cell['model']:<14} {cell['cache']:<15} "
                 f"{str(cell['batch']) + 'x' + str(cell['context']):>12}")
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
             continue
         peak = f"{cell['peak_gib']:>9.1f}" if cell.get("peak_gib") is not None else f"{'-':>9}"
+        if cell["cache"] == "train":
+            lines.append(f"{head} {cell['train_tokens_per_s']:>14.0f} {'-':>13} {'-':>10} {'-':>12} {'-':>9} {peak}")
+            continue
         lines.append(f"{head} {cell['prefill_tokens_per_s']:>14.0f} {cell['decode_tokens_per_s']:>13.0f} "
-                     f"{cell['decode_wall_ms']:>10.2f} {peak}")
+                     f"{cell['decode_wall_ms']:>10.2f} {cell['decode_floor_tokens_per_s']:>12.0f} "
+                     f"{cell['decode_of_floor']:>9.2f} {peak}")
     return "\n".join(lines)
 
 
@@ -209,7 +282,7 @@ def plot(results: dict, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"no PNG: matplotlib not importable ({e})"
-    cells = [c for c in results["cells"] if "error" not in c]
+    cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
     labels = [f"{c['shape']} {c['model']} {c['cache']} {c['batch']}x{c['context']}" for c in cells]
@@ -228,8 +301,9 @@ def plot(results: dict, path: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
-    ap.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated, of {list(CACHES)}")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of {list(MODELS)}")
+    ap.add_argument("--caches", default="dynamic,static,static+compile",
+                    help=f"comma-separated, of {list(CACHES)} (train: forward + backward tokens/s)")
     ap.add_argument("--settings", help=f"batch x context pairs, comma-separated (default {SETTINGS}; smoke 2x12)")
     ap.add_argument("--prefill-chunk", type=int, default=0, help="positions per prefill call (0: the whole context)")
     ap.add_argument("--prefill-warmup", type=int, default=1)
@@ -240,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32, a few steps")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--append", default=None,
+                    help="a JSON of earlier runs to add this run's cells to (a cell measured again replaces its old "
+                         "row), so a grid can be spread over several calls; written back, and to --out")
     a = ap.parse_args(argv)
     if a.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, {"smoke": SMOKE_SHAPE}
@@ -264,14 +341,29 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"unknown cache {name!r}: choose from {list(CACHES)}")
     import transformers
 
+    a.bandwidth = copy_bandwidth(device)
     results = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", dtype=str(dtype),
-                   torch=torch.__version__, transformers=transformers.__version__, cells=[])
+                   torch=torch.__version__, transformers=transformers.__version__, copy_bandwidth=a.bandwidth,
+                   cells=[])
+    earlier = []
+    if a.append and os.path.exists(a.append):
+        with open(a.append) as f:
+            earlier = json.load(f)["cells"]
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "bench_model.json")
+    paths = [os.path.join(a.out, "bench_model.json")] + ([a.append] if a.append else [])
     clock = Clock(device)
+
+    def save():
+        ran = {_key(c) for c in results["cells"]}
+        merged = dict(results, cells=[c for c in earlier if _key(c) not in ran] + results["cells"])
+        for path in paths:
+            with open(path, "w") as f:
+                json.dump(merged, f, indent=1)
+        return merged
     for shape_name, shape in shapes.items():
         for model_name in a.models.split(","):
-            model = build(shape, MODELS[model_name], device, dtype)
+            fraction, mamba = MODELS[model_name]
+            model = build(shape, fraction, device, dtype, **mamba)
             for kind in a.caches.split(","):
                 if kind == "static+compile" and model_name != "llama" and not a.compile_hybrid:
                     continue
@@ -285,20 +377,22 @@ def main(argv: list[str] | None = None) -> dict:
                         cell["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
                     results["cells"].append(cell)
                     print(table(dict(cells=[cell])).splitlines()[-1], flush=True)
-                    with open(path, "w") as f:
-                        json.dump(results, f, indent=1)
+                    save()
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             del model
     results["table"] = table(results)
     print(f"\n{results['device']}, {results['dtype']}, torch {results['torch']}, transformers "
-          f"{results['transformers']}\n{results['table']}")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+          f"{results['transformers']}, copy bandwidth {a.bandwidth / 1e9:.0f} GB/s\n{results['table']}")
+    merged = save()
     with contextlib.suppress(Exception):
-        print(plot(results, os.path.join(a.out, "bench_model.png")))
+        print(plot(merged, os.path.join(a.out, "bench_model.png")))
     return results
+
+
+def _key(cell: dict) -> tuple:
+    return cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"]
 
 
 if __name__ == "__main__":

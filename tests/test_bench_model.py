@@ -11,15 +11,50 @@ from hybrid_mamba3.evals import bench_model
 
 def test_smoke_run_covers_every_cell(tmp_path, capsys):
     res = bench_model.main(["--smoke", "--models", "llama,hybrid-50", "--compile-hybrid", "--prefill-chunk", "5",
-                            "--out", str(tmp_path)])
+                            "--caches", ",".join(bench_model.CACHES), "--out", str(tmp_path)])
     cells = {(c["model"], c["cache"]) for c in res["cells"]}
     assert cells == {(m, c) for m in ("llama", "hybrid-50") for c in bench_model.CACHES}
     for cell in res["cells"]:
         assert "error" not in cell, cell
+        if cell["cache"] == "train":
+            assert cell["train_tokens_per_s"] > 0
+            continue
         assert cell["prefill_tokens_per_s"] > 0 and cell["decode_tokens_per_s"] > 0 and cell["prefill_chunk"] == 5
+        assert cell["decode_floor_tokens_per_s"] > 0 and cell["step_bytes"]["params"] > 0
     saved = json.loads((tmp_path / "bench_model.json").read_text())
     assert saved["cells"] == json.loads(json.dumps(res["cells"])) and saved["table"] == res["table"]
     assert res["table"] in capsys.readouterr().out
+
+
+def test_step_bytes_count_weights_keys_values_and_states():
+    """The floor's bytes: every parameter, the attention layers' K and V of the context, each Mamba-3 state twice
+    (read and written), by hand on the smoke shape (2 of 4 layers attention, 2 kv heads x 16)."""
+    import torch
+
+    shape = bench_model.SMOKE_SHAPE
+    model = bench_model.build(shape, 0.5, torch.device("cpu"), torch.float32)
+    cache = bench_model.make_cache(model, "dynamic", 64)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (3, 10)), use_cache=True, **{bench_model.cache_kwarg(model): cache})
+    got = bench_model.step_bytes(model, cache, batch=3, context=10)
+    assert got["params"] == 4 * sum(p.numel() for p in model.parameters())
+    assert got["kv"] == 2 * (2 * 3 * 2 * 16 * 10 * 4)  # 2 layers x (K and V) x batch x kv heads x head x ctx x fp32
+    mamba = [m for m in model.modules() if type(m).__name__ == "Mamba3"][0]
+    B, H, P, N, R = 3, mamba.nheads, mamba.headdim, mamba.d_state, mamba.mimo_rank
+    # (angle: N x rope fraction 1/2 / 2 rotation pairs, ssm, last k, last v) per layer, fp32, read and written
+    per_layer = B * H * (N // 4) + B * H * P * N + B * R * H * N + B * H * P
+    assert got["state"] == 2 * 2 * per_layer * 4
+    assert got["total"] == got["params"] + got["kv"] + got["state"]
+
+
+def test_append_keeps_earlier_cells_and_replaces_remeasured_ones(tmp_path):
+    grid = tmp_path / "grid.json"
+    bench_model.main(["--smoke", "--models", "llama", "--caches", "dynamic", "--out", str(tmp_path / "a"),
+                      "--append", str(grid)])
+    bench_model.main(["--smoke", "--models", "llama,hybrid-50", "--caches", "dynamic", "--out", str(tmp_path / "b"),
+                      "--append", str(grid)])
+    cells = json.loads(grid.read_text())["cells"]
+    assert sorted(c["model"] for c in cells) == ["hybrid-50", "llama"]  # llama measured twice: one row
 
 
 def test_bad_arguments_say_what_to_change():
