@@ -238,6 +238,19 @@ def _add_option_flags(d: argparse.ArgumentParser, options: type, helps: dict) ->
             d.add_argument(flag, type=kind, default=S, help=f"{helps.get(f.name, '')} (default {default})".strip())
 
 
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from .evals.passkey import passkey, table, write
+    if not args.models and not args.teacher:
+        raise ValueError("no model to score: give hybrid directories and/or --teacher")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    result = passkey(args.models, read_calibration(args.filler), lengths, depths, teacher=args.teacher,
+                     per_cell=args.per_cell, seed=args.seed, progress=not args.no_progress)
+    print(table(result))
+    print(f"written to {write(result, args.out)}")
+    return 0
+
+
 def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     from .distill.options import DistillOptions
     helps = {"teacher": "Hugging Face directory or .gguf file of the Llama-style teacher",
@@ -245,7 +258,7 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "data": "text files, directories (HTML stripped), .jsonl files, or a shard directory",
              "stage": "align (layer alignment), kd (end-to-end distillation) or both",
              "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
-             "train": "what stage kd trains: mamba, mamba+mlp or all",
+             "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
              "resume": "continue the run in --output-dir from its newest complete checkpoint"}
     _add_option_flags(d, DistillOptions, helps)
@@ -338,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval_out")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("passkey", help="passkey retrieval (needle in a haystack) of hybrids beside their teacher",
+                       description="Accuracy of recalling a 5-digit key hidden at each depth of prompts of each length; "
+                                   "a table, passkey.json and passkey.png in --out.")
+    k.add_argument("models", nargs="*", help="hybrid directories (or other causal LMs) to score")
+    k.add_argument("--teacher", default=None, help="the teacher (directory or .gguf), scored first")
+    k.add_argument("--filler", nargs="+", required=True, help="text files or directories whose text fills the prompts")
+    k.add_argument("--lengths", default="1024,4096,16384,32768", help="prompt lengths in tokens, comma-separated")
+    k.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (0: start, 1: end), comma-separated")
+    k.add_argument("--per-cell", type=int, default=5, help="prompts per length and depth")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", default="passkey_out")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=cmd_passkey)
 
     s = sub.add_parser("shards", help="tokenize text once into packed token shards (train, heldout) for distill",
                        description="Token shards that distill --data reads without tokenizing again.")
