@@ -1,4 +1,5 @@
-"""evals/kernel_floors.py, the kernels' floors (FLOPs and fewest bytes per launch), on meta tensors (no kernel runs).
+"""evals/kernel_dev/kernel_floors.py, the kernels' floors (FLOPs and fewest bytes per launch), on meta tensors (no
+kernel runs).
 
 Its matmul counts are formulas per kernel; they are checked here against the kernels' own source: at R4 with
 headdim 64 and d_state 128 every tile dimension is 64 (rows CR, lanes BP, half-state BH), so each tl.dot is one
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-_PATH = Path(__file__).parents[1] / "evals" / "kernel_floors.py"
+_PATH = Path(__file__).parents[1] / "evals" / "kernel_dev" / "kernel_floors.py"
 _SPEC = importlib.util.spec_from_file_location("kernel_floors", _PATH)
 floors_mod = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(floors_mod)

@@ -510,13 +510,13 @@ def test_bad_inputs():
 
 
 def test_grad_precision_script():
-    """evals/grad_precision.py (a device eval) runs end to end here, in fp16: the interpreter's bf16 is not numpy's
-    and gives garbage, fp16 it emulates. fp16 operands round at ~5e-4, so every error is small but not zero."""
+    """evals/kernel_dev/grad_precision.py (a device eval) runs end to end here, in fp16: the interpreter's bf16 is not
+    numpy's and gives garbage, fp16 it emulates. fp16 operands round at ~5e-4, so every error is small but not zero."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("grad_precision", Path(__file__).parents[1] / "evals" /
-                                                  "grad_precision.py")
+                                                  "kernel_dev" / "grad_precision.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     err = mod.errors(1, 40, 4, 2, 16, 16, 4, "cpu", torch.float16)

@@ -5,9 +5,9 @@ registers, shared memory and GPU time (torch.profiler, median over --reps calls)
 (CUDA events: the kernels' sum less their overlap), for a grid of kernel chunk lengths,
 warp counts, launch options and module constants (--set NAME=A,B: one variant per value).
 
-    python3 evals/kernel_report.py --out $OUT/kernels   # MIMO R4 and SISO at b8 x 2048 (--shapes)
-    python3 evals/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
-    python3 evals/kernel_report.py --module --shapes 1x32768   # the whole layer, as the benchmark times it
+    python3 evals/kernel_dev/kernel_report.py --out $OUT/kernels   # MIMO R4 and SISO at b8 x 2048 (--shapes)
+    python3 evals/kernel_dev/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
+    python3 evals/kernel_dev/kernel_report.py --module --shapes 1x32768   # the whole layer, as the benchmark times it
 
 --module profiles the benchmark's Mamba3 layer (bench_mamba3.mamba_kwargs: d_model 2048, in_proj, norms, scan, gate,
 out_proj) on a (B, L, 2048) bf16 input instead of the op alone, so the kernels around the scan show too.
@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 
 def _inputs(B: int, L: int, R: int, H: int, P: int, N: int, K: int, seed: int = 0):
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--profiler-range", action="store_true",
                     help="for Nsight Compute: after the warm-up call, one more inside cudaProfilerStart/Stop and no "
                          "timing (ncu --profile-from-start off -k regex:NAME python3 "
-                         "evals/kernel_report.py ...)")
+                         "evals/kernel_dev/kernel_report.py ...)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
     sets = _overrides(a.set)

@@ -13,8 +13,8 @@ layer: 64 heads x 64, d_state 128, 32 angles, one B/C group, gate and D; MIMO wi
 The larger of the two is the kernel's floor. With --report (a kernel_report.json at the same shape), the measured GPU
 time beside it and the ratio: how far each kernel is from what its design allows.
 
-    python3 evals/kernel_floors.py                                        # MIMO R4 and SISO at b8 x 2048
-    python3 evals/kernel_floors.py --shapes 8x2048,1x32768 --report out/kernels/kernel_report.json
+    python3 evals/kernel_dev/kernel_floors.py                             # MIMO R4 and SISO at b8 x 2048
+    python3 evals/kernel_dev/kernel_floors.py --shapes 8x2048,1x32768 --report out/kernels/kernel_report.json
 
 How: the op runs on meta tensors (shapes, no data) with the kernel launches recorded instead of run, so the wrappers'
 own choices (chunk length, tiles, state checkpoints for --sms multiprocessors) are those of a call on the GPU.
@@ -124,7 +124,7 @@ def _measured(report: dict | None, shape: str, R: int) -> dict[str, float]:
 
 
 def _default_gbps() -> float:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_mamba3.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench_mamba3.json")
     try:
         with open(path) as f:
             return float(json.load(f)["meta"]["hbm_copy_gbps"])
