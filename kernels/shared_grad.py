@@ -3,8 +3,7 @@ the concatenation.
 
 The layer splits its in_proj output (B, L, W) into eight views (z, x, B, C, dd_dt, dd_A, trap, angles). Through
 `torch.split`, autograd gives each piece's gradient its own tensor and the split's backward concatenates them, one
-more pass over a (B, L, W) tensor each way: 0.44 ms of the R4 layer's 38.4 ms forward+backward at b1 x 32768 on an
-H100 (`evals/kernel_report.py --module`), for nothing.
+more pass over a (B, L, W) tensor each way, for nothing (kernels/NOTES.md "Shared gradient buffer").
 
 Here the split is `split_shared_grad`: each piece carries a slot (`grad_slot`), and the Triton kernels that make a
 piece's gradient (the scan's dz and dv, the B/C norm's, the activations', the trapezoid's and the angles') ask it
@@ -14,10 +13,9 @@ slot (a producer without slots, a sum autograd made of two uses of the piece, a 
 in, and a piece without one is zeroed, so the result is always the concatenation.
 
 The cost is memory at the backward's peak: the buffer is allocated when the scan's backward writes dz, while its
-recomputed states are alive, where before only dz was (dv and the concatenation came after the states were freed).
-Peak memory of one layer's forward+backward (H100, evals/bench_mamba3.py): R4 b8 x 2048 4037 -> 4204 MiB (+4%),
-b1 x 32768 8046 -> 8380; SISO 1615 -> 1759, 3200 -> 3486. The layer's forward+backward GPU time went 18.10 -> 17.85
-ms and 38.69 -> 38.38 (R4), 8.14 -> 7.99 and 16.99 -> 16.62 (SISO).
+recomputed states are alive, where before only dz was (dv and the concatenation came after the states were freed):
+~4% more peak memory in a layer's forward+backward, for a little less GPU time (kernels/NOTES.md "Shared gradient
+buffer").
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import torch
 
 from .common import in_rows_layout
 
-SHARE = 1  # 0: the plain split, gradients concatenated (evals/kernel_report.py --set shared_grad.SHARE=0,1)
+SHARE = 1  # 0: the plain split, gradients concatenated (evals/kernel_dev/kernel_report.py --set shared_grad.SHARE=0,1)
 
 
 class SharedGrad:

@@ -3,11 +3,11 @@ and the gradient taken back to angles and dt, in Triton. The raw angles are read
 layer's in_proj output, any float dtype) and tanh is taken in the kernels: in torch, the upcast, tanh, the scale by
 pi and the backward's (1 - tanh^2) pi were six more launches, all issued before the first heavy kernel.
 
-theta is (B, L, H, K), the largest per-token tensor of the scan. In torch, its cumsum, offsets, cos, sin and stack,
-and their autograd replay in the backward, cost ~2.9 ms of a b8 x 2048 forward+backward (R4 op 25.6 -> 22.7 ms on
-H100 when they moved here: more than the whole forward state pass). Here the forward writes only the
-(B, L, H, 2, K) table the kernels read (fp16 for the 16-bit kernels: `triton_chunked.TABLE_BITS`) and, for a final
-state, theta at each row's last position; the backward reads d theta once.
+theta is [B, L, H, K], the largest per-token tensor of the scan. In torch, its cumsum, offsets, cos, sin and stack,
+and their autograd replay in the backward, cost more than the whole forward state pass (kernels/NOTES.md "Rotation
+angles"). Here the forward writes only the [B, L, H, 2, K] table the kernels read (fp16 for the 16-bit kernels:
+`triton_setup.TABLE_BITS`) and, for a final state, theta at each row's last position; the backward reads d theta
+once.
 
 The same numerics as `chunked._cumulative_angles`: an fp32 cumsum within blocks of BLOCK positions on the blocks'
 offsets, which are summed in float64 (from each block's sum, itself float64) and reduced mod 2 pi, so theta's error
@@ -34,18 +34,14 @@ except ImportError:  # CPU install without triton: triton_chunked reports it bef
     triton = None
 
 # Positions per program, and the span of theta's fp32 sums. Longer blocks run faster (fewer, larger programs; the
-# offsets scan walks fewer blocks): the five angle kernels of an R4 fwd+bwd (H100) at BLOCK 32 / 64 / 128 took
-# 0.98 / 0.77 / 0.72 ms at b1 x 32768, 0.48 / 0.42 / 0.43 at b8 x 2048. At 128 the fp32 partial sums' rounding grows
-# (the interpreter test's theta, increments ~1 rad, off fp64 by 4.8e-5 at 128 over 5115 positions), so theta lost
-# what it had to lose elsewhere: pi is applied in float64 (fp32 pi, 2.8e-8 relative and the same sign at every step,
-# was the largest error at long lengths) and each block's sum is float64 (an fp32 sum's error accumulated over the
-# blocks): at 32 the same test was off by 1.6e-4 before. Tried and dropped, slower for no need (H100, b1 x 32768,
-# the table kernel 0.26 ms at 128): the in-block cumsum in float64, 0.41 ms; fp32 over sub-blocks of 32 placed on
-# float64 offsets (a 3-D reshape), 0.52 ms.
+# offsets scan walks fewer blocks). At 128 the fp32 partial sums' rounding grows, so theta lost what it had to lose
+# elsewhere: pi is applied in float64 (fp32 pi, 2.8e-8 relative and the same sign at every step, was the largest error
+# at long lengths) and each block's sum is float64 (an fp32 sum's error accumulated over the blocks). Timings, errors
+# and the variants dropped: kernels/NOTES.md "Rotation angles".
 BLOCK = 128
 OFFSET_TILE = 2048  # fp64 elements (angles x blocks) per step of the offsets scan: 16 a thread at 4 warps
 # A 16-bit table on CUDA takes cos and sin from the hardware's approximations (`_cos_sin`); 0: libdevice's exact
-# ones everywhere (kernel_report --set triton_angles.FAST_SINCOS=0,1 compares them).
+# ones everywhere (evals/kernel_dev/kernel_report.py --set triton_angles.FAST_SINCOS=0,1 compares them).
 FAST_SINCOS = 1
 
 
@@ -98,8 +94,9 @@ if triton is not None:
 
     @triton.jit
     def _tanh_pi_kernel(a_ptr, tp_ptr, L, K, AS, BL: tl.constexpr, BK: tl.constexpr):
-        """Grid (B, blocks): tanh(angles) pi (B, L, K) fp32 contiguous from the raw angles, once for all heads (the
-        table kernels, one program per head, would each recompute it: +80 us a call at SISO b8 x 2048 on H100).
+        """Grid (B, blocks); raw angles rows [B, L, K] (any float dtype) -> tanh(angles) pi [B, L, K] fp32 contiguous.
+
+        Once for all heads (the table kernels, one program per head, would each recompute it: kernels/NOTES.md).
         The factor pi in float64, rounded once: fp32 pi's own rounding (2.8e-8 relative, the same sign at every step)
         was theta's largest error at long lengths."""
         b = tl.program_id(0)
@@ -126,10 +123,13 @@ if triton is not None:
     @triton.jit
     def _block_sums_kernel(src_ptr, dt_ptr, tot_ptr, L, H, K, nb,
                            INC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
-        """Grid (B*H, blocks): each block's sum over its positions, (B, H, K, blocks) fp32, of x (B, L, H, K), or of
-        the increments (INC), summed in float64 and stored as two fp32 planes, the sum's rounding and what it left
-        (a float64 pointer in the block offsets scan failed Triton 3.6's TritonGPUOptimizeThreadLocality pass).
-        Blocks last, so `_block_offsets_kernel` scans them along contiguous memory."""
+        """Grid (B*H, blocks); x [B, L, H, K] -> sums [B, H, K, blocks] fp32, or with INC tanh(angles) pi [B, L, K]
+        and dt [B, L, H] -> the increments' sums [2, B, H, K, blocks].
+
+        Each block's sum over its positions, of x or of the increments (INC), these summed in float64 and stored as
+        two fp32 planes, the sum's rounding and what it left (a float64 pointer in the block offsets scan failed
+        Triton 3.6's TritonGPUOptimizeThreadLocality pass). Blocks last, so `_block_offsets_kernel` scans them along
+        contiguous memory."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
@@ -148,9 +148,11 @@ if triton is not None:
     def _angle_table_kernel(tp_ptr, dt_ptr, off_ptr, cs_ptr, len_ptr, last_ptr, L, H, K, nb,
                             BL: tl.constexpr, BK: tl.constexpr, LAST: tl.constexpr, HAS_LEN: tl.constexpr,
                             FAST: tl.constexpr):
-        """Grid (B*H, blocks): theta = the block's offset + the cumsum within it, stored as cos | sin
-        (B, L, H, 2, K) in the table's dtype; with LAST also theta itself (fp32) at each row's last position
-        (L - 1, or its length - 1, at least 0) into last (B, H, K)."""
+        """Grid (B*H, blocks); tanh(angles) pi [B, L, K], dt [B, L, H], block offsets [B, H, K, blocks] -> cos | sin
+        [B, L, H, 2, K] in the table's dtype, and with LAST theta [B, H, K] fp32 at each row's last position.
+
+        theta = the block's offset + the cumsum within it; the last position is L - 1, or the row's length - 1, at
+        least 0."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         offs_l, lmask, offs_k, kmask, m = _block(L, K, BL, BK)
@@ -171,7 +173,10 @@ if triton is not None:
     @triton.jit
     def _angle_grad_kernel(dth_ptr, suf_ptr, a_ptr, dt_ptr, da_ptr, ddt_ptr, L, H, K, nb, AS, DAS,
                            BL: tl.constexpr, BK: tl.constexpr):
-        """Grid (B, blocks), all heads in one program (the angles' gradient sums over them, so no atomics):
+        """Grid (B, blocks); d theta [B, L, H, K], suffix sums [B, H, K, blocks], angles rows [B, L, K], dt [B, L, H]
+        -> d angles [B, L, K] (positions DAS apart), d dt [B, L, H].
+
+        All heads in one program (the angles' gradient sums over them, so no atomics):
         g_s = sum_{t >= s} d theta_t (the later blocks' part precomputed in `suf`), then
         d dt_s = sum_k g_s tanh(angles_s) pi and d angles_s = sum_h g_s dt_s (1 - tanh(angles_s)^2) pi, stored
         (B, L, K) in da's dtype, its positions DAS elements apart."""
@@ -191,8 +196,10 @@ if triton is not None:
     @triton.jit
     def _block_offsets_kernel(tot_ptr, init_ptr, off_ptr, K, nb, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
                               LO: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr):
-        """Grid (B*H,): each block's offset from the block sums tot (B, H, K, nb; LO: and a second plane, the sums'
-        rounding), summed in float64 over the blocks before it (REVERSE: after it), written fp32 to off (same shape).
+        """Grid (B*H,); block sums tot [B, H, K, nb] (LO: [2, B, H, K, nb], the second plane the sums' rounding)
+        -> off [B, H, K, nb] fp32.
+
+        Each block's offset from the block sums, summed in float64 over the blocks before it (REVERSE: after it).
         Forward: plus the initial angle, reduced mod 2 pi."""
         pid = tl.program_id(0)
         offs_k = tl.arange(0, BK)

@@ -1,41 +1,29 @@
-"""Backward of the Triton Mamba-3 scan (see `triton_chunked` for the forward and the row layout).
+"""Backward of the Triton Mamba-3 scan (the forward: `triton_forward`; the autograd Function: `triton_chunked`).
 
-Per chunk c, rows i = (position t, rank r), rotated q_i, k_i (N), inputs v_i = mx_r v_t (P), the state E_c
-entering the chunk (P x N) and the decay mask M (see `_decay_mask`):
+Per chunk c, rows i = (position t, rank r) (`triton_tiles`), rotated q_i, k_i (N), inputs v_i = mx_r v_t (P), the
+state E_c entering the chunk (P x N) and the decay mask M (see `triton_tiles._decay_mask`):
 
     o_i   = exp(acs_t) q_i E_c^T + sum_j M_ij (q_i . k_j) v_j          (pre-gate output)
     E_c+1 = exp(atot_c) E_c + sum_i to_end_i v_i k_i^T,   to_end_i = exp(atot_c - acs_t) w_t
 
-Four kernels, after the entering states are recomputed with the forward kernels (cheaper in memory than
-saving them); the forward keeps only the pre-gate output o per row. (The recompute on a side stream, beside the dO
-kernel and the reverse scan, which do not need it, was measured and not kept: elapsed GPU time on H200, R4 / SISO,
-b1 x 32768 32.3 -> 31.0 / 9.9 -> 9.4 ms, but b8 x 2048 and b2 x 8192 unchanged, and the kernels' sum 2-7% higher.)
+Four kernels, after the entering states are recomputed with the forward's state scan (`triton_scan`; cheaper in
+memory than saving them, and from the forward's checkpoints where it kept some); the forward keeps only the pre-gate
+output o per row, [B, L, R, H, P].
 
 1. `_bwd_dout_kernel` (B*H, position blocks): the epilogue (z gate, D skip, mimo_o contraction) taken back to dO,
    written for the next kernels; gradients of z, mimo_z, mimo_o, D. Elementwise only.
-2. `_state_scan_bwd_kernel` (B*H, P blocks): the state scan backwards, d run_c = dE_c + exp(atot_c) d run_c+1
+2. `_state_scan_bwd_kernel` (B*H, state blocks): the state scan backwards, d run_c = dE_c + exp(atot_c) d run_c+1
    with dE_c = (exp(acs) dO)^T Q made in registers, leaving the gradient of each chunk's own state (d run_c+1).
 3. `_bwd_dq_kernel` (B*H, chunks): dQ = exp(acs) dO E + (dA o M) K with dA = dO V^T; d acs, d w, d gamma
    from dA o S (the mask's entries), the inter-chunk part of d acs, and the chunk decay's part of d atot.
 4. `_bwd_dkdv_kernel` (B*H, chunks): dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end
    (K dOwn^T) + D dO; d acs, d w, d atot from the to_end weights.
-dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers: one program doing
-both (loads, rotations, S and dA once, 14 matmuls instead of 17, d theta written once) was slower, H200 R4 b8 x 2048
-7.47 -> 7.90 ms at 4 warps (146 registers spilled), 11.8 at 8; b1 x 32768 14.8 -> 15.7; SISO 2.15 -> 2.24. What
-bounds them (ncu, R4 b8 x 2048, H100, dK/dV): L1 at 76% of its throughput, from shared memory (the matmul operands
-and layout conversions Triton routes through it, 35-40% of its wavefronts bank conflicts) and register spills; the
-tensor cores and the atomics are not (plain stores in place of the atomic adds: same time). So both load their
-broadcast tables (cos/sin, biases, mimo_x, v) once per position or rank and repeat them in registers
-(`triton_chunked._repeat`). A loop over 1-4 chunks per program (so Triton could pipeline the next chunk's loads,
-num_stages 1-3) was slower at every setting (R4 b8 x 2048: dK/dV 3.96 -> 5.2-10 ms, dQ 3.55 -> 4.8-11: more spills,
-and the stages' shared memory). Tried without gain: 8 warps (dK/dV 5.4 -> 8.2 ms), dK/dV computed with the key rows
-as rows (no register transposes: -3% at R4, +12% for SISO), programs ordered chunk-fastest (-3% at b8 x 2048, +10%
-at b1 x 32768), dQ, the chunk output and dO kernels held to fewer registers (maxnreg: all ran slower; dK/dV is
-capped for MIMO, where it gains, `_dkdv_regs`), and Ampere's mma.sync in place of Hopper's wgmma (DISABLE_MMA_V3=1:
-operands in registers, not wgmma's shared-memory ones; H100, R4 b8 x 2048 layer: dK/dV 3.87 -> 6.89 ms, chunk output
-2.21 -> 4.18, dQ 3.48 -> 4.00, all kernels 17.7 -> 23.2, with more spills). Both take the rotation back (d theta,
-and dq / dk unrotated, added atomically into the group's rows and, summed over the chunk, into each (batch, head)'s
-bias gradient).
+dQ and dK are split (as in flash attention's backward) so each kernel's tiles fit in registers. Both are L1-bound
+(shared memory traffic of the matmul operands and layout conversions, and register spills; not the tensor cores nor
+the atomics), so both load their broadcast tables once per position or rank and repeat them in registers
+(`triton_tiles._repeat`). Both take the rotation back (d theta, and dq / dk unrotated, added atomically into the
+group's rows and, summed over the chunk, into each (batch, head)'s bias gradient). What was measured for these
+choices, and the variants tried and dropped: kernels/NOTES.md "Backward".
 
 Then d theta goes back to angles and dt through `triton_angles`, the gradients of gamma, w, acs and atot back to
 adt, dt and trap through `triton_scalars`, the initial state's entering term (small) through torch autograd, and
@@ -46,15 +34,21 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_chunked as tc  # tc.* looked up per call (evals/kernel_report.py overrides state_scan_block)
-from .common import FMA, cdiv, pairs_layout
+from . import triton_scan as scan  # scan.* looked up per call (evals/kernel_dev/kernel_report.py overrides its policy)
+from .common import FMA, cdiv, pairs_layout, row_stride, rows_of
 from .shared_grad import grad_output
-from .triton_chunked import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask,
-                             _entering_states, _half_columns, _load_rotated, _pair_block, _rank_table,
-                             _repeat, _rotation_tables, _rows_v, _scan_chunk_loads, _seq_flags, _Setup, kernel_chunk,
-                             tl, triton)
 from .triton_angles import angle_table_backward
 from .triton_scalars import first_next, token_scalars, token_scalars_backward
+from .triton_setup import _initial_state, _Setup, kernel_chunk
+from .triton_tiles import (_bias_columns, _chunk_bias_rows, _chunk_positions, _chunk_tile, _decay_mask, _half_columns,
+                           _load_rotated, _pair_block, _rank_table, _repeat, _rotation_tables, _rows_v,
+                           _scan_chunk_loads, _seq_flags)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU install without triton: triton_chunked reports it before anything here is called
+    triton = None
 
 if triton is not None:
 
@@ -89,11 +83,9 @@ if triton is not None:
         a group share the q/k rows) into the group's gradient, and each rank's sum over the chunk added into
         this (batch, head)'s bias gradient (part_ptr + head_off: (RP, 2 BH), summed over the batch by torch).
         The programs running at once are mostly of different (batch, head)s, so those adds rarely collide; per-chunk
-        partials instead were 268 MB at R4 b8 x 2048, and a reduce over them. The adds are relaxed (no ordering is
-        needed, only the sum): the default acq_rel atomics cost the dq and dk/dv kernels 9.1 -> 6.1 and 11.2 -> 8.3 ms
-        (R4, b8 x 2048, H100). Relaxed, they cost nothing measurable even though all heads of a group add into the
-        same rows at about the same time: plain stores in their place (wrong sums, timed only) left the kernels at
-        3.49 -> 3.48 and 3.93 -> 3.92 ms (R4 b8 x 2048, H200)."""
+        partials instead would be hundreds of MB, and a reduce over them. The adds are relaxed (no ordering is
+        needed, only the sum): the default acq_rel atomics cost the dq and dk/dv kernels a third of their time, and
+        relaxed ones cost nothing measurable (kernels/NOTES.md "Backward: atomics")."""
         ua = dxa * cos + dxb * sin
         ub = dxb * cos - dxa * sin
         tl.atomic_add(dst_ptr + rows[:, None] + ia[None, :], ua, mask=hm, sem="relaxed")
@@ -109,26 +101,14 @@ if triton is not None:
                          do_ptr, dz_ptr, dmz_ptr, dmo_ptr, dd_ptr, L, H, P, nblk, VS, ZS, DZS,
                          R: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CONTRACT: tl.constexpr, DOT: tl.constexpr):
-        """Grid (B*H, position blocks of BT): the epilogue (z gate, D skip, mimo_o contraction) taken back from dy
-        to dO, the pre-gate output's gradient. Elementwise work only, one (BT, P) tile per rank in turn, so the
-        sums over ranks and positions are plain accumulations (no row reshapes: at 64-row tiles with reshapes
-        the kernel sat at 255 registers and 2.0 ms for R4 b8 x 2048 on H100). At R4 it spills (56 B) yet beats the
-        spill-free variants (H100, b8 x 2048 / b1 x 32768: 1.13 / 2.20 ms; 32 positions a program 1.65 / 3.16; the
-        rank loop not unrolled 1.28 / 2.48, both 1.73 / 3.30). Also slower at R4: (positions, ranks, P) tiles loaded
-        in 3D, each program walking 128-512 positions in tiles of 4-16 with the sums kept elementwise and reduced
-        once at its end (H200, b8 x 2048 / b1 x 32768: 1.10 / 2.18 ms -> at best 1.28 / 2.53, 16-position tiles;
-        SISO gained 0.26 / 0.52 -> 0.23 / 0.43, ~1% of its forward+backward). Also slower: dO made inside the reverse
-        state scan, which reads a chunk's dO rows anyway (the parameter sums kept per row over its chunks), in place of
-        this kernel: H100, this kernel + the reverse scan, R4 b8 x 2048 2.11 -> 3.97 ms, b1 x 32768 5.34 -> 13.2,
-        SISO 0.58 -> 0.76, 1.48 -> 2.48 (the scan went to 255 registers, 82-166 spilled, in its serial chain).
-        Also slower (H100, R4, b8 x 2048 / b1 x 32768, against 1.11 / 2.16 ms here): 8 warps (1.81 / 3.46; 128
-        positions 1.31 / 2.49), 128 positions at 4 warps (3.84 / 7.61, 428 B spilled), programs splitting the
-        headdim (32 lanes x 64 / 128 positions 1.52 / 2.95, 1.22 / 2.31; 16 lanes 1.95 / 3.68, 1.85 / 3.38). Its
-        traffic is ~1.6 GB at b8 x 2048 (24 bytes per (position, head, lane) at R4): ~1.45 TB/s, half of HBM's. Nsight
-        Compute (R4 b8 x 2048): latency-bound at 12.5% occupancy (registers: 2 programs of 4 warps per SM), DRAM at 40%,
-        an instruction issued every 2.9 cycles. Yet every variant with more warps resident lost, as the register caps
-        spill (ms at b8 x 2048 / b1 x 32768: maxnreg 168 1.51 / 2.89, 128 2.80 / 5.46; 8 warps at 128 1.43 / 2.69, with
-        128 positions 3.07 / 6.09; 16 warps at 128, 64 / 128 positions, 2.60 / 5.00, 1.70 / 3.20)."""
+        """Grid (B*H, position blocks of BT); opre / dO [B, L, R, H, P], dy [B, L, H, P] (CONTRACT; else like opre),
+        v / z / dz rows [B, L, H, P] -> dO, dz, and partial sums dmz / dmo [B*H, blocks, R, P], dD [B*H, blocks].
+
+        The epilogue (z gate, D skip, mimo_o contraction) taken back from dy to dO, the pre-gate output's gradient.
+        Elementwise work only, one (BT, P) tile per rank in turn, so the sums over ranks and positions are plain
+        accumulations (no row reshapes, which cost registers). At R4 it spills a little yet beats every spill-free
+        and more-warps variant tried, and beats making dO inside the reverse state scan (kernels/NOTES.md
+        "Backward: dO kernel")."""
         pid_bh, blk = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_t = blk * BT + tl.arange(0, BT)
@@ -195,18 +175,17 @@ if triton is not None:
                                R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr,
                                BP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                                BPB: tl.constexpr, BJ: tl.constexpr, BIAS_PAIRS: tl.constexpr, HAS_SEQ: tl.constexpr):
-        """Grid (B*H, P / BPB * N / (2 BJ)), the forward's state scan run backwards: a (BPB rows, BJ pairs) block of
-        d run (the gradient of the state entering the next chunk) in fp32 registers, carried from the last chunk to
-        the first:
+        """Grid (B*H, P / BPB * N / (2 BJ)); q [B, L, R, G, N], dO [B, L, R, H, P], cs [B, L, H, 2, K], acs [B, L, H],
+        atot [B*H, nc] -> down [B*H, nc, P, N] (operand dtype), ds0 [B*H, P, N] fp32.
+
+        The forward's state scan run backwards: a (BPB rows, BJ pairs) block of d run (the gradient of the state
+        entering the next chunk) in fp32 registers, carried from the last chunk to the first:
         d run_c = dE_c + exp(atot_c) d run_c+1, with the chunk's own term dE_c = (exp(acs) dO)^T qr made here
         (one matmul accumulate), so no per-chunk dE is ever written and read back. Stores d run_c+1, the
         gradient of chunk c's own state (an operand of the dQ and dK/dV kernels); the state entering the first
         chunk gets d run_0. The decay's gradient exp(atot_c) <d run_c+1, E_c> is taken in the dQ kernel, which
         has E_c at hand: here, its reduction over the whole tile would put a barrier in the serial chain
-        (R4 on H100: this kernel 1.9 -> 1.2 ms at b8 x 2048, 9.6 -> 5.5 ms at b1 x 32768).
-        Against the per-chunk dE it replaced (written by the dQ kernel, read by an elementwise reverse pass), the
-        R4 fwd+bwd op went 19.7 -> 18.6 ms at b8 x 2048 (and 1 GB less memory), but 41.3 -> 42.2 ms at
-        b1 x 32768, where 256 programs (4 per head) leave this serial chain exposed."""
+        (kernels/NOTES.md "Backward: reverse state scan")."""
         pid_bh = tl.program_id(0)
         b, h = pid_bh // H, pid_bh % H
         g = h // (H // G)
@@ -251,7 +230,11 @@ if triton is not None:
                        R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                        HALF: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr,
                        HAS_SEQ: tl.constexpr):
-        """dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
+        """Grid (B*H, chunks); q, k [B, L, R, G, N], v rows [B, L, H, P], dO [B, L, R, H, P], states / down
+        [B*H, nc, P, N] -> dq [B, L, R, G, N] (atomic adds), dqb [B*H, 1, RP, 2 BH], dtheta [B, L, H, K], d acs / d w /
+        d gamma [B, L, H], d atot [B*H, nc].
+
+        dQ = exp(acs) dO E + (dA o M) K, dA = dO V^T; the rotation's part of d theta from the q side; the
         gradients of the mask's entries M_ts = exp(acs_t - acs_s) w_s (t > s), gamma_t (t == s) from dA o S
         (here rather than in the dK/dV kernel, whose tiles are the tighter fit); the entering state's part of
         d acs, sum(exp(acs) dO E o Q) (the inter-chunk dQ times Q); the chunk decay's part of d atot,
@@ -308,8 +291,8 @@ if triton is not None:
         tl.store(dtheta_ptr + (b * L + offs_t[:, None]) * H * K + h * K + offs_j[None, :], dth,
                  mask=tmask[:, None] & (offs_j < K)[None, :])
         offs_r = tl.arange(0, RP)
-        # reloaded (L2-hot) rather than held since the start: at 255 registers, holding them spills more (R4
-        # b8 x 2048 dq kernel, H100: 5.95 -> 5.68 ms, SISO 1.49 -> 1.28)
+        # reloaded (L2-hot) rather than held since the start: at 255 registers, holding them spills more
+        # (kernels/NOTES.md "Backward: dQ and dK/dV")
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         _store_unrotated(dq_ptr + b * L * R * G * N + g * N, dqb_ptr, row_off, pid_bh * RP * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dqa, dqb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
@@ -322,7 +305,11 @@ if triton is not None:
                          R: tl.constexpr, RP: tl.constexpr, CR: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                          HALF: tl.constexpr, HAS_D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr, BIAS_PAIRS: tl.constexpr, HAS_SEQ: tl.constexpr):
-        """dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
+        """Grid (B*H, chunks); q, k [B, L, R, G, N], v rows [B, L, H, P], dO [B, L, R, H, P], down [B*H, nc, P, N]
+        -> dk [B, L, R, G, N] (atomic adds), dkb [B*H, 1, RP, 2 BH], dv rows [B, L, H, P], dmx [B*H, 1, RP, P],
+        dtheta [B, L, H, K] (adds the k side to the dQ kernel's), d acs / d w [B, L, H], d atot [B*H, nc].
+
+        dK = (dA o M)^T Q + to_end (V dOwn); dV = (S o M)^T dO + to_end (K dOwn^T) + D dO; the gradients of
         the to_end weights (parts of d acs, d w, and d atot); the k side of d theta."""
         pid_bh, c, b, h, g, r_i, offs_l, lmask, offs_p, pmask, lp = _chunk_tile(L, H, G, P, R, RP, CR, BP)
         offs_j, jm, ia, ib = _half_columns(HALF, BH)
@@ -378,8 +365,7 @@ if triton is not None:
         dth = _rank_sum(dkb * ka.to(tl.float32) - dka * kb.to(tl.float32), CR, RP, BH)
         tl.store(th_ptr, tl.load(th_ptr, mask=thm, other=0.0) + dth, mask=thm)
         offs_r = tl.arange(0, RP)
-        # reloaded, as in the dq kernel (per-row loads, it paid off for SISO only; repeated, for R4 too: 4.09 ->
-        # 3.96 ms at b8 x 2048, 8.10 -> 7.81 at b1 x 32768)
+        # reloaded, as in the dq kernel (kernels/NOTES.md "Backward: dQ and dK/dV")
         cos, sin = _rotation_tables(cs_ptr, b, h, c, L, H, K, offs_l, lmask, offs_j, CR, RP, True)
         _store_unrotated(dk_ptr + b * L * R * G * N + g * N, dkb_ptr, row_off, pid_bh * RP * 2 * BH,
                          lmask[:, None] & jm[None, :], ia, ib, dka, dkb, cos, sin, CR, RP, BH, offs_r, offs_r < R, jm)
@@ -410,9 +396,8 @@ def _partial_sum(part: torch.Tensor, B: int, H: int, R: int, n: int) -> torch.Te
 
 
 def _dkdv_regs(st: _Setup, device: torch.device) -> dict:
-    """The dK/dV kernel's register cap: 168 for MIMO on CUDA (it spills a little more and runs faster: H100, R4
-    b8 x 2048 / b1 x 32768 3.87 / 7.70 -> 3.85 / 7.50 ms; H200 3.93 / 7.85 -> 3.80 / 7.56), none for SISO (1.22 /
-    2.39 -> 1.55 / 3.04 ms at 168, 1.36 / 2.61 at 200)."""
+    """The dK/dV kernel's register cap: 168 for MIMO on CUDA (it spills a little more and runs faster), none for SISO
+    (slower at any cap tried). Measurements: kernels/NOTES.md "Backward: dQ and dK/dV"."""
     return {"maxnreg": 168} if st.R > 1 and device.type == "cuda" else {}
 
 
@@ -422,7 +407,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     """Gradients of the batched Triton scan's output with respect to its 14 tensor inputs (None for absent ones).
     opre: the forward's pre-gate output per row (B, L, R, H, P). slots: the `shared_grad` slots of v, z, trap and
     angles (by name) where the layer's split gave them one: their gradients are written there. ckpt: the forward's
-    state checkpoints (`triton_chunked.CKPT_POSITIONS`), or None to recompute the states from the start. seq: packed
+    state checkpoints (`triton_scan.CKPT_POSITIONS`), or None to recompute the states from the start. seq: packed
     rows' `common.sequence_index`, or None."""
     f32 = torch.float32
     init = initial_state.to(f32) if initial_state is not None else None
@@ -440,17 +425,17 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
     if init is not None:  # the initial state's part: small tensors, through autograd
         with torch.enable_grad():
             nxt0, mx_leaf = first_next(dt, trap).requires_grad_(), st.mx.detach().requires_grad_()
-            s0 = tc._initial_state(st, nxt0, mx_leaf)
-    angles = tc.rows_of(angles)
-    q, k, v, z, dy = q.contiguous(), k.contiguous(), tc.rows_of(v), tc.rows_of(z), dy.contiguous()
+            s0 = _initial_state(st, nxt0, mx_leaf)
+    angles = rows_of(angles)
+    q, k, v, z, dy = q.contiguous(), k.contiguous(), rows_of(v), rows_of(z), dy.contiguous()
     zc = z if z is not None else v
-    vs, zs = tc.row_stride(v), tc.row_stride(zc)
+    vs, zs = row_stride(v), row_stride(zc)
     meta = st.meta
     RP, BH = meta["RP"], meta["BH"]
     empty = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)  # noqa: E731
     with torch.no_grad():
         cs, _ = st.rotation_table(angles, dt)
-        states, _, _ = _entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach(), ckpt=ckpt)
+        states, _, _ = scan.entering_states(st, k, v, cs, acs, w, atot, None if s0 is None else s0.detach(), ckpt=ckpt)
         do = torch.empty(B, L, R, H, P, device=dev, dtype=v.dtype)
         # dz and dv are written once per element, straight in their inputs' dtypes (no fp32 copy to cast)
         dz = grad_out("z", z) if st.has_z else do
@@ -458,7 +443,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dmz, dmo = empty(B * H, nblk, R, P), empty(B * H, nblk, R, P)
         dD = empty(B * H, nblk)
         _bwd_dout_kernel[(B * H, nblk)](v, st.mx, st.mz, st.mo, st.D, zc, opre, dy, do, dz, dmz, dmo, dD, L, H, P,
-                                        nblk, vs, zs, tc.row_stride(dz), BT=DOUT_BLOCK, HAS_D=st.has_d,
+                                        nblk, vs, zs, row_stride(dz), BT=DOUT_BLOCK, HAS_D=st.has_d,
                                         HAS_Z=st.has_z, CONTRACT=st.contract,
                                         **{name: meta[name] for name in ("R", "BP", "DOT", "num_warps")}, **FMA)
         # the kernels add into these (one zero fill each: dq | dk, and the bias gradients' (batch, head) sums)
@@ -466,13 +451,13 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         dqb, dkb = torch.zeros(2, B * H, 1, RP, 2 * BH, device=dev, dtype=f32).unbind(0)
         dtheta = empty(B, L, H, K)
         dacs_c, dw_c, dgam = empty(B, L, H), empty(B, L, H), empty(B, L, H)
-        bp, bj = tc.scan_block(st)
+        bp, bj = scan.scan_block(st)
         ds0 = empty(B, H, P, N)
         down = torch.empty_like(states)  # d own state per chunk: a matmul operand, like the states
-        _state_scan_bwd_kernel[tc.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, st.seq_or(acs), down,
+        _state_scan_bwd_kernel[scan.scan_grid(st, B * H, bp, bj)](q, st.qb, cs, do, acs, atot, st.seq_or(acs), down,
                                                                 ds0,
                                                                 L, H, G, K, N, P, nc, BPB=bp, BJ=bj,
-                                                                **tc.scan_meta(st, bp, bj), **FMA)
+                                                                **scan.scan_meta(st, bp, bj), **FMA)
         datot_dq = empty(B * H, nc)
         _bwd_dq_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, acs, gam, w, atot, st.seq_or(acs), states, down,
                                     do, dq, dqb,
@@ -485,7 +470,7 @@ def chunked_backward(dy, opre, q, k, v, adt, dt, trap, q_bias, k_bias, angles, m
         _bwd_dkdv_kernel[(B * H, nc)](q, k, st.qb, st.kb, cs, v, st.mx, st.D, acs, gam, w, atot, st.seq_or(acs),
                                       down, do,
                                       dk, dkb, dv, dmx, dtheta, dacs_b, dw, datot, L, H, G, K, N, P, nc, vs,
-                                      tc.row_stride(dv),
+                                      row_stride(dv),
                                       HAS_D=st.has_d, **meta, **_dkdv_regs(st, dev), **FMA)
         d_angles, d_dt_angles = angle_table_backward(dtheta, angles, dt, grad_out("angles", angles))
     dmx_total = _partial_sum(dmx, B, H, R, P)

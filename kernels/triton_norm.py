@@ -59,7 +59,10 @@ if triton is not None:
     @triton.jit
     def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_rows, inner, TS, N, eps, BLOCK_R: tl.constexpr,
                              BLOCK_N: tl.constexpr, WIDE: tl.constexpr, HALVES: tl.constexpr):
-        """y = x rsqrt(mean(x^2) + eps) w per row, fp32 inside, stored contiguous in y's dtype."""
+        """Grid (rows / BLOCK_R,); x [tokens, inner, N] (rows of N, tokens TS apart: `_rows_layout`), w [N] -> y
+        [tokens, inner, N] contiguous in y's dtype (HALVES: each row's pairs (2j, 2j+1) stored at (j, j + N/2)).
+
+        y = x rsqrt(mean(x^2) + eps) w per row, fp32 inside."""
         pid, rows, xoff, cols, cmask, m = _row_tile(n_rows, inner, TS, N, BLOCK_R, BLOCK_N, WIDE)
         x = tl.load(x_ptr + xoff[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -72,7 +75,10 @@ if triton is not None:
     def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, n_rows, inner, TS, DTS, N, eps,
                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
                              HAS_DW: tl.constexpr, HALVES: tl.constexpr):
-        """Per row, with r = rsqrt(mean(x^2) + eps), xhat = x r, g = dy w: dx = r (g - xhat mean(g xhat)); with
+        """Grid (rows / BLOCK_R,); x [tokens, inner, N] (tokens TS apart), w [N], dy contiguous -> dx (tokens DTS
+        apart), dw [programs, N] partial sums (HAS_DW).
+
+        Per row, with r = rsqrt(mean(x^2) + eps), xhat = x r, g = dy w: dx = r (g - xhat mean(g xhat)); with
         HAS_DW, this program's partial sum over its rows of dy xhat (the weight's gradient), fp32, row pid of dw.
         rstd is recomputed from x (nothing else is saved by the forward). dx is laid out as x, tokens DTS apart."""
         pid, rows, xoff, cols, cmask, m = _row_tile(n_rows, inner, TS, N, BLOCK_R, BLOCK_N, WIDE)

@@ -74,6 +74,8 @@ if triton is not None:
     @triton.jit
     def _activations_kernel(ddt_ptr, dda_ptr, dtb_ptr, dt_ptr, adt_ptr, n, H, DS, AS, a_floor,
                             BL: tl.constexpr, BHD: tl.constexpr, HEAVY_TAIL: tl.constexpr):
+        """Grid (B*L / BL, H / BHD); dd_dt, dd_A rows [B, L, H] (strides DS, AS), dt_bias [H] -> dt, adt [B, L, H]
+        fp32: dt = softplus(dd_dt + dt_bias), adt = A dt with A = min(-act(dd_A), -a_floor) (`_activations`)."""
         offs_r, offs_h, hmask, m = _rows_tile(n, H, BL, BHD)
         dd_dt = tl.load(ddt_ptr + offs_r[:, None] * DS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
         dd_a = tl.load(dda_ptr + offs_r[:, None] * AS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
@@ -87,8 +89,11 @@ if triton is not None:
     def _activations_bwd_kernel(ddt_ptr, dda_ptr, dtb_ptr, gdt_ptr, gadt_ptr, d_ddt_ptr, d_dda_ptr, dbias_ptr,
                                 n, H, DS, AS, DDS, DAS, a_floor, BL: tl.constexpr, BHD: tl.constexpr,
                                 HEAVY_TAIL: tl.constexpr):
-        """With x = dd_dt + dt_bias: d x = (g_dt + g_adt A) sigmoid(x); d dd_A = -g_adt dt act'(dd_A) where the
-        clamp passes (-act <= -a_floor, as torch's clamp passes ties); dt_bias's per-program partial sums."""
+        """Grid (B*L / BL, H / BHD); dd_dt, dd_A rows [B, L, H], g_dt, g_adt [B, L, H] fp32 -> d dd_dt, d dd_A rows
+        [B, L, H], dbias [B*L / BL, H] (per-program partial sums of dt_bias's gradient).
+
+        With x = dd_dt + dt_bias: d x = (g_dt + g_adt A) sigmoid(x); d dd_A = -g_adt dt act'(dd_A) where the
+        clamp passes (-act <= -a_floor, as torch's clamp passes ties)."""
         offs_r, offs_h, hmask, m = _rows_tile(n, H, BL, BHD)
         dd_dt = tl.load(ddt_ptr + offs_r[:, None] * DS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
         dd_a = tl.load(dda_ptr + offs_r[:, None] * AS + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
@@ -132,6 +137,8 @@ if triton is not None:
     @triton.jit
     def _token_scalars_kernel(adt_ptr, dt_ptr, trap_ptr, len_ptr, gam_ptr, w_ptr, acs_ptr, atot_ptr, L, H, nc,
                               AS, DS, TS, C: tl.constexpr, BHD: tl.constexpr, HAS_LEN: tl.constexpr):
+        """Grid (B * chunks, H / BHD); adt, dt, trap rows [B, L, H] (strides AS, DS, TS), lengths [B] -> gamma, w,
+        acs [B, L, H] and atot [B, H, nc], fp32: one chunk of C positions per program (see the module docstring)."""
         b, c, offs_l, offs_h, hmask = _tile(L, H, nc, C, BHD)
         m = (offs_l < L)[:, None] & hmask[None, :]
         adt = _load(adt_ptr, b, L, AS, offs_l, offs_h, m)
@@ -151,7 +158,10 @@ if triton is not None:
                                   datot_ptr, datot2_ptr, ddt2_ptr, dn0_ptr, dadt_ptr, ddt_ptr, dtrap_ptr,
                                   L, H, nc, DS, TS, DTS, C: tl.constexpr, BHD: tl.constexpr, HAS_LEN: tl.constexpr,
                                   HAS_N0: tl.constexpr):
-        """The gradient parts arrive in pairs (the dq and dk/dv kernels each write one) and are summed here:
+        """Grid (B * chunks, H / BHD); d gamma, d w x2, d acs x2, ddt2 [B, L, H], d atot x2 [B, H, nc], dn0 [B, H]
+        -> d adt, d dt, d trap [B, L, H] (d trap rows of stride DTS).
+
+        The gradient parts arrive in pairs (the dq and dk/dv kernels each write one) and are summed here:
         d adt_s = sum_(s' >= s in its chunk) d acs_s' + d atot_c; with g = d gamma + d w and n_s = d w_(s-1)
         (the gradient of nxt_s, where w_(s-1) took it in; plus dn0 at s = 0 when an initial state took it),
         d dt = lambda g + (1 - lambda) n (+ ddt2, the angles' part) and d trap = dt (g - n) lambda (1 - lambda)."""

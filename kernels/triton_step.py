@@ -3,9 +3,8 @@
 One program per (sequence, head) (or per block of its headdim rows) reads its (P, N) fp32 state once and
 writes it once, so the step is bound by the state's bytes. The rank-R work runs on tensor cores: the update
 is one (P, 2R) x (2R, N) product (previous and current token's ranks side by side, padded to 16) and the R
-outputs one (P, N) x (N, R) product, so the state tile is the only large thing a thread holds. On H100 at
-batch 64 (R4, d_state 128, P 64) that took the step from 158 us (outer products and row sums in fp32 FMAs)
-to 126 us against a 97 us floor (state bytes / copy bandwidth).
+outputs one (P, N) x (N, R) product, so the state tile is the only large thing a thread holds (against outer
+products and row sums in fp32 FMAs: kernels/NOTES.md "Decode step").
 
 Same function as `mamba3_step`. With `activations`, the step starts from the layer's raw in_proj output
 (B/C before their RMS norms, dd_dt and dd_A before softplus and the A activation) and does those per-token
@@ -22,11 +21,15 @@ from typing import NamedTuple
 import torch
 
 from .common import FMA, Mamba3State, cdiv, check_inputs, check_int32_offsets, next_pow2, rows_of
-from .triton_chunked import _pow2, _sm_count, triton
+from .triton_setup import _pow2, _sm_count
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install has no triton; mamba3_step_triton says so
+    triton = None
 
 if triton is not None:
-    import triton.language as tl
-
     from .triton_angles import _tanh
     from .triton_scalars import _activations
 
@@ -81,6 +84,14 @@ if triton is not None:
                      HALF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_MX: tl.constexpr, HAS_MZ: tl.constexpr, CONTRACT: tl.constexpr, RAW: tl.constexpr,
                      HEAVY_TAIL: tl.constexpr, PREC: tl.constexpr):
+        """Grid (B*H, P / BP); per token q, k [B, R, G, N], v, z [B, H, P], adt / dt / trap [B, H], angles [B, K]
+        (rows of their own batch strides); state angle [B, H, K], ssm [B, H, P, N] (updated in place), k [B, R, H, N],
+        v [B, H, P] -> new angle / k / v, out [B, H, P] (CONTRACT; else [B, R, H, P]).
+
+        One token of `mamba3_step` for a (sequence, head) and block of BP headdim rows: the angle advanced, the
+        update S = alpha S + (previous and current token's ranks) as one (BP, 2R) x (2R, N) product, the R outputs
+        S q_r as one (BP, N) x (N, R) product, then D skip, z gate and the rank contraction. RAW: q, k, adt, dt are
+        the layer's raw C, B, dd_A, dd_dt, normalised and activated here (`StepActivations`)."""
         pid, pblk = tl.program_id(0), tl.program_id(1)  # (sequence, head), block of headdim rows
         b, h = pid // H, pid % H
         g = h // (H // G)
@@ -166,9 +177,8 @@ class StepActivations(NamedTuple):
 
 def step_launch(heads: int, P: int, device: torch.device) -> tuple[int, int]:
     """(headdim rows per program, warps) for B*H = heads: whole heads in 4 warps when the heads alone fill the
-    GPU, else blocks of 32 rows in 2 warps so batch 1 still launches enough programs. Measured on H100 (d_state
-    128, P 64, layer's fused step): at B*H = 4096 whole heads take R4 132 us (blocks of 32: 156 x 2 warps,
-    254 x 4), SISO 119 us; at B*H = 64 blocks of 32 in 2 warps take R4 6.4 us (whole heads 6.8)."""
+    GPU, else blocks of 32 rows in 2 warps so batch 1 still launches enough programs (kernels/NOTES.md "Decode
+    step")."""
     if heads >= 16 * _sm_count(device):
         return _pow2(P), 4
     return min(_pow2(P), 32), 2

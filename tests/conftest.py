@@ -76,11 +76,12 @@ def in_place_record(monkeypatch):
 
 @pytest.fixture
 def kept_checkpoints(monkeypatch):
-    """For `triton_chunked.CKPT_POSITIONS`: per training forward of the Triton op, how many state checkpoints it kept
-    (None: none)."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    """For `triton_scan.CKPT_POSITIONS`: per training forward of the Triton op, how many state checkpoints it kept
+    (None: none). Patched where the forward and the backward look it up (`triton_forward` and `triton_backward` call
+    `triton_scan.entering_states` through the module)."""
+    from hybrid_mamba3.kernels import triton_scan
 
-    record, entering = [], tc._entering_states
+    record, entering = [], triton_scan.entering_states
 
     def recording(*args, **kwargs):
         out = entering(*args, **kwargs)
@@ -88,5 +89,35 @@ def kept_checkpoints(monkeypatch):
             record.append(None if out[2] is None else out[2].shape[2])
         return out
 
-    monkeypatch.setattr(tc, "_entering_states", recording)
+    monkeypatch.setattr(triton_scan, "entering_states", recording)
     return record
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel in its module: each launch's keyword arguments (constexprs and launch options)
+    are appended to `record`, then the kernel runs as before."""
+
+    def __init__(self, kernel, record: list):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.record.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """watch(module, name) -> the list of keyword arguments of every later launch of that Triton kernel: a test that
+    patches a kernel setting asserts from it that the setting reached the launch."""
+
+    def watch(module, name: str) -> list[dict]:
+        record: list[dict] = []
+        monkeypatch.setattr(module, name, _RecordingKernel(getattr(module, name), record))
+        return record
+
+    return watch

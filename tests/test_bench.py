@@ -1,12 +1,14 @@
-"""The benchmark's trace arithmetic (evals/bench_mamba3.py), on synthetic profiler traces: per-call GPU time, launch
-count and GPU idle inside a call, which the issue's wall-time target is read against. The GPU runs are the script's."""
+"""The benchmark's trace arithmetic (evals/kernel_dev/bench_trace.py), on synthetic profiler traces: per-call GPU time,
+launch count and GPU idle inside a call, which the issue's wall-time target is read against. The GPU runs are
+evals/kernel_dev/bench_mamba3.py's."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("bench_mamba3", Path(__file__).parents[1] / "evals" / "bench_mamba3.py")
+_SPEC = importlib.util.spec_from_file_location("bench_trace",
+                                               Path(__file__).parents[1] / "evals" / "kernel_dev" / "bench_trace.py")
 bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)
 
@@ -61,3 +63,17 @@ def test_distillation_step_benchmark_runs_its_three_modes(tmp_path):
     rows = json.loads((tmp_path / "bench_distill.json").read_text())["rows"]
     assert set(rows) == {"naive", "trainer", "trainer+ckpt"}
     assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_report_rerenders_the_stored_results(tmp_path):
+    """bench_mamba3.py --from-json (no GPU, no torch) finds its pieces beside it and renders the stored run's JSON into
+    the stored table, line for line."""
+    import subprocess
+    import sys
+
+    results = Path(__file__).parents[1] / "evals" / "results"
+    script = Path(__file__).parents[1] / "evals" / "kernel_dev" / "bench_mamba3.py"
+    proc = subprocess.run([sys.executable, str(script), "--from-json", str(results / "bench_mamba3.json"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "bench_mamba3_table.txt").read_text() == (results / "bench_mamba3_table.txt").read_text()

@@ -2,11 +2,10 @@
 
 The interpreter tests run the kernels' source with numpy, which is looser than the compiler: a helper returning
 int64 from one constexpr branch and int32 from the other ran there and failed to compile on the GPU. This runs
-`evals/kernel_sass.py --variants` (one fwd+bwd of the op for MIMO and SISO, packed sequences with an initial state and
-packed rows (seq_idx),
-the token activations of both kinds, the fp16 angle table's fast cos / sin that only CUDA tensors select; launches
-replaced by compiles with Triton's bundled ptxas) in a subprocess
-without TRITON_INTERPRET, and checks that every kernel defined in the package was compiled.
+`evals/kernel_dev/kernel_sass.py --variants` (one fwd+bwd of the op for MIMO and SISO, packed sequences with an
+initial state and packed rows (seq_idx), the token activations of both kinds, the fp16 angle table's fast cos / sin
+that only CUDA tensors select; launches replaced by compiles with Triton's bundled ptxas) in a subprocess without
+TRITON_INTERPRET, and checks that every kernel defined in the package was compiled.
 """
 
 import ast
@@ -38,8 +37,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         pytest.skip("this triton install has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, str(ROOT / "evals" / "kernel_sass.py"), "--ranks", "4,1", "--variants",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, str(ROOT / "evals" / "kernel_dev" / "kernel_sass.py"), "--ranks", "4,1",
+                           "--variants", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = json.loads((tmp_path / "kernel_sass.json").read_text())["kernels"]
     compiled = {k["kernel"] for k in reports}

@@ -1,4 +1,5 @@
-"""evals/kernel_floors.py, the kernels' floors (FLOPs and fewest bytes per launch), on meta tensors (no kernel runs).
+"""evals/kernel_dev/kernel_floors.py, the kernels' floors (FLOPs and fewest bytes per launch), on meta tensors (no
+kernel runs).
 
 Its matmul counts are formulas per kernel; they are checked here against the kernels' own source: at R4 with
 headdim 64 and d_state 128 every tile dimension is 64 (rows CR, lanes BP, half-state BH), so each tl.dot is one
@@ -12,26 +13,27 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-_PATH = Path(__file__).parents[1] / "evals" / "kernel_floors.py"
+_PATH = Path(__file__).parents[1] / "evals" / "kernel_dev" / "kernel_floors.py"
 _SPEC = importlib.util.spec_from_file_location("kernel_floors", _PATH)
 floors_mod = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(floors_mod)
 
-from hybrid_mamba3.kernels import triton_backward, triton_chunked  # noqa: E402
+from hybrid_mamba3.kernels import triton_backward, triton_forward, triton_scan  # noqa: E402
+from hybrid_mamba3.kernels.triton_setup import kernel_chunk  # noqa: E402
 
 PER_CHUNK = {"_chunk_output_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 SCANS = {"_state_scan_kernel", "_state_scan_bwd_kernel"}
 
 
 def _dots(name: str) -> int:
-    kernel = getattr(triton_chunked, name, None) or getattr(triton_backward, name)
+    kernel = next(getattr(m, name) for m in (triton_scan, triton_forward, triton_backward) if hasattr(m, name))
     return inspect.getsource(kernel.fn).count("tl.dot(")
 
 
 def test_matmul_flops_match_the_kernels_dots():
     B, L = 2, 256  # 16 chunks of 16 positions at R4; 2 x 64 heads do not leave SMs idle: no state checkpoints
     launches = floors_mod.record_launches(B, L, 4, sms=132)
-    nc, unit = L // triton_chunked.kernel_chunk(4), 2.0 * 64 ** 3
+    nc, unit = L // kernel_chunk(4), 2.0 * 64 ** 3
     seen = set()
     for ln in launches:
         name = ln["kernel"]
@@ -57,7 +59,7 @@ def test_floors_per_kernel():
     # the entering states' buffer also for its absent initial state and checkpoints (counted each time, the sum
     # would be 4 MB larger)
     B, L, H, P, N, K = 1, 128, floors_mod.H, floors_mod.P, floors_mod.N, floors_mod.K
-    nc = L // triton_chunked.kernel_chunk(1)
+    nc = L // kernel_chunk(1)
     scan = [ln for ln in floors_mod.record_launches(B, L, 1, backward=False) if ln["kernel"] == "_state_scan_kernel"]
     expected = (B * L * N * 2 + H * N * 4  # k (bf16) and its bias (fp32)
                 + B * L * H * 2 * K * 2  # the fp16 cos | sin table
@@ -65,3 +67,15 @@ def test_floors_per_kernel():
                 + 2 * B * L * H * 4 + B * H * nc * 4  # acs, w per token, atot per chunk
                 + B * H * nc * P * N * 2 + B * H * P * N * 4)  # entering states (bf16), final state (fp32)
     assert [ln["bytes"] for ln in scan] == [expected]
+
+
+def test_sms_reach_the_scan_policy():
+    """--sms is what the wrappers plan for (record_launches patches `triton_scan._sm_count`, where the scan's policy
+    looks it up): 64 heads on 132 SMs leave SMs idle, so a training forward keeps the state checkpoints (its scan
+    writes one segment's fp32 state per head more); on 1 SM it keeps none."""
+    def forward_scan_bytes(sms):
+        return next(ln["bytes"] for ln in floors_mod.record_launches(1, 256, 4, sms=sms)
+                    if ln["kernel"] == "_state_scan_kernel")
+
+    one_segment = floors_mod.H * floors_mod.P * floors_mod.N * 4
+    assert forward_scan_bytes(132) == forward_scan_bytes(1) + one_segment

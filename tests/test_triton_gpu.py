@@ -78,16 +78,16 @@ GRID = [
 
 @pytest.mark.parametrize("R,G,N,K,pw,gate,skip,init,P", GRID)
 @pytest.mark.parametrize("L", [300, 1024])
-def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L, monkeypatch):
-    from hybrid_mamba3.kernels import triton_chunked as tc
+def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L, monkeypatch, kept_checkpoints):
+    from hybrid_mamba3.kernels import triton_scan
 
     B, H = 2, 8
     if L == 1024:  # 16 heads leave most SMs idle, so the state scans take narrow blocks (`state_scan_block`) and the
         # backward recomputes the states from checkpoints; at this length, the many-heads case: wide blocks and no
         # checkpoints, the device counted as 1 SM
-        monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
+        monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
     else:  # checkpoints every 64 positions: 5 segments of 1-4 chunks (the last one partial)
-        monkeypatch.setattr(tc, "CKPT_POSITIONS", 64)
+        monkeypatch.setattr(triton_scan, "CKPT_POSITIONS", 64)
     args, opts = _inputs(B, L, R, G, N, H, P, K, R > 1, gate, skip, seed=hash((R, G, N, K, P, L)) % 2 ** 31)
     st = None
     if init:
@@ -103,6 +103,7 @@ def test_forward_and_gradients_vs_chunked(R, G, N, K, pw, gate, skip, init, P, L
     for name, a, b in zip(Mamba3State._fields, fin, ref_fin):
         assert not torch.isnan(a).any() and rel_err(a, b) < TOL, name
     _assert_same_gradients(y, ref, low, lowo, ref_in, ref_o)
+    assert kept_checkpoints == ([None] if L == 1024 else [5])  # the patched setting reached the training forward
 
 
 @pytest.mark.parametrize("R,pw", [(4, False), (1, True)])
@@ -111,7 +112,7 @@ def test_state_checkpoints_on_gpu(R, pw, monkeypatch, kept_checkpoints):
     (`CKPT_POSITIONS` 64: segments of 4 chunks at R4, 1 at SISO, the last one partial) within 1e-5 of the recompute
     from the start (0). Not bit for bit: the segments' walks take other state blocks than the forward's, so their
     matmuls may sum in another order (fp32 rounding, ~1e-7)."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    from hybrid_mamba3.kernels import triton_scan
 
     B, H, L, N, P, K = 2, 8, 300, 128, 64, 32
     args, opts = _inputs(B, L, R, 1, N, H, P, K, R > 1, True, True, seed=11)
@@ -120,7 +121,7 @@ def test_state_checkpoints_on_gpu(R, pw, monkeypatch, kept_checkpoints):
     dy = torch.randn(mamba3_chunked_triton(*args, **opts, rope_pairwise=pw)[0].shape, device="cuda")
     grads = []
     for positions in (0, 64):
-        monkeypatch.setattr(tc, "CKPT_POSITIONS", positions)
+        monkeypatch.setattr(triton_scan, "CKPT_POSITIONS", positions)
         ins = [a.clone().requires_grad_() for a in args]
         ops = {k: None if v is None else v.clone().requires_grad_() for k, v in opts.items()}
         _poison()
@@ -132,7 +133,7 @@ def test_state_checkpoints_on_gpu(R, pw, monkeypatch, kept_checkpoints):
         assert not torch.isnan(a).any() and rel_err(a, b) < 1e-5, (i, rel_err(a, b))
 
 
-def test_angle_table_on_gpu(monkeypatch):
+def test_angle_table_on_gpu(monkeypatch, kernel_launches):
     """The rotation table on the GPU, theta past 1500 rad over 64 blocks, vs fp64 theta = init + cumsum(tanh(angles)
     pi dt): fp32 (libdevice cos / sin) to 2.5e-4, the fp32 sums of increments up to 2.6 rad within blocks of 128
     (H100: 5.6e-5 at theta ~8500 rad; before pi and the block sums went to float64, blocks of 32 were 1.3e-4 off at
@@ -152,10 +153,11 @@ def test_angle_table_on_gpu(monkeypatch):
                                                   * dt.double()[..., None], dim=1)
     assert theta.abs().max() > 1500
     ref = torch.stack((theta.cos(), theta.sin()), dim=-2)
-    tables = {}
+    tables, launches = {}, kernel_launches(ta, "_angle_table_kernel")
     for fast, dtype in ((0, torch.float32), (0, torch.float16), (1, torch.float16)):
         monkeypatch.setattr(ta, "FAST_SINCOS", fast)
         tables[fast, dtype] = ta.angle_table(angles.cuda(), dt.cuda(), init.cuda(), dtype)[0].double().cpu()
+    assert [kw["FAST"] for kw in launches] == [False, False, True]  # FAST_SINCOS reached the fp16 table's launch
     assert (tables[0, torch.float32] - ref).abs().max() < 2.5e-4
     assert (tables[0, torch.float16] - ref).abs().max() < 2.5e-4 + 2.0 ** -12
     flips = (tables[1, torch.float16] - tables[0, torch.float16]).abs()
@@ -165,7 +167,7 @@ def test_angle_table_on_gpu(monkeypatch):
 def test_strided_v_and_z_read_in_place():
     """bf16 v and z as views of one wider projection (as the layer passes them): read in place, bitwise the same
     output and v / z gradients as contiguous copies (the same kernels on the same values)."""
-    from hybrid_mamba3.kernels.triton_chunked import rows_of
+    from hybrid_mamba3.kernels.common import rows_of
 
     B, L, H, P = 2, 300, 8, 64
     args, opts = _inputs(B, L, 4, 1, 128, H, P, 32, True, True, True, seed=3)
@@ -209,17 +211,17 @@ def test_varlen_equals_separate_calls():
 
 @pytest.mark.parametrize("R,pw,ckpt", [(4, False, False), (1, True, False), (4, False, True)],
                          ids=["mimo_r4", "siso", "mimo_r4_checkpoints"])
-def test_packed_rows_vs_chunked(R, pw, ckpt, monkeypatch):
+def test_packed_rows_vs_chunked(R, pw, ckpt, monkeypatch, kept_checkpoints):
     """seq_idx on the GPU: bf16 kernels with the state reset at every sequence start inside them, vs the fp32 chunked
     op on the same packed rows (itself checked against the reference run sequence by sequence in CI); documents of
     1-300 tokens, starts anywhere in a chunk; with checkpoints every 64 positions (the backward's recompute from
     them), or none."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    from hybrid_mamba3.kernels import triton_scan
 
     if ckpt:
-        monkeypatch.setattr(tc, "CKPT_POSITIONS", 64)
+        monkeypatch.setattr(triton_scan, "CKPT_POSITIONS", 64)
     else:
-        monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
+        monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
     B, L, H, P, N, K = 2, 1024, 8, 64, 128, 32
     g = torch.Generator().manual_seed(R)
     starts = (torch.rand(B, L - 1, generator=g) < 1 / 150).long()  # a document starts after ~150 tokens
@@ -234,6 +236,7 @@ def test_packed_rows_vs_chunked(R, pw, ckpt, monkeypatch):
     y, _ = mamba3_chunked_triton(*low, **lowo, rope_pairwise=pw, seq_idx=seq)
     assert not torch.isnan(y).any() and rel_err(y, ref) < TOL
     _assert_same_gradients(y, ref, low, lowo, ref_in, ref_o)
+    assert kept_checkpoints == ([16] if ckpt else [None])  # 64-position segments of 1024, or none on "1 SM"
 
 
 def test_bc_norm_kernel_vs_torch_norm():

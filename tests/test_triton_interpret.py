@@ -26,7 +26,8 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
     pytest.skip("interpreter tests are for CPU machines (on a GPU, tests/test_triton_gpu.py runs)",
                 allow_module_level=True)
-from hybrid_mamba3.kernels.triton_chunked import kernel_chunk, mamba3_chunked_triton  # noqa: E402
+from hybrid_mamba3.kernels.triton_chunked import mamba3_chunked_triton  # noqa: E402
+from hybrid_mamba3.kernels.triton_setup import kernel_chunk  # noqa: E402
 from hybrid_mamba3.kernels.triton_step import mamba3_step_triton  # noqa: E402
 
 TOL = 3e-6
@@ -65,20 +66,22 @@ def test_forward_matches_reference(R, G, K, pw, L, mimo, gate, skip, init):
 
 
 @pytest.mark.parametrize("N,K,pairs", [(16, 4, None), (64, 24, 16)])
-def test_state_scan_blocks(N, K, pairs, monkeypatch):
+def test_state_scan_blocks(N, K, pairs, monkeypatch, kernel_launches):
     """Both state scans (forward, and the backward's reverse one) split the state over programs
     (`state_scan_block`): by default one head of P = 48 is one block of 64 rows (16 masked) in both; monkeypatched,
     blocks of 32 rows (the second partly masked) x 16 rotation pairs, here the first block of pairs rotated, the
     second partly (K = 24). Forward and final state vs the reference; every gradient, the initial state's included,
-    vs fp64 autograd."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    vs fp64 autograd; both scans launched with the blocks."""
+    from hybrid_mamba3.kernels import triton_backward, triton_scan
 
-    assert tc.state_scan_block(N, 2, 1, 1) == (64, N // 2)  # (the interpreter counts as 1 SM)
+    assert triton_scan.state_scan_block(N, 2, 1, 1) == (64, N // 2)  # (the interpreter counts as 1 SM)
     want_blocks = {(64, 16)} if pairs is None else {(32, pairs)}  # N = 16 pads its 8 pairs to a 16-wide block
     if pairs is not None:
-        monkeypatch.setattr(tc, "state_scan_block", lambda N, *_: (32, pairs))
-    blocks, scan_block = [], tc.scan_block
-    monkeypatch.setattr(tc, "scan_block", lambda *a, **kw: blocks.append(scan_block(*a, **kw)) or blocks[-1])
+        monkeypatch.setattr(triton_scan, "state_scan_block", lambda N, *_: (32, pairs))
+    blocks, scan_block = [], triton_scan.scan_block
+    monkeypatch.setattr(triton_scan, "scan_block", lambda *a, **kw: blocks.append(scan_block(*a, **kw)) or blocks[-1])
+    fwd_scans = kernel_launches(triton_scan, "_state_scan_kernel")
+    bwd_scans = kernel_launches(triton_backward, "_state_scan_bwd_kernel")
     args, opts = make_op_inputs(B=1, L=45, R=2, H=1, N=N, P=48, K=K)
     st = _state(1, 2, K, H=1, P=48, N=N)
     ref, ref_fin = mamba3_reference(*args, **opts, initial_state=st, return_final_state=True)
@@ -92,6 +95,8 @@ def test_state_scan_blocks(N, K, pairs, monkeypatch):
     _, got = _grads(mamba3_chunked_triton, a32, o32, dy, initial_state=st.to(torch.float32))
     _assert_grads(got, want)
     assert set(blocks) == want_blocks
+    assert fwd_scans and bwd_scans  # the forward and the backward's recompute, and the reverse scan
+    assert {(kw["BPB"], kw["BJ"]) for kw in fwd_scans + bwd_scans} == want_blocks
 
 
 def test_mimo_z_without_z_has_no_gradient():
@@ -108,7 +113,7 @@ def test_mimo_z_without_z_has_no_gradient():
 
 def test_state_scan_block_policy():
     """Narrower state blocks only where a block per head leaves more than half the SMs without a program."""
-    from hybrid_mamba3.kernels.triton_chunked import state_scan_block
+    from hybrid_mamba3.kernels.triton_scan import state_scan_block
 
     assert state_scan_block(128, 4, 64, 132) == (32, 32)  # b1, 64 heads, H100
     assert state_scan_block(128, 1, 64, 132) == (64, 32)
@@ -215,7 +220,7 @@ def test_state_checkpoints(R, L, pw, lens, monkeypatch, kept_checkpoints):
     recompute from the start (0: no checkpoints) does, initial state included; the checkpoints kept are one per
     segment; packed sequences too (padded to 40 positions inside). Checkpoints are kept only where the heads are few
     for the GPU's SMs (the interpreter counts 1 SM: made 64 here, then back to 1, where none are kept)."""
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    from hybrid_mamba3.kernels import triton_scan
 
     C = kernel_chunk(R)
     packed = lens == "seq"  # packed rows (seq_idx: a sequence starts mid chunk, another on a checkpoint), no state
@@ -230,11 +235,11 @@ def test_state_checkpoints(R, L, pw, lens, monkeypatch, kept_checkpoints):
         kw["seq_idx"] = torch.tensor([[0] * 5 + [1] * (C - 5) + [2] * (L - C), [0] * L])
     dy = torch.randn(mamba3_chunked_triton(*a32, **o32, **kw)[0].shape, dtype=torch.float64)
     grads = {}
-    monkeypatch.setattr(tc, "_sm_count", lambda device: 64)  # 2 x 4 heads: a GPU with SMs to spare
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 64)  # 2 x 4 heads: a GPU with SMs to spare
     for positions in (0, C, 2 * C):
-        monkeypatch.setattr(tc, "CKPT_POSITIONS", positions)
+        monkeypatch.setattr(triton_scan, "CKPT_POSITIONS", positions)
         grads[positions] = _grads(mamba3_chunked_triton, a32, o32, dy, **kw)[1]
-    monkeypatch.setattr(tc, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
     _grads(mamba3_chunked_triton, a32, o32, dy, **kw)
     assert kept_checkpoints == [None, 3, 2, None]
     for positions in (C, 2 * C):
@@ -242,7 +247,7 @@ def test_state_checkpoints(R, L, pw, lens, monkeypatch, kept_checkpoints):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (positions, i)
 
 
-def test_angle_table_over_many_blocks(monkeypatch):
+def test_angle_table_over_many_blocks(monkeypatch, kernel_launches):
     """The rotation table and its gradient against theta = init + cumsum(tanh(angles) pi dt) in fp64, over 40 blocks
     of positions with the offsets scan made to take three steps (the last one partial) each way, so a wrong carry,
     order or reduction mod 2 pi fails. The raw angles are a bf16 strided view (read in place, tanh in the kernels),
@@ -255,6 +260,7 @@ def test_angle_table_over_many_blocks(monkeypatch):
     from hybrid_mamba3.kernels import triton_angles as ta
 
     monkeypatch.setattr(ta, "OFFSET_TILE", 64)  # 16 blocks per step at 4 angles
+    offset_scans = kernel_launches(ta, "_block_offsets_kernel")
     torch.manual_seed(0)
     B, H, K = 1, 2, 4
     L = ta.BLOCK * 40 - 5
@@ -302,6 +308,7 @@ def test_angle_table_over_many_blocks(monkeypatch):
     _, d_dt = ta.angle_table_backward(dth, x.view(1, n, 1), one + 1)
     want = torch.tanh(x.double()) * torch.pi * torch.arange(n, 0, -1, dtype=torch.float64)
     assert ((d_dt.view(n).double() - want).abs() / want.abs()).max() < 5e-7
+    assert {kw["BB"] for kw in offset_scans if kw["BK"] == K} == {16}  # OFFSET_TILE reached the offsets scans
 
 
 @pytest.mark.parametrize("lens", [None, (29, 11)])
@@ -418,7 +425,7 @@ def test_layer_step_from_raw_projection(mimo, act, G):
 def test_strided_v_and_z_are_read_in_place(L):
     """v and z as the layer passes them (views of one wider projection, positions `width` apart) are read in place
     (`rows_of` returns them, no copy) and give the same output and gradients as contiguous copies."""
-    from hybrid_mamba3.kernels.triton_chunked import rows_of
+    from hybrid_mamba3.kernels.common import rows_of
 
     args, opts = make_op_inputs(B=2, L=L, R=2, **SIZES)
     a32, o32 = _f32(args, opts)
@@ -503,13 +510,13 @@ def test_bad_inputs():
 
 
 def test_grad_precision_script():
-    """evals/grad_precision.py (a device eval) runs end to end here, in fp16: the interpreter's bf16 is not numpy's
-    and gives garbage, fp16 it emulates. fp16 operands round at ~5e-4, so every error is small but not zero."""
+    """evals/kernel_dev/grad_precision.py (a device eval) runs end to end here, in fp16: the interpreter's bf16 is not
+    numpy's and gives garbage, fp16 it emulates. fp16 operands round at ~5e-4, so every error is small but not zero."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("grad_precision", Path(__file__).parents[1] / "evals" /
-                                                  "grad_precision.py")
+                                                  "kernel_dev" / "grad_precision.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     err = mod.errors(1, 40, 4, 2, 16, 16, 4, "cpu", torch.float16)

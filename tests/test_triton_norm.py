@@ -115,11 +115,14 @@ def test_eps_and_small_rows():
     _check(x, _weight(24))
 
 
-def test_wide_offsets(monkeypatch):
+def test_wide_offsets(monkeypatch, kernel_launches):
     """The int64 indexing path, taken where offsets could reach 2^31, forced here by lowering the limit."""
     monkeypatch.setattr(triton_norm, "_INT32_LIMIT", 64)
+    fwd = kernel_launches(triton_norm, "_rms_norm_fwd_kernel")
+    bwd = kernel_launches(triton_norm, "_rms_norm_bwd_kernel")
     x, proj = _proj_view(torch.float32)
     _check(x, _weight(24), leaf=proj)
+    assert fwd and bwd and all(kw["WIDE"] for kw in fwd + bwd)
 
 
 def test_frozen_weight_and_fp64_weight():

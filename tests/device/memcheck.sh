@@ -17,7 +17,7 @@ CS="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 "$CS" --tool memcheck --print-limit 10000 python3 -m pytest -q -m gpu -p no:cacheprovider "$@" >"$OUT/memcheck.log" 2>&1
 rc=$?
-# "=========     at _bwd_dq_kernel+0x4bd0 in triton_chunked.py:211" -> one line per kernel and source line
+# "=========     at _bwd_dq_kernel+0x4bd0 in triton_backward.py:211" -> one line per kernel and source line
 grep -E "^=========     at " "$OUT/memcheck.log" | sed -E 's/\+0x[0-9a-f]+//; s/^=+ +at //' | sort | uniq -c | sort -rn
 grep -E "^========= (ERROR SUMMARY|Invalid|Out-of-range)" "$OUT/memcheck.log" | sort | uniq -c
 grep -E "(passed|failed|error)( |,).* in [0-9.]+s" "$OUT/memcheck.log" | tail -1

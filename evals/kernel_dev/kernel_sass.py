@@ -3,9 +3,9 @@
 spilled bytes, shared memory and the SASS instruction mix (tensor-core ops, global / shared / local memory ops,
 barriers, shuffles) of every kernel one forward+backward call of `mamba3_chunked_triton` launches.
 
-    python3 evals/kernel_sass.py --ranks 4,1 --out out/sass       # CPU only; a few minutes of compiling
-    python3 evals/kernel_sass.py --variants                        # + every other specialisation the layer
-                                                                   #   launches (CI's tests/test_kernel_compile.py)
+    python3 evals/kernel_dev/kernel_sass.py --ranks 4,1 --out out/sass   # CPU only; a few minutes of compiling
+    python3 evals/kernel_dev/kernel_sass.py --variants                    # + every other specialisation the layer
+                                                                          #   launches (CI's test_kernel_compile.py)
 
 How: the op runs on small CPU tensors with the kernels' launches replaced by compiles (nothing executes, the
 outputs are left as allocated). Each launch's arguments give the kernel's signature the way Triton's launcher
@@ -14,7 +14,7 @@ the constexprs and num_warps / num_stages of the launch), so the compiled code i
 for these launch options, as far as integer divisibility goes (the sizes used here keep the device shapes'
 divisibility: H, P, N at their defaults, L and chunk counts multiples of 16). Compiled with this machine's Triton
 and its bundled ptxas, which may differ from the device's: compare variants with one Triton, and time on the device
-(evals/kernel_report.py), since fewer spills need not mean faster.
+(evals/kernel_dev/kernel_report.py), since fewer spills need not mean faster.
 
 The memory-op "bytes" are instruction width x 128 threads per static SASS instruction (these kernels have no
 loops except the scans' chunk loop, which counts once): a relative measure of a kernel's traffic through
@@ -39,7 +39,7 @@ import torch
 # on for a machine without a GPU, and it must be decided before triton is first imported
 os.environ["TRITON_INTERPRET"] = "0"
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_report, also when run through runpy
 
 _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",

@@ -5,15 +5,16 @@ registers, shared memory and GPU time (torch.profiler, median over --reps calls)
 (CUDA events: the kernels' sum less their overlap), for a grid of kernel chunk lengths,
 warp counts, launch options and module constants (--set NAME=A,B: one variant per value).
 
-    python3 evals/kernel_report.py --out $OUT/kernels            # MIMO R4 and SISO at b8 x 2048 (--shapes for others)
-    python3 evals/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
-    python3 evals/kernel_report.py --module --shapes 1x32768    # the whole layer, as the benchmark times it
+    python3 evals/kernel_dev/kernel_report.py --out $OUT/kernels   # MIMO R4 and SISO at b8 x 2048 (--shapes)
+    python3 evals/kernel_dev/kernel_report.py --forward --set triton_backward.DOUT_BLOCK=32,64
+    python3 evals/kernel_dev/kernel_report.py --module --shapes 1x32768   # the whole layer, as the benchmark times it
 
 --module profiles the benchmark's Mamba3 layer (bench_mamba3.mamba_kwargs: d_model 2048, in_proj, norms, scan, gate,
 out_proj) on a (B, L, 2048) bf16 input instead of the op alone, so the kernels around the scan show too.
 
 Prints one table per variant and writes kernel_report.json. The variants override the kernels' chunk length
-and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`.
+and num_warps for this process only; what the layer runs is `kernel_chunk` / `backward_chunk` and `_Setup`
+(`hybrid_mamba3.kernels.triton_setup`, `triton_backward`). Measurements made with it: kernels/NOTES.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 
 def _inputs(B: int, L: int, R: int, H: int, P: int, N: int, K: int, seed: int = 0):
@@ -63,16 +64,20 @@ def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records:
     import triton
 
     from hybrid_mamba3.kernels import triton_backward as tb
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    from hybrid_mamba3.kernels import triton_forward as tf
+    from hybrid_mamba3.kernels import triton_scan as ts
+    from hybrid_mamba3.kernels import triton_setup
 
-    orig = _ORIG.setdefault("o", (tc.kernel_chunk, tb.backward_chunk, tc._Setup.__init__,
-                                  triton.runtime.jit.JITFunction.run, tc.state_scan_block))
-    tc.kernel_chunk, tb.backward_chunk, tc.state_scan_block = orig[0], orig[1], orig[4]
+    # each override goes where its caller looks the name up: the forward's chunk length in triton_forward, the
+    # backward's in triton_backward, the state block in triton_scan (its `scan_block`, which both scans call)
+    orig = _ORIG.setdefault("o", (tf.kernel_chunk, tb.backward_chunk, triton_setup._Setup.__init__,
+                                  triton.runtime.jit.JITFunction.run, ts.state_scan_block))
+    tf.kernel_chunk, tb.backward_chunk, ts.state_scan_block = orig[0], orig[1], orig[4]
     if state_block is not None:  # "rows" or "rowsxpairs"
         rows, _, pairs = state_block.partition("x")
-        tc.state_scan_block = lambda N, *_: (int(rows), int(pairs) if pairs else N // 2)
+        ts.state_scan_block = lambda N, *_: (int(rows), int(pairs) if pairs else N // 2)
     if chunk is not None:
-        tc.kernel_chunk = lambda rank: chunk
+        tf.kernel_chunk = lambda rank: chunk
     if bwd_chunk is not None:
         tb.backward_chunk = lambda rank: bwd_chunk
     init, run = orig[2], orig[3]
@@ -82,7 +87,7 @@ def _patch(chunk: int | None, bwd_chunk: int | None, warps: int | None, records:
         if warps is not None:
             self.meta["num_warps"] = warps
 
-    tc._Setup.__init__ = setup_init
+    triton_setup._Setup.__init__ = setup_init
 
     def recording_run(self, *a, **kw):
         kw.update(kernel_opts.get(self.__name__, {}))
@@ -167,8 +172,9 @@ def main() -> None:
                     help="comma list of state blocks per program of the state scans: headdim rows, or ROWSxPAIRS "
                          "(e.g. 64x32: 64 rows, 32 rotation pairs = 64 state columns)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT[,INT...]",
-                    help="override an integer constant of hybrid_mamba3.kernels, e.g. triton_backward.DOUT_BLOCK=32 "
-                         "(repeatable; a comma list makes one variant per value)")
+                    help="override an integer constant of hybrid_mamba3.kernels, e.g. triton_backward.DOUT_BLOCK=32, "
+                         "triton_scan.CKPT_POSITIONS=0 (the module that defines it; repeatable; a comma list makes "
+                         "one variant per value)")
     ap.add_argument("--forward", action="store_true",
                     help="time the inference forward alone (no autograd, no final state) instead of forward+backward")
     ap.add_argument("--module", action="store_true",
@@ -176,7 +182,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profiler-range", action="store_true",
                     help="for Nsight Compute: after the warm-up call, one more inside cudaProfilerStart/Stop and no "
-                         "timing (ncu --profile-from-start off -k regex:NAME python3 evals/kernel_report.py ...)")
+                         "timing (ncu --profile-from-start off -k regex:NAME python3 "
+                         "evals/kernel_dev/kernel_report.py ...)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
     sets = _overrides(a.set)

@@ -13,8 +13,8 @@ layer: 64 heads x 64, d_state 128, 32 angles, one B/C group, gate and D; MIMO wi
 The larger of the two is the kernel's floor. With --report (a kernel_report.json at the same shape), the measured GPU
 time beside it and the ratio: how far each kernel is from what its design allows.
 
-    python3 evals/kernel_floors.py                                        # MIMO R4 and SISO at b8 x 2048
-    python3 evals/kernel_floors.py --shapes 8x2048,1x32768 --report out/kernels/kernel_report.json
+    python3 evals/kernel_dev/kernel_floors.py                             # MIMO R4 and SISO at b8 x 2048
+    python3 evals/kernel_dev/kernel_floors.py --shapes 8x2048,1x32768 --report out/kernels/kernel_report.json
 
 How: the op runs on meta tensors (shapes, no data) with the kernel launches recorded instead of run, so the wrappers'
 own choices (chunk length, tiles, state checkpoints for --sms multiprocessors) are those of a call on the GPU.
@@ -62,7 +62,7 @@ def record_launches(B: int, L: int, R: int, sms: int = 132, backward: bool = Tru
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from hybrid_mamba3.kernels import triton_chunked as tc
+    from hybrid_mamba3.kernels import triton_chunked, triton_scan
 
     launches = []
 
@@ -80,9 +80,9 @@ def record_launches(B: int, L: int, R: int, sms: int = 132, backward: bool = Tru
                              bytes=nbytes))
 
     # the kernels are JITFunctions, or InterpretedFunctions where the interpreter was on when they were defined
-    saved = JITFunction.run, InterpretedFunction.run, tc._sm_count
+    saved = JITFunction.run, InterpretedFunction.run, triton_scan._sm_count
     JITFunction.run = InterpretedFunction.run = record
-    tc._sm_count = lambda device: sms
+    triton_scan._sm_count = lambda device: sms  # where the state scans' policy looks it up
     try:
         def t(*shape):
             return torch.empty(*shape, device="meta", dtype=torch.bfloat16).requires_grad_(backward)
@@ -91,11 +91,11 @@ def record_launches(B: int, L: int, R: int, sms: int = 132, backward: bool = Tru
                 t(H, R, N), t(H, R, N), t(B, L, K))
         opts = dict(mimo_x=t(H, R, P) if mimo else None, mimo_z=t(H, R, P) if mimo else None,
                     mimo_o=t(H, R, P) if mimo else None, D=t(H), z=t(B, L, H, P))
-        y, _ = tc.mamba3_chunked_triton(*args, **opts, rope_pairwise=not mimo)
+        y, _ = triton_chunked.mamba3_chunked_triton(*args, **opts, rope_pairwise=not mimo)
         if backward:
             y.backward(torch.ones_like(y))
     finally:
-        JITFunction.run, InterpretedFunction.run, tc._sm_count = saved
+        JITFunction.run, InterpretedFunction.run, triton_scan._sm_count = saved
     return launches
 
 
@@ -124,7 +124,7 @@ def _measured(report: dict | None, shape: str, R: int) -> dict[str, float]:
 
 
 def _default_gbps() -> float:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_mamba3.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench_mamba3.json")
     try:
         with open(path) as f:
             return float(json.load(f)["meta"]["hbm_copy_gbps"])

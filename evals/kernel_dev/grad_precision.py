@@ -2,8 +2,8 @@
 """How far the 16-bit Triton op's output and gradients are from its fp32 path, per input, at long sequences (run on
 the device; the GPU tests check short ones against the chunked torch op).
 
-    python3 evals/grad_precision.py --out $OUT/precision          # R4 and SISO at b8 x 2048 and b1 x 32768
-    python3 evals/grad_precision.py --layers --out $OUT/precision # whole layers, ours and the official, in bf16
+    python3 evals/kernel_dev/grad_precision.py --out $OUT/precision            # R4 and SISO, b8 x 2048, b1 x 32768
+    python3 evals/kernel_dev/grad_precision.py --layers --out $OUT/precision   # whole layers, ours and the official
 
 Same random inputs (tests' generator, d_model 2048 sizes: 64 heads x P64, N128, 32 angles) through
 `mamba3_chunked_triton` twice: in fp32 (exact fp32 matmuls) and in bf16 (tensor cores, fp32 state); for the output
@@ -39,7 +39,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_x", "mimo_z", "mimo_o", "D", "z")
 
