@@ -74,14 +74,7 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
 
     o = options.check()
     state = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(o.output_dir)
-    with state.main_process_first():
-        if state.is_main_process:
-            if out.exists() and any(out.iterdir()) and not o.resume:
-                raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose "
-                                 "another")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1, default=str))
+    out = start_run(o, state)
     bf16 = torch.cuda.is_available() if o.bf16 is None else o.bf16
     teacher, tokenizer, source = load_source(o.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
     if tokenizer is None:
@@ -121,6 +114,20 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
         (result / "README.md").write_text(_model_card(report))
     state.wait_for_everyone()
     return result
+
+
+def start_run(o, state) -> Path:
+    """The run's output directory, made by the first rank (with the options as options.json); one that is not empty
+    is taken only to resume (`o.resume`), so an earlier run's results are never overwritten by mistake."""
+    out = Path(o.output_dir)
+    with state.main_process_first():
+        if state.is_main_process:
+            if out.exists() and any(out.iterdir()) and not o.resume:
+                raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose "
+                                 "another")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1, default=str))
+    return out
 
 
 def _data(o: DistillOptions, tokenizer, out: Path) -> Path:

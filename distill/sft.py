@@ -27,7 +27,7 @@ import torch
 
 from ..configs import load_chat_template
 from ..lora import check_lora_targets, lora_targets
-from .run import _CompleteMarker, latest_complete_checkpoint, trainer_bf16
+from .run import _CompleteMarker, latest_complete_checkpoint, start_run, trainer_bf16
 from .sft_options import SFTOptions
 
 FORMATS = (("messages",), ("prompt", "completion"), ("text",))
@@ -69,13 +69,7 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
 
     o = options.check()
     state = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(o.output_dir)
-    with state.main_process_first():
-        if state.is_main_process:
-            if out.exists() and any(out.iterdir()) and not o.resume:
-                raise ValueError(f"{str(out)!r} is not empty: pass resume (--resume) to continue that run, or choose "
-                                 "another")
-            out.mkdir(parents=True, exist_ok=True)
+    out = start_run(o, state)
     bf16 = torch.cuda.is_available() if o.bf16 is None else o.bf16
     tokenizer = AutoTokenizer.from_pretrained(o.model)
     if o.chat_template:
