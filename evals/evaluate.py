@@ -83,14 +83,28 @@ def _relative_to_teacher(rows: list[dict]) -> None:
         r["pct_of_teacher"] = rel
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """Each path's shortest tail of parts that no other path ends with: run/align/student and run/kd/student show as
+    align/student and kd/student, run/model as model."""
+    parts = [Path(p).parts or (str(p),) for p in paths]
+    out = []
+    for i, mine in enumerate(parts):
+        n = 1
+        while n < len(mine) and any(other[-n:] == mine[-n:] for j, other in enumerate(parts) if j != i):
+            n += 1
+        out.append("/".join(mine[-n:]))
+    return out
+
+
 def table(result: dict) -> str:
     """One line per model: layout, parameters, each metric +- stderr, perplexity, and % of the teacher."""
     cols = sorted({(t, m) for r in result["rows"] for t, ms in r["tasks"].items() for m in ms
                    if not m.endswith("_stderr")})
     head = ["model", "M/L", "params"] + [f"{t}/{m}" for t, m in cols] + ["ppl", "% of teacher (mean)"]
     lines = [head]
-    for r in result["rows"]:
-        cells = [Path(r["model"]).name + (" (teacher)" if r["teacher"] else ""),
+    names = short_names([r["model"] for r in result["rows"]])
+    for r, name in zip(result["rows"], names):
+        cells = [name + (" (teacher)" if r["teacher"] else ""),
                  f"{r['mamba_layers']}/{len(r['layout'])}", f"{r['params'] / 1e6:.1f}M"]
         for t, m in cols:
             v, se = r["tasks"].get(t, {}).get(m), r["tasks"].get(t, {}).get(m + "_stderr")
@@ -118,9 +132,10 @@ def write(result: dict, out_dir: str | Path) -> Path:
     if keys:
         fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(keys)), 4))
         width = 0.8 / len(result["rows"])
-        for i, r in enumerate(result["rows"]):
+        names = short_names([r["model"] for r in result["rows"]])
+        for i, (r, name) in enumerate(zip(result["rows"], names)):
             vals = [(r.get("pct_of_teacher") or {}).get(k, 0) for k in keys]
-            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=Path(r["model"]).name)
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=20, ha="right")
         ax.set_ylabel("% of the teacher")
         ax.axhline(100, color="k", lw=0.5)

@@ -94,10 +94,12 @@ def passkey(models: list[str], filler: list[str], lengths: list[int], depths: li
 
 
 def table(result: dict) -> str:
+    from .evaluate import short_names
+
     lengths = result["lengths"]
     lines = [f"{'model':<36} {'M/L':>6} " + " ".join(f"{L:>7}" for L in lengths) + f" {'mean':>6}"]
-    for r in result["rows"]:
-        name = Path(r["model"]).name + (" (teacher)" if r["teacher"] else "")
+    for r, name in zip(result["rows"], short_names([r["model"] for r in result["rows"]])):
+        name += " (teacher)" if r["teacher"] else ""
         per_length = [sum(r["grid"][L].values()) / len(r["grid"][L]) for L in lengths]
         lines.append(f"{name[:36]:<36} {str(r['layout'].count('M')) + '/' + str(len(r['layout'])):>6} "
                      + " ".join(f"{a:>7.2f}" for a in per_length) + f" {r['mean']:>6.2f}")

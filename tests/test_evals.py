@@ -96,3 +96,11 @@ def test_eval_command_puts_hybrids_beside_the_teacher(fixtures, tmp_path, capsys
     assert hyb["pct_of_teacher"]["heldout/perplexity"] == pytest.approx(100 * teacher["perplexity"] / hyb["perplexity"])
     assert "(teacher)" in printed and "AMAM" not in printed and "2/4" in printed
     assert main(["eval", str(fixtures / "hybrid"), "--out", str(tmp_path)]) == 2  # nothing to measure
+
+
+def test_table_names_each_model_by_the_shortest_tail_that_tells_it_apart():
+    from hybrid_mamba3.evals.evaluate import short_names
+
+    assert short_names(["runs/a/converted", "runs/a/align/student", "runs/a/kd/student", "runs/a/model", "t.gguf"]) \
+        == ["converted", "align/student", "kd/student", "model", "t.gguf"]
+    assert short_names(["x/model", "y/model"]) == ["x/model", "y/model"] and short_names(["model"]) == ["model"]
