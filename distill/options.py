@@ -61,7 +61,8 @@ class DistillOptions:
             raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
         if self.train not in TRAINABLE:
             raise ValueError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
-        if self.train == "lora" and self.deepspeed and _zero_stage(self.deepspeed) == 3:
+        if self.train == "lora" and self.deepspeed and \
+                deepspeed_config(self.deepspeed).get("zero_optimization", {}).get("stage") == 3:
             raise ValueError("train lora is not supported under ZeRO-3 yet (the adapters are merged on one rank): use "
                              "configs/ds_zero2.json, or train mamba / mamba+mlp / all")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
@@ -70,10 +71,11 @@ class DistillOptions:
         return self
 
 
-def _zero_stage(config: str) -> int | None:
+def deepspeed_config(path: str) -> dict:
+    """A DeepSpeed JSON config, as the runs read it to choose their Trainer flags."""
     import json
 
-    return json.loads(Path(config).read_text()).get("zero_optimization", {}).get("stage")
+    return json.loads(Path(path).read_text())
 
 
 def load_recipe(path_or_name: str, options: type = DistillOptions) -> dict:

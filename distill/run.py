@@ -27,6 +27,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from .data import PackedRows, build_shards, iter_documents, load_meta, tokenizer_fingerprint
 from .options import DistillOptions, load_recipe  # noqa: F401  (re-exported: the run's options and recipes)
+from .options import deepspeed_config
 from .trainer import DistillTrainer, ReplacedLayers, replaced_layers, select_trainable
 
 COMPLETE, DONE = "COMPLETE", "DONE"
@@ -247,8 +248,7 @@ def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:
     which casts every parameter to bf16, the Mamba-3 fp32 ones and the adapters included."""
     if not bf16 or not deepspeed:
         return bf16
-    config = json.loads(Path(deepspeed).read_text())
-    return not config.get("torch_autocast", {}).get("enabled", False)
+    return not deepspeed_config(deepspeed).get("torch_autocast", {}).get("enabled", False)
 
 
 def _checkpointing(on: bool) -> dict:

@@ -59,18 +59,16 @@ def models(mamba: float, smoke: bool, device):
 
 
 def step_times(run_step, warmup: int, steps: int, device) -> tuple[list[float], float]:
-    """Wall seconds of each timed step and the peak GiB over them."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    """Wall seconds of each timed step (synchronised before and after) and the peak GiB over them."""
+    from hybrid_mamba3.evals.bench_model import Clock
+
+    clock, times = Clock(device), []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync()
-        t = time.perf_counter()
-        run_step(i)
-        sync()
+        wall_ms = clock.time(lambda: run_step(i))[1]
         if i >= warmup:
-            times.append(time.perf_counter() - t)
+            times.append(wall_ms / 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return times, peak
 

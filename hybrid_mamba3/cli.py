@@ -134,15 +134,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def run_options(args: argparse.Namespace, options: type):
+    """A run's options (DistillOptions, SFTOptions): the --config recipe's keys, the flags given over them."""
     from dataclasses import fields
 
-    from .distill.options import DistillOptions, load_recipe
+    from .distill.options import load_recipe
+    given = {f.name: getattr(args, f.name) for f in fields(options) if hasattr(args, f.name)}
+    recipe = load_recipe(args.config, options) if args.config else {}
+    return options(**{**recipe, **given})
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill.options import DistillOptions
     from .distill.run import distill
-    given = {f.name: getattr(args, f.name) for f in fields(DistillOptions) if hasattr(args, f.name)}
-    recipe = load_recipe(args.config) if args.config else {}
-    options = DistillOptions(**{**recipe, **given})
-    result = distill(options)
+    result = distill(run_options(args, DistillOptions))
     if int(os.environ.get("RANK", "0")) != 0:  # a distributed launch: the first rank reports
         return 0
     report = json.loads((result / "distill_report.json").read_text())
@@ -171,14 +176,9 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from .distill.options import load_recipe
     from .distill.sft import sft
     from .distill.sft_options import SFTOptions
-    given = {f.name: getattr(args, f.name) for f in fields(SFTOptions) if hasattr(args, f.name)}
-    recipe = load_recipe(args.config, SFTOptions) if args.config else {}
-    out = sft(SFTOptions(**{**recipe, **given}))
+    out = sft(run_options(args, SFTOptions))
     if int(os.environ.get("RANK", "0")) != 0:  # a distributed launch: the first rank reports
         return 0
     report = json.loads((out / "sft_report.json").read_text())
@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     k = sub.add_parser("passkey", help="passkey retrieval (needle in a haystack) of hybrids beside their teacher",
-                       description="Accuracy of recalling a 5-digit key hidden at each depth of prompts of each length; "
-                                   "a table, passkey.json and passkey.png in --out.")
+                       description="Accuracy of recalling a 5-digit key hidden at each depth of prompts of each "
+                                   "length; a table, passkey.json and passkey.png in --out.")
     k.add_argument("models", nargs="*", help="hybrid directories (or other causal LMs) to score")
     k.add_argument("--teacher", default=None, help="the teacher (directory or .gguf), scored first")
     k.add_argument("--filler", nargs="+", required=True, help="text files or directories whose text fills the prompts")
