@@ -163,9 +163,10 @@ def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
         return student, report
     rows = PackedRows(shards / "train", min(o.seq_len, 256))
     calib = torch.stack([rows[i]["input_ids"] for i in range(min(8, len(rows)))])
+    shape = {} if o.ngroups is None else {"ngroups": o.ngroups}
     student, report = convert_llama(teacher, mamba_layers=o.mamba_layers, calibration_ids=calib, dtype=torch.float32,
                                     mimo_rank=o.mimo_rank, chunk_size=o.chunk_size, seed=o.seed,
-                                    progress=o.progress)
+                                    progress=o.progress, **shape)
     save_hybrid(student, path, tokenizer=tokenizer, report=report, overwrite=True)
     return student, report
 

@@ -13,6 +13,9 @@ documents of 100-2000 tokens packed along --seq-len (position_ids restarting), -
   trainer+ckpt  the same with activation checkpointing of the student's layers
 tokens/s: rows x seq_len / the median wall time of a whole optimizer step (synchronised), after --warmup steps;
 peak: torch.cuda.max_memory_allocated over the timed steps (the teacher and student weights included).
+--attn picks the attention implementation of teacher and student (sdpa, flex_attention, flash_attention_2, eager).
+--profile runs one more step after the timed ones under torch.profiler and writes its kernels, the most GPU time
+first, to bench_distill_profile_<mode>.txt (and a chrome trace with --trace).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Rows(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.batch.items()}
 
 
-def models(mamba: float, smoke: bool, device):
+def models(mamba: float, smoke: bool, device, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hybrid_mamba3.configs import load_config
@@ -55,11 +58,43 @@ def models(mamba: float, smoke: bool, device):
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     student, _ = convert_llama(teacher, mamba_layers=mamba, mimo_rank=4, dtype=torch.float32, progress=False)
+    for model in (teacher, student):
+        model.set_attn_implementation(attn)
     return teacher.to(device, torch.bfloat16).requires_grad_(False), student.to(device).train()
 
 
-def step_times(run_step, warmup: int, steps: int, device) -> tuple[list[float], float]:
-    """Wall seconds of each timed step (synchronised before and after) and the peak GiB over them."""
+class StepProfiler:
+    """torch.profiler over one step (the one after the timed ones, so that the timings stay clean); on its end the
+    kernels' table (self GPU time, the most first) goes to `path`."""
+
+    def __init__(self, path: str | None, trace: bool = False):
+        self.path, self.trace, self.prof = path, trace, None
+
+    def begin(self) -> None:
+        if self.path:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+
+    def end(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        with open(self.path, "w") as f:
+            f.write(self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+        if self.trace:
+            self.prof.export_chrome_trace(self.path.replace(".txt", ".json"))
+        self.prof = None
+
+
+def step_times(run_step, warmup: int, steps: int, device, profiler: StepProfiler) -> tuple[list[float], float]:
+    """Wall seconds of each timed step (synchronised before and after) and the peak GiB over them; then one step
+    under the profiler, when it is on."""
     from hybrid_mamba3.evals.bench_model import Clock
 
     clock, times = Clock(device), []
@@ -70,10 +105,13 @@ def step_times(run_step, warmup: int, steps: int, device) -> tuple[list[float], 
         if i >= warmup:
             times.append(wall_ms / 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    profiler.begin()
+    run_step(warmup + steps)
+    profiler.end()
     return times, peak
 
 
-def naive(teacher, student, data, a, device):
+def naive(teacher, student, data, a, device, profiler: StepProfiler):
     from hybrid_mamba3.distill.trainer import select_trainable
 
     select_trainable(student, "mamba")
@@ -100,17 +138,17 @@ def naive(teacher, student, data, a, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step_times(run_step, a.warmup, a.steps, device)
+    return step_times(run_step, a.warmup, a.steps, device, profiler)
 
 
-def trainer(teacher, student, data, a, device, checkpointing: bool):
+def trainer(teacher, student, data, a, device, checkpointing: bool, profiler: StepProfiler):
     from transformers import TrainerCallback, TrainingArguments
 
     from hybrid_mamba3.distill.run import _checkpointing
     from hybrid_mamba3.distill.trainer import DistillTrainer, select_trainable
 
     select_trainable(student, "mamba")
-    marks = []
+    marks, peaks = [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -118,23 +156,27 @@ def trainer(teacher, student, data, a, device, checkpointing: bool):
                 torch.cuda.synchronize()
                 if state.global_step == a.warmup:
                     torch.cuda.reset_peak_memory_stats()
+            if state.global_step == a.warmup + a.steps:
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
+                profiler.begin()
             marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             marks[-1] = time.perf_counter() - marks[-1]
+            if state.global_step == a.warmup + a.steps + 1:  # (the Trainer counts the step before this callback)
+                profiler.end()
 
-    args = TrainingArguments(output_dir=os.path.join(a.out, "bench_distill_trainer"), max_steps=a.warmup + a.steps,
+    args = TrainingArguments(output_dir=os.path.join(a.out, "bench_distill_trainer"), max_steps=a.warmup + a.steps + 1,
                              per_device_train_batch_size=a.batch, learning_rate=1e-4, bf16=device.type == "cuda",
                              use_cpu=device.type != "cuda", save_strategy="no", report_to=[], logging_steps=10**6,
                              disable_tqdm=True, dataloader_drop_last=True, **_checkpointing(checkpointing))
     DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Clock()]).train()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return marks[a.warmup:], peak
+    return marks[a.warmup:a.warmup + a.steps], peaks[0]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mamba", type=float, default=0.5, help="fraction of the layers converted to Mamba-3")
     ap.add_argument("--batch", type=int, default=16)
@@ -142,9 +184,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--modes", default="naive,trainer,trainer+ckpt")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation of teacher and student")
+    ap.add_argument("--profile", action="store_true", help="profile one more step of each mode (kernel tables)")
+    ap.add_argument("--trace", action="store_true", help="with --profile, also a chrome trace per mode")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, few steps (runs on a CPU)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.smoke:
         a.batch, a.seq_len, a.warmup, a.steps = 2, 64, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,16 +198,18 @@ def main() -> None:
     tokens = a.batch * a.seq_len
     rows = {}
     lines = [f"{name}: SmolLM2-135M shape{' (smoke)' if a.smoke else ''}, {a.mamba:.0%} Mamba-3 MIMO R4, "
-             f"b{a.batch} x {a.seq_len} packed rows, Mamba-3 mixers trained",
+             f"b{a.batch} x {a.seq_len} packed rows, Mamba-3 mixers trained, {a.attn} attention",
              f"{'mode':<14} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9}"]
     for mode in a.modes.split(","):
-        teacher, student = models(a.mamba, a.smoke, device)
-        data = Rows(a.batch * (a.warmup + a.steps), a.seq_len, teacher.config.vocab_size)
+        teacher, student = models(a.mamba, a.smoke, device, a.attn)
+        data = Rows(a.batch * (a.warmup + a.steps + 1), a.seq_len, teacher.config.vocab_size)
+        profiler = StepProfiler(os.path.join(a.out, f"bench_distill_profile_{mode}.txt") if a.profile else None,
+                                a.trace)
         try:
             if mode == "naive":
-                times, peak = naive(teacher, student, data, a, device)
+                times, peak = naive(teacher, student, data, a, device, profiler)
             elif mode in ("trainer", "trainer+ckpt"):
-                times, peak = trainer(teacher, student, data, a, device, checkpointing=mode.endswith("ckpt"))
+                times, peak = trainer(teacher, student, data, a, device, mode.endswith("ckpt"), profiler)
             else:
                 raise ValueError(f"unknown mode {mode!r}: naive, trainer, trainer+ckpt")
         except torch.OutOfMemoryError:
@@ -177,9 +224,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     table = "\n".join(lines)
     print(table)
+    result = dict(device=name, mamba=a.mamba, batch=a.batch, seq_len=a.seq_len, attn=a.attn, rows=rows, table=table)
     with open(os.path.join(a.out, "bench_distill.json"), "w") as f:
-        json.dump(dict(device=name, mamba=a.mamba, batch=a.batch, seq_len=a.seq_len, rows=rows, table=table), f,
-                  indent=1)
+        json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

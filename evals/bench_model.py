@@ -11,7 +11,8 @@ matplotlib is importable to --out (default $OUT, else ./out), and prints a table
 
 - Shapes (random weights, bf16, sdpa attention): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 25% / 50% / 75% of
   the layers (hybrid-50-siso: 50%, SISO), evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives
-  them (`convert.attention_shapes`: d_state = headdim = the attention head size, one B/C group per head).
+  them (`convert.attention_shapes`: d_state = headdim = the attention head size, one B/C group per head; "-gkv":
+  one group per key/value head instead, the smaller shape).
 - Settings: batch x context. Prefill: one forward over the context that fills a fresh cache (logits for the last
   position only, as generate() asks), `--prefill-chunk` positions per call when given. Decode: after that prefill,
   one token per sequence per step, as generate()'s loop calls the model (sampling and stopping left out).
@@ -52,8 +53,11 @@ SHAPES = {  # LlamaConfig fields of the released models
 SMOKE_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256)
 # fraction of layers that become Mamba-3, and its options (MIMO R4 unless said)
+# ("-gkv": as many B/C groups as key/value heads, the smaller conversion shape; see convert's "Fewer B/C groups")
 MODELS = {"llama": (0.0, {}), "hybrid-25": (0.25, {}), "hybrid-50": (0.5, {}), "hybrid-75": (0.75, {}),
-          "hybrid-50-siso": (0.5, dict(is_mimo=False, mimo_rank=1))}
+          "hybrid-50-siso": (0.5, dict(is_mimo=False, mimo_rank=1)), "hybrid-50-gkv": (0.5, dict(ngroups="kv")),
+          "hybrid-75-gkv": (0.75, dict(ngroups="kv")),
+          "hybrid-50-siso-gkv": (0.5, dict(is_mimo=False, mimo_rank=1, ngroups="kv"))}
 DEFAULT_MODELS = "llama,hybrid-50,hybrid-75"
 CACHES = ("dynamic", "static", "static+compile", "train")
 SETTINGS = "1x2048,16x16384,64x16384,16x32768"
@@ -71,8 +75,9 @@ def build(shape: dict, fraction: float, device, dtype, **mamba) -> torch.nn.Modu
     if fraction == 0:
         model = LlamaForCausalLM(llama)
     else:
-        cfg = HybridMamba3Config.from_llama(llama, fraction, **{**attention_shapes(llama), "mimo_rank": 4,
-                                                                "chunk_size": 16, **mamba})
+        groups = llama.num_key_value_heads if mamba.get("ngroups") == "kv" else mamba.get("ngroups")
+        cfg = HybridMamba3Config.from_llama(llama, fraction, **{"mimo_rank": 4, "chunk_size": 16, **mamba,
+                                                                **attention_shapes(llama, groups)})
         cfg._attn_implementation = "sdpa"
         model = HybridMamba3ForCausalLM(cfg)
     return model.to(device, dtype).eval()
@@ -256,21 +261,24 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
-    lines = [f"{'shape':<14} {'model':<14} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
-             f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9}"]
+    lines = [f"{'shape':<14} {'model':<18} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
+             f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
+             f"{'params M':>9}"]
     for cell in results["cells"]:
-        head = (f"{cell['shape']:<14} {cell['model']:<14} {cell['cache']:<15} "
+        head = (f"{cell['shape']:<14} {cell['model']:<18} {cell['cache']:<15} "
                 f"{str(cell['batch']) + 'x' + str(cell['context']):>12}")
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
             continue
         peak = f"{cell['peak_gib']:>9.1f}" if cell.get("peak_gib") is not None else f"{'-':>9}"
+        params = f"{cell['params'] / 1e6:>9.0f}" if cell.get("params") else f"{'-':>9}"
         if cell["cache"] == "train":
-            lines.append(f"{head} {cell['train_tokens_per_s']:>14.0f} {'-':>13} {'-':>10} {'-':>12} {'-':>9} {peak}")
+            lines.append(f"{head} {cell['train_tokens_per_s']:>14.0f} {'-':>13} {'-':>10} {'-':>12} {'-':>9} {peak} "
+                         f"{params}")
             continue
         lines.append(f"{head} {cell['prefill_tokens_per_s']:>14.0f} {cell['decode_tokens_per_s']:>13.0f} "
                      f"{cell['decode_wall_ms']:>10.2f} {cell['decode_floor_tokens_per_s']:>12.0f} "
-                     f"{cell['decode_of_floor']:>9.2f} {peak}")
+                     f"{cell['decode_of_floor']:>9.2f} {peak} {params}")
     return "\n".join(lines)
 
 
@@ -368,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if kind == "static+compile" and model_name != "llama" and not a.compile_hybrid:
                     continue
                 for batch, context in settings:
-                    cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context)
+                    cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
+                                params=sum(p.numel() for p in model.parameters()))
                     try:
                         cell.update(run_cell(model, kind, batch, context, a, clock, device))
                     except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)

@@ -65,6 +65,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{str(out)!r} exists; pass --overwrite to replace it")
     texts = read_calibration(args.calibration) if args.calibration else None
     options = dict(chunk_size=args.chunk_size, rope_fraction=args.rope_fraction, a_activation=args.a_activation)
+    if args.ngroups is not None:
+        options["ngroups"] = args.ngroups
     if args.siso:
         options["is_mimo"] = False
     else:
@@ -260,6 +262,7 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
+             "ngroups": "B/C groups of the converted layers, a divisor of the head count (default: one per head)",
              "resume": "continue the run in --output-dir from its newest complete checkpoint"}
     _add_option_flags(d, DistillOptions, helps)
 
@@ -321,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved hybrid (auto: the source's); Mamba-3 decay/norm/MIMO params stay fp32")
     c.add_argument("--mimo-rank", type=int, default=4)
     c.add_argument("--siso", action="store_true", help="SISO Mamba-3 (no MIMO)")
+    c.add_argument("--ngroups", type=int, default=None,
+                   help="B/C groups (a divisor of the attention head count; default: one per head). Fewer make a "
+                        "smaller, faster layer; the key/value head count keeps B exactly the keys")
     c.add_argument("--rope-fraction", type=float, default=0.5, choices=[0.5, 1.0])
     c.add_argument("--chunk-size", type=int, default=16)
     c.add_argument("--a-activation", default="softplus", choices=["softplus", "heavy_tail"])

@@ -13,8 +13,8 @@ Everything that is not replaced is copied tensor for tensor; the source model is
 Attention initialisation ("The Mamba in the Llama", Wang et al. 2024, in our own formulation)
 -------------------------------------------------------------------------------------------
 A Llama attention layer with H query heads, H_kv key/value heads of size d (rep = H / H_kv) maps onto a
-Mamba-3 layer with nheads = H, headdim P = d, d_state N = d, ngroups G = H (one B/C group per head) and
-expand = H*d / hidden_size (1 for Llama models whose hidden size is H*d). Head h reads kv head h // rep,
+Mamba-3 layer with nheads = H, headdim P = d, d_state N = d, ngroups G = H (one B/C group per head; or fewer,
+below) and expand = H*d / hidden_size (1 for Llama models whose hidden size is H*d). Head h reads kv head h // rep,
 exactly as transformers' `repeat_kv` does. `in_proj` rows, in the layer's split order:
 
     z      (H*P)     gate: every row = GATE_LEVEL * w, w the direction along which the layer input u is most
@@ -44,6 +44,12 @@ layer (the trapezoid rule with lambda = 1/2 halves the diagonal). With decay off
 dt = 1 the mask is the plain causal mask: unnormalised linear attention (q k^T * causal) v (tested at the op
 level). All R MIMO ranks are identical copies, so the rank-R layer equals the rank-1 layer (also tested).
 Softmax is what cannot be copied: its normalisation and sharpness are what distillation has to recover.
+
+Fewer B/C groups (`ngroups` G, a divisor of H): B and C are R*G*N wide, so one group per head makes in_proj, and
+the bytes a decode step reads, grow with R*H*N (Llama-3.2-1B: 4.4x the attention it replaces at R = 4). With G
+groups, group g serves the H/G neighbouring heads h // (H/G) = g, and its B (C) rows are the mean of those heads'
+key (query) rows. G = H_kv keeps B exactly the keys (a group is one kv head's queries); the queries of a group are
+averaged, so the statement above holds only for G = H, and the calibration fit's init_error says what G costs.
 
 With calibration data, dt (hence the decay) is chosen per layer from DT_GRID and the per-head scales c_h are
 fitted by least squares so that the layer's output best matches the attention output it replaces; the
@@ -174,8 +180,9 @@ def llama_config_of(model) -> "transformers.LlamaConfig":  # noqa: F821
     return LlamaConfig(**{k: v for k, v in src.items() if k in known})
 
 
-def attention_shapes(cfg) -> dict:
-    """Mamba-3 shape options that line up with cfg's attention (see the module docstring)."""
+def attention_shapes(cfg, ngroups: int | None = None) -> dict:
+    """Mamba-3 shape options that line up with cfg's attention (see the module docstring): one B/C group per query
+    head, or `ngroups` groups of neighbouring heads (a divisor of the head count; see "Fewer B/C groups")."""
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     if H % Hkv:
@@ -184,7 +191,12 @@ def attention_shapes(cfg) -> dict:
         raise ValueError(f"attention width num_attention_heads * head_dim = {H}*{d} = {H * d} is not a multiple of "
                          f"hidden_size {cfg.hidden_size}: Mamba-3's d_inner = expand * d_model cannot match it; use "
                          "init='random' with explicit Mamba-3 shapes")
-    return dict(d_state=d, headdim=d, ngroups=H, expand=H * d // cfg.hidden_size)
+    G = H if ngroups is None else int(ngroups)
+    if G < 1 or H % G:
+        divisors = [g for g in range(1, H + 1) if H % g == 0]
+        raise ValueError(f"ngroups {ngroups} does not divide the {H} attention heads: choose one of {divisors} "
+                         f"({Hkv}, the key/value head count, keeps B exactly the keys)")
+    return dict(d_state=d, headdim=d, ngroups=G, expand=H * d // cfg.hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -277,7 +289,7 @@ def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float
     """Write the attention-derived parameters into `layer` (see the module docstring for the mapping)."""
     H, P, N, G, R = layer.nheads, layer.headdim, layer.d_state, layer.num_bc_heads, layer.mimo_rank
     D = layer.d_model
-    if G != H or P != N or attn_w["q"].shape != (H * P, D):
+    if H % G or P != N or attn_w["q"].shape != (H * P, D):
         raise ValueError(f"layer shapes (heads {H}, headdim {P}, d_state {N}, ngroups {G}) do not line up with the "
                          f"attention (q_proj {tuple(attn_w['q'].shape)}): use attention_shapes()")
     rep = H // num_kv_heads
@@ -285,6 +297,8 @@ def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float
     wq = attn_w["q"].view(H, P, D)
     wk = attn_w["k"].view(num_kv_heads, P, D)[kv_of_head]
     wv = attn_w["v"].view(num_kv_heads, P, D)[kv_of_head]
+    # group g serves heads g*H/G ... (g+1)*H/G - 1 (the kernels' head -> group map): the mean of their projections
+    wq, wk = (w.view(G, H // G, P, D).mean(1) for w in (wq, wk))
     K = layer.num_rope_angles
     d_inner = layer.d_inner
     with torch.no_grad():
@@ -520,8 +534,9 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
     docstring) or "random". Calibration: texts (with the source's or the given tokenizer) or token ids
     (n, L); without either, seeded random tokens stand in (enough for the gate statistics, not for choosing
     layers). mamba_options: Mamba-3 hyperparameters (mimo_rank, is_mimo, rope_fraction, chunk_size,
-    a_activation, ...); the shape ones (d_state, headdim, ngroups, expand) come from the attention for
-    init="attention". dtype: of the result (default: the source's); Mamba-3's sensitive parameters stay fp32.
+    a_activation, ...); the shape ones (d_state, headdim, expand) come from the attention for init="attention",
+    where ngroups may be any divisor of the head count (default: the head count). dtype: of the result (default:
+    the source's); Mamba-3's sensitive parameters stay fp32.
     """
     from tqdm.auto import tqdm
     t_start = time.perf_counter()
@@ -542,7 +557,7 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
 
     llama_cfg = llama_config_of(teacher)
     n = llama_cfg.num_hidden_layers
-    shapes = attention_shapes(llama_cfg) if init == "attention" else {}
+    shapes = attention_shapes(llama_cfg, mamba_options.get("ngroups")) if init == "attention" else {}
     clash = {k: v for k, v in mamba_options.items() if k in SHAPE_OPTIONS and k in shapes and v != shapes[k]}
     if clash:
         raise ValueError(f"init='attention' derives {sorted(clash)} from the attention ({shapes}); drop "

@@ -36,9 +36,12 @@ if triton is not None:
     @triton.jit
     def _advance(angle_ptr, raw_ptr, idx, m, dt):
         """(angle + tanh(raw) dt pi) mod 2pi at the given angle indices."""
-        two_pi = 2.0 * math.pi
+        # pi as a literal, not math.pi: torch.compile rebuilds user kernels from their source without its module's
+        # globals (inductor failed with "math is not defined" on the decode step)
+        pi = 3.141592653589793
+        two_pi = 2.0 * pi
         raw = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        th = tl.load(angle_ptr + idx, mask=m, other=0.0) + _tanh(raw) * dt * math.pi  # the chunked op's tanh
+        th = tl.load(angle_ptr + idx, mask=m, other=0.0) + _tanh(raw) * dt * pi  # the chunked op's tanh
         return th - two_pi * tl.floor(th / two_pi)
 
     @triton.jit

@@ -52,17 +52,21 @@ def test_split_trace_falls_back_to_the_mean():
 
 
 def test_distillation_step_benchmark_runs_its_three_modes(tmp_path):
-    """evals/bench_distill.py --smoke on the CPU: every mode runs a few steps of a tiny shape and is reported."""
+    """evals/bench_distill.py --smoke on the CPU: every mode runs a few steps of a tiny shape and is reported, with the
+    attention implementation asked for and one more step of each under the profiler."""
     import json
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "hybrid_mamba3.evals.bench_distill", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "hybrid_mamba3.evals.bench_distill", "--smoke", "--profile", "--attn",
+                           "eager", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_distill.json").read_text())["rows"]
-    assert set(rows) == {"naive", "trainer", "trainer+ckpt"}
+    result = json.loads((tmp_path / "bench_distill.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"naive", "trainer", "trainer+ckpt"} and result["attn"] == "eager"
     assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    for mode in rows:  # the profiled step ran the model: its matmuls are in the table
+        assert "aten::mm" in (tmp_path / f"bench_distill_profile_{mode}.txt").read_text()
 
 
 def test_report_rerenders_the_stored_results(tmp_path):

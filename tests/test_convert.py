@@ -65,11 +65,15 @@ def _rms(x, eps=1e-5):
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
-def _expected_from_llama(attn, layer, u, c):
-    """Direct computation of the claimed property from the Llama weights (independent of the Mamba-3 ops)."""
+def _expected_from_llama(attn, layer, u, c, groups=None):
+    """Direct computation of the claimed property from the Llama weights (independent of the Mamba-3 ops); with
+    `groups`, each group of neighbouring heads shares the mean of its heads' query rows."""
     H, d, Hkv = attn.config.num_attention_heads, attn.head_dim, attn.config.num_key_value_heads
     B, L, _ = u.shape
-    q = _rms((u @ attn.q_proj.weight.T).view(B, L, H, d))
+    wq = attn.q_proj.weight
+    if groups is not None:
+        wq = wq.view(groups, H // groups, d, -1).mean(1).repeat_interleave(H // groups, dim=0).reshape(H * d, -1)
+    q = _rms((u @ wq.T).view(B, L, H, d))
     k = _rms((u @ attn.k_proj.weight.T).view(B, L, Hkv, d)).repeat_interleave(H // Hkv, dim=2)
     v = (u @ attn.v_proj.weight.T).view(B, L, Hkv, d).repeat_interleave(H // Hkv, dim=2)
     z = (u @ layer.in_proj.weight[: H * d].T).view(B, L, H, d)  # the gate is the converted layer's own choice
@@ -99,6 +103,28 @@ def test_attention_init_is_gated_decayed_linear_attention(mimo):
         got, ref = layer(u), _expected_from_llama(attn, layer, u, c)
     assert report["per_layer"][2]["dt"] in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
+
+
+def test_fewer_groups_share_their_heads_mean_queries_and_keep_the_keys():
+    """ngroups = the kv head count: B is exactly the keys, each group's C the mean of its heads' queries, and the
+    layer is the same gated, decayed linear attention with those queries; in_proj loses (H - G) * 2 * R * N rows."""
+    src = llama(kv=2).double()
+    full, _ = convert_llama(src, [2], calibration_ids=calib(), progress=False)
+    model, report = convert_llama(src, [2], calibration_ids=calib(), progress=False, ngroups=2)
+    layer = model.model.layers[2].mamba.double()
+    assert layer.num_bc_heads == 2 and model.config.mamba_ngroups == 2
+    rows = full.model.layers[2].mamba.in_proj.out_features - layer.in_proj.out_features
+    assert rows == (4 - 2) * 2 * 4 * 16
+    attn = src.model.layers[2].self_attn
+    B = layer.in_proj.weight[2 * 64: 2 * 64 + 4 * 2 * 16].view(4, 2 * 16, 64)
+    assert all(torch.equal(B[r], attn.k_proj.weight.to(B.dtype)) for r in range(4))
+    u = torch.randn(2, 21, 64, dtype=torch.float64)
+    c = torch.tensor(report["head_scales"][2], dtype=torch.float64)
+    with torch.no_grad():
+        got, ref = layer(u), _expected_from_llama(attn, layer, u, c, groups=2)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
+    with pytest.raises(ValueError, match=r"ngroups 3 does not divide the 4 attention heads: choose one of \[1, 2, 4\]"):
+        convert_llama(src, [2], progress=False, ngroups=3)
 
 
 def test_decay_off_rank_one_is_unnormalised_causal_linear_attention():
@@ -252,3 +278,9 @@ def test_save_load_roundtrip_and_cli(tmp_path, capsys):
     assert rc == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.mamba_layers == [0, 2] and loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--mamba-layers", "1", "--no-progress",
+               "--overwrite", "--ngroups", "2"])
+    assert rc == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[1].mamba.num_bc_heads == 2
+    rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--mamba-layers", "1", "--no-progress",
+               "--overwrite", "--ngroups", "3"])
+    assert rc == 2 and "choose one of [1, 2, 4]" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Generation with a hybrid: transformers' static cache, beam search, num_return_sequences, assisted generation and
-prompt lookup (the recurrent state rolls back rejected draft tokens), left-padded batches, a reset cache, a compiled
-decode step, pipeline and TextStreamer, and the Mamba-3 cache slot's hooks.
+prompt lookup (the recurrent state rolls back rejected draft tokens), left-padded batches, chunked prefill, a reset
+cache, a compiled decode step, pipeline and TextStreamer, and the Mamba-3 cache slot's hooks.
 
 Every comparison is against what the eager path with transformers' dynamic cache (or each prompt alone) gives. Greedy
 and beam tokens are compared exactly in fp32: the paths differ only in summation order (a static slot's attention runs
@@ -49,6 +49,26 @@ def test_static_cache_greedy_equals_dynamic_and_each_prompt_alone(layers):
         alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                cache_implementation="static", **kw)
         assert torch.equal(new_tokens(static, ids.shape[1])[i], new_tokens(alone, len(p))[0])
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_chunked_prefill_equals_one_prefill(cache_implementation):
+    """generate(prefill_chunk_size=k) (transformers' chunked prefill, which bounds the prefill's activations by the
+    chunk): the prompt goes in in chunks, each continuing the Mamba-3 state and the keys the one before left, and
+    greedy tokens equal one whole prefill, on a left-padded batch whose padding spans a whole chunk."""
+    model = hybrid((1, 3))
+    _, ids, mask = left_padded(lengths=(23, 4, 13))
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache_implementation)
+    whole = model.generate(ids, **kw)
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        chunked = model.generate(ids, prefill_chunk_size=8, **kw)
+    finally:
+        hook.remove()
+    assert widths[:3] == [8, 8, 7] and set(widths[3:]) == {1}
+    assert torch.equal(chunked, whole)
 
 
 def test_static_cache_bf16_logits_match_dynamic():
