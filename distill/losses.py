@@ -45,8 +45,11 @@ def _chunk_terms(hs: torch.Tensor, ht: torch.Tensor, y: torch.Tensor, student_he
 def distillation_loss(student_hidden: torch.Tensor, student_head: nn.Module, teacher_hidden: torch.Tensor,
                       teacher_head: nn.Module, labels: torch.Tensor, *, temperature: float = 1.0,
                       top_k: int | None = None, kl_weight: float = 1.0, ce_weight: float = 0.0,
-                      chunk_tokens: int = 2048) -> tuple[torch.Tensor, dict]:
-    """kl_weight x KL + ce_weight x CE, each a mean over the positions t with labels[:, t + 1] != -100.
+                      chunk_tokens: int = 2048, num_items: torch.Tensor | int | None = None
+                      ) -> tuple[torch.Tensor, dict]:
+    """kl_weight x KL + ce_weight x CE, each a mean over the positions t with labels[:, t + 1] != -100; with
+    `num_items`, each a sum over those positions divided by num_items instead (the positions of all the micro-batches
+    one optimizer step accumulates, so that each token weighs the same whatever micro-batch it fell in).
 
     student_hidden, teacher_hidden: (B, L, D) final hidden states (after the final norm); the heads map them to
     logits. labels: (B, L) the input ids with -100 where nothing is to be predicted (as causal-LM labels).
@@ -68,7 +71,10 @@ def distillation_loss(student_hidden: torch.Tensor, student_head: nn.Module, tea
         sums = sums + (checkpoint(_chunk_terms, *args, use_reentrant=True) if torch.is_grad_enabled()
                        else _chunk_terms(*args))
     kl, ce = sums / n
-    return kl_weight * kl + ce_weight * ce, dict(kl=float(kl.detach()), ce=float(ce.detach()), tokens=n)
+    loss = kl_weight * kl + ce_weight * ce
+    if num_items is not None:
+        loss = loss * (n / num_items)
+    return loss, dict(kl=float(kl.detach()), ce=float(ce.detach()), tokens=n)
 
 
 def alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],

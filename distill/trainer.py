@@ -103,8 +103,10 @@ class DistillTrainer(Trainer):
             from trl.models.utils import prepare_deepspeed  # the teacher partitioned as the student is, for inference
 
             self.teacher = prepare_deepspeed(self.teacher, self.accelerator).module
-        # the loss below is a mean per micro-batch: let the Trainer divide by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        # kd: the Trainer counts the predicted positions of all the micro-batches an optimizer step accumulates (over
+        # all ranks) and hands the count to compute_loss, which divides its sums by it; align: a mean per
+        # micro-batch (each layer's error relative to its own target), which the Trainer divides by the steps
+        self.model_accepts_loss_kwargs = self.loss_is_scaled_for_ga = stage == "kd"
         self.args.remove_unused_columns = False  # the loss takes labels and position_ids, whatever the model's forward
         self._sums: dict[str, float] = {}
 
@@ -134,7 +136,10 @@ class DistillTrainer(Trainer):
                                                                           device=labels.device))
         finally:
             handle.remove()
-        loss, parts = distillation_loss(stash["h"], causal_lm.lm_head, teacher_hidden, self.teacher.lm_head, labels, **self.kd)
+        loss, parts = distillation_loss(stash["h"], causal_lm.lm_head, teacher_hidden, self.teacher.lm_head, labels,
+                                        num_items=num_items_in_batch, **self.kd)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # the count is over all ranks; their gradients are averaged
         self._track(kl=parts["kl"], ce=parts["ce"])
         return (loss, None) if return_outputs else loss
 

@@ -337,9 +337,10 @@ class Mamba3(KeepFP32Mixin, nn.Module):
                 None if mask is None else mask[:, :head], None, True)
             outs.append(o)
         for t in range(head, u.shape[1]):
-            o, state = self._one_token(u[:, t:t + 1], state, None if mask is None else mask[:, t:t + 1], True)
-            # the Triton step updates the ssm state in place: keep each position's own copy
-            state = Mamba3State(*(x.clone() for x in state))
+            # the Triton step updates the state it is given in place: it gets a copy, so that the state kept for the
+            # position before stays as it was
+            given = None if state is None else Mamba3State(*(x.clone() for x in state))
+            o, state = self._one_token(u[:, t:t + 1], given, None if mask is None else mask[:, t:t + 1], True)
             outs.append(o)
             states.append(state)
         return torch.cat(outs, 1), states

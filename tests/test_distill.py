@@ -176,3 +176,32 @@ def test_stages_train_on_the_trainer(tmp_path, stage):
     for n, p in student.named_parameters():
         assert torch.equal(p, before[n]) != (n in trainable), n
     assert all(p.dtype == torch.float32 for n, p in student.named_parameters() if n.endswith(("dt_bias", ".D")))
+
+
+def test_kd_step_weighs_every_token_the_same_across_accumulated_micro_batches(tmp_path):
+    """Two rows with different counts of predicted positions: the gradient of one optimizer step over both as one
+    batch of 2 equals that over 2 accumulated micro-batches of 1 (the Trainer's token count divides the KL sums; a
+    mean per micro-batch would weigh the shorter row's tokens more). fp32: summation order only, 1e-5."""
+    from transformers import TrainerCallback
+
+    teacher = _teacher()
+    rows = _rows(tmp_path)
+    counts = [int((rows[i]["labels"][1:] != -100).sum()) for i in range(len(rows))]
+    data = [rows[0], rows[next(i for i in range(len(rows)) if counts[i] != counts[0])]]
+    grads = []
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    for batch, accum in ((2, 1), (1, 2)):
+        student, _ = convert_llama(teacher, mamba_layers=[1, 3], init="attention", d_state=16, mimo_rank=2,
+                                   chunk_size=8, progress=False)
+        select_trainable(student, "mamba")
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accum, max_steps=1, report_to=[], use_cpu=True,
+                                 save_strategy="no", disable_tqdm=True, seed=0)
+        DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Grads()]).train()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        assert torch.allclose(grads[1][n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item()), n

@@ -64,12 +64,15 @@ def test_distill_command_gives_a_loadable_distilled_hybrid(teacher_and_text, tmp
         assert AutoModelForCausalLM.from_pretrained(out / stage / "student").config.mixers == model.config.mixers
 
 
-def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path):
+@pytest.mark.parametrize("train", ["mamba", "lora"])
+def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path, train):
     """SIGKILL in stage kd after its checkpoint at step 5 (and a partial checkpoint-99 lying about, as a kill while
     writing leaves one): --resume skips the finished align stage and the partial checkpoint, continues from step 5,
-    and logs the losses of the uninterrupted run, bit for bit (one process)."""
+    and logs the losses of the uninterrupted run, bit for bit (one process). With --train lora the checkpoint holds
+    the adapters and the mixers (PEFT's modules_to_save), and the resumed run merges them as the whole run does."""
     root = teacher_and_text
-    args = ["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), *FLAGS]
+    args = ["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), *FLAGS, "--train", train,
+            "--lora-rank", "4"]
     script = textwrap.dedent(f"""
         import os, signal, sys
         from transformers import TrainerCallback
@@ -98,6 +101,9 @@ def test_killed_run_resumes_with_the_same_trajectory(teacher_and_text, tmp_path)
     assert got["kd"]["resumed_from"].endswith("checkpoint-5") and got["align"]["curve"] == want["align"]["curve"]
     loss = lambda stage: [(c["step"], c["loss"]) for c in stage["curve"]]  # noqa: E731
     assert [x for x in loss(got["kd"]) if x[0] > 5] == [x for x in loss(want["kd"]) if x[0] > 5]
+    resumed, whole_model = (AutoModelForCausalLM.from_pretrained(d / "model") for d in (killed, whole))
+    assert resumed.state_dict().keys() == whole_model.state_dict().keys()
+    assert all(torch.equal(v, whole_model.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
 def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 from transformers import CompileConfig, DynamicCache, LlamaForCausalLM, StaticCache, TextStreamer, pipeline
 
 from hybrid_mamba3.cache import CACHE_KWARG, Mamba3CacheLayer
+from hybrid_mamba3.mamba3 import Mamba3
 
 from test_batches import _tokenizer
 from test_model import hybrid, llama_config
@@ -114,8 +115,25 @@ def rollbacks(monkeypatch):
     return seen
 
 
+@pytest.fixture(params=["new-state", "in-place"])
+def step_kind(request, monkeypatch):
+    """The decode step as the torch op runs it (it returns a new state) or as the Triton step does on a GPU (it updates
+    the state it is given in place and returns it): the rollback history must keep each position's own state either
+    way (the in-place kind found a history whose entries the next step overwrote)."""
+    if request.param == "in-place":
+        step = Mamba3.step
+
+        def in_place(self, u, state):
+            out, new = step(self, u, state)
+            for old, value in zip(state, new):
+                old.copy_(value)
+            return out, state
+        monkeypatch.setattr(Mamba3, "step", in_place)
+    return request.param
+
+
 @pytest.mark.parametrize("layers", [(1, 3), (0, 2)], ids=["attention-first", "mamba-first"])
-def test_assisted_generation_with_a_draft_model_equals_greedy(layers, rollbacks):
+def test_assisted_generation_with_a_draft_model_equals_greedy(layers, rollbacks, step_kind):
     """A random 2-layer Llama drafts 4 tokens a round (constant schedule, no confidence cut), nearly all rejected:
     the states roll back by up to the whole draft, the first round's included (its call also holds the prompt).
     Greedy verification keeps the target's own tokens: exactly plain greedy's."""
@@ -130,7 +148,7 @@ def test_assisted_generation_with_a_draft_model_equals_greedy(layers, rollbacks)
     assert rollbacks[0] == 4 and max(rollbacks) == 4  # the whole first draft, prompt call and all
 
 
-def test_prompt_lookup_equals_greedy(rollbacks):
+def test_prompt_lookup_equals_greedy(rollbacks, step_kind):
     """Prompt lookup drafts from the prompt's n-grams: the prompt repeats its own opening after the model's greedy
     continuation of it, so the lookup proposes that continuation again (in a new context: partly rejected)."""
     model = hybrid((1, 3))
