@@ -62,10 +62,6 @@ class DistillOptions:
             raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
         if self.train not in TRAINABLE:
             raise ValueError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
-        if self.train == "lora" and self.deepspeed and \
-                deepspeed_config(self.deepspeed).get("zero_optimization", {}).get("stage") == 3:
-            raise ValueError("train lora is not supported under ZeRO-3 yet (the adapters are merged on one rank): use "
-                             "configs/ds_zero2.json, or train mamba / mamba+mlp / all")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

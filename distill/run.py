@@ -216,7 +216,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
                 _, i, name = key.split(".", 2)
                 full[f"model.layers.{i}.{student.model.layers[int(i)].spec.attr}.{name}"] = value
         elif lora:  # the adapters merged into the kept layers, the trained mixers in place: a plain hybrid again
-            student = trainer.accelerator.unwrap_model(trainer.model_wrapped).merge_and_unload()
+            student = _merged_lora(student, trained, layers, o.lora_rank)
             full = student.state_dict()
         else:
             full.update(trained)
@@ -226,6 +226,21 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         for ckpt in folder.glob("checkpoint-*"):  # the stage's result replaces its checkpoints
             shutil.rmtree(ckpt, ignore_errors=True)
     return folder / "student", curve, report
+
+
+def _merged_lora(student, trained: dict, layers: list[int], rank: int):
+    """The student with the adapters of `trained` merged in by PEFT: a fresh copy of the model (one that no DeepSpeed
+    engine partitioned: under ZeRO-3 the trained model holds only this rank's shards) takes the gathered adapter
+    state dict whole, then merge_and_unload."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # (built whole, not partitioned at construction)
+    model = _with_lora(type(student)(student.config), layers, rank)
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"the trained adapters do not fit the model: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}")
+    return model.merge_and_unload()
 
 
 def _with_lora(student, layers: list[int], rank: int):

@@ -81,10 +81,12 @@ def test_loss_trajectories_agree_across_engines_and_ranks(runs):
     assert _close(runs["two_nodes"]["losses"], runs["ds_zero2"]["losses"], 2e-3)
 
 
-def test_distill_command_on_two_ranks_with_zero3(tmp_path):
+@pytest.mark.parametrize("train", ["mamba", "lora"])
+def test_distill_command_on_two_ranks_with_zero3(tmp_path, train):
     """`torchrun --nproc_per_node 2 -m hybrid_mamba3.cli distill ... --deepspeed configs/ds_zero3.json`: the first rank
     builds the shards and converts, both train both stages (the new layers and then the student partitioned across
-    them), the first writes a result that loads, with the stages' parameters gathered from the partitions."""
+    them), the first writes a result that loads, with the stages' parameters gathered from the partitions. With
+    --train lora the adapters, gathered from the partitions, are merged into the kept layers on the first rank."""
     import torch
     from test_distill_run import FLAGS, make_teacher_and_text
     from transformers import AutoModelForCausalLM
@@ -93,7 +95,8 @@ def test_distill_command_on_two_ranks_with_zero3(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), "-m",
            "hybrid_mamba3.cli", "distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"),
-           "--output-dir", str(tmp_path / "run"), "--deepspeed", str(config), *FLAGS, "--batch-size", "2"]
+           "--output-dir", str(tmp_path / "run"), "--deepspeed", str(config), *FLAGS, "--batch-size", "2",
+           "--train", train, "--lora-rank", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = tmp_path / "run" / "model"
@@ -102,4 +105,9 @@ def test_distill_command_on_two_ranks_with_zero3(tmp_path):
     student = AutoModelForCausalLM.from_pretrained(result)
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "converted")
     changed = {n for n, p in student.state_dict().items() if not torch.equal(p, converted.state_dict()[n])}
-    assert changed and all(".mamba." in n for n in changed)  # trained (gathered, not empty partitions), nothing else
+    assert changed and any(".mamba." in n for n in changed)  # trained (gathered, not empty partitions)
+    if train == "mamba":  # nothing else
+        assert all(".mamba." in n for n in changed)
+    else:  # and the kept layers' adapted projections; embeddings and norms never
+        assert any(".self_attn." in n for n in changed) and any(".mlp." in n for n in changed)
+        assert all(".mamba." in n or n.endswith("_proj.weight") for n in changed)
