@@ -9,6 +9,9 @@ from typing import Any
 
 STAGES = ("align", "kd")
 TRAINABLE = ("mamba", "mamba+mlp", "all", "lora")
+# packed rows: sdpa gets a block-diagonal 4D mask (no flash kernel), flex_attention a block mask, flash_attention_2
+# the documents' boundaries (varlen; needs flash-attn)
+ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "eager")
 
 
 @dataclasses.dataclass
@@ -47,6 +50,7 @@ class DistillOptions:
     deepspeed: str | None = None  # a DeepSpeed JSON (configs/ds_zero2.json, ds_zero3.json) or None
     bf16: bool | None = None  # None: on CUDA
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # teacher's and student's attention (sdpa, flex_attention, ...); None: default
     seed: int = 0
     resume: bool = False
     progress: bool = True
@@ -62,6 +66,9 @@ class DistillOptions:
             raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
         if self.train not in TRAINABLE:
             raise ValueError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.attn_implementation not in (None,) + ATTENTION:
+            raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, got "
+                             f"{self.attn_implementation!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -181,6 +181,9 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         return folder / "student", done["curve"], done
     align = stage == "align"
     lora = not align and o.train == "lora"
+    if o.attn_implementation:
+        for model in (student, teacher):
+            model.set_attn_implementation(o.attn_implementation)
     layers = replaced_layers(student, teacher)
     select_trainable(student, "mamba" if align or lora else o.train)
     model = ReplacedLayers(student, layers) if align else _with_lora(student, layers, o.lora_rank) if lora else student

@@ -263,6 +263,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
              "ngroups": "B/C groups of the converted layers, a divisor of the head count (default: one per head)",
+             "attn_implementation": "attention of teacher and student: sdpa, flex_attention, flash_attention_2 or "
+                                    "eager (packed rows: sdpa takes a 4D mask, the others the boundaries)",
              "resume": "continue the run in --output-dir from its newest complete checkpoint"}
     _add_option_flags(d, DistillOptions, helps)
 

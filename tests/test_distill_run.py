@@ -131,7 +131,8 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
              (["--data", str(root / "text"), "--student", str(tmp_path / "wrong")], "not a hybrid of this teacher"),
              (["--data", str(root / "text"), "--stage", "x"], "stage must be align, kd or both"),
              (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch"),
-             (["--data", str(tmp_path / "foreign")], "made with another tokenizer")]
+             (["--data", str(tmp_path / "foreign")], "made with another tokenizer"),
+             (["--data", str(root / "text"), "--attn-implementation", "flash"], "attn_implementation must be one of")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
@@ -190,3 +191,21 @@ def test_shards_command_writes_shards_once_and_keeps_what_exists(teacher_and_tex
     assert main(args) == 2  # not empty: refused, left as it was
     assert "--overwrite" in capsys.readouterr().err
     assert json.loads((out / "train" / "meta.json").read_text()) == train
+
+
+def test_attention_implementation_reaches_teacher_and_student(teacher_and_text, tmp_path, monkeypatch):
+    """--attn-implementation sets both models' attention for the stages (sdpa turns packed rows into a 4D mask that
+    keeps it off its flash kernel; flex_attention and flash_attention_2 take the boundaries instead)."""
+    from hybrid_mamba3.distill.trainer import DistillTrainer
+
+    seen = set()
+    compute_loss = DistillTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.add((self.stage, model.config._attn_implementation, self.teacher.config._attn_implementation))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+    monkeypatch.setattr(DistillTrainer, "compute_loss", spy)
+    root = teacher_and_text
+    assert main(["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), "--output-dir",
+                 str(tmp_path / "run"), *FLAGS, "--stage", "kd", "--attn-implementation", "eager"]) == 0
+    assert seen == {("kd", "eager", "eager")}

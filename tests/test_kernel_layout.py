@@ -81,3 +81,50 @@ def test_every_kernel_docstring_opens_with_grid_and_shapes():
                 head = "\n".join(doc.split("\n")[:3])
                 assert doc.startswith("Grid ("), f"{path.name}:{node.name}: no grid on the first line"
                 assert re.search(r"\[\w[^\]]*, [^\]]*\]", head), f"{path.name}:{node.name}: no [B, L, ...] shapes"
+
+
+def _jit_functions() -> dict[str, ast.FunctionDef]:
+    """Every `@triton.jit` function of kernels/, by name."""
+    found = {}
+    for path in sorted(KERNELS.glob("triton_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                    "jit" in ast.dump(d) for d in node.decorator_list):
+                found[node.name] = node
+    return found
+
+
+def _module_names(fn: ast.FunctionDef, jit: dict) -> tuple[set[str], set[str]]:
+    """(the names fn reads that are neither its own nor `tl`, builtins or jit functions; the jit functions it calls)."""
+    import builtins
+
+    own = {a.arg for a in fn.args.args}
+    own |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    read = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return read - own - {"tl", "triton"} - set(jit) - set(dir(builtins)), read & set(jit)
+
+
+def test_the_decode_step_kernel_reads_no_module_globals():
+    """torch.compile (inductor) rebuilds a user's Triton kernel from its source without the module's globals: the decode
+    step, which generate() compiles with CUDA graphs, once failed on the GPU with "math is not defined" (math.pi in a
+    helper). The step kernel and every jit function it reaches read no name but their own, `tl` and other jit
+    functions. The check finds that math.pi on the old source."""
+    jit = _jit_functions()
+
+    def globals_reached(start: str) -> dict[str, set[str]]:
+        seen, todo, found = set(), [start], {}
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            odd, calls = _module_names(jit[name], jit)
+            if odd:
+                found[name] = odd
+            todo.extend(calls)
+        return found
+
+    assert "_step_kernel" in jit
+    assert globals_reached("_step_kernel") == {}
+    old = ast.parse("def _advance(angle_ptr, dt):\n    two_pi = 2.0 * math.pi\n    return two_pi * dt\n").body[0]
+    assert _module_names(old, jit)[0] == {"math"}
