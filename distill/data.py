@@ -13,7 +13,8 @@
 
 Sources (`iter_documents`): text files and directories (HTML reduced to its text; gzip-compressed files read as the
 file they hold, as Debian ships documentation), .jsonl files (a "text" field per line), or a `datasets.Dataset` (its
-"text" column).
+"text" column). Or the teacher itself (`teacher_documents`, `--data teacher:<tokens>`): documents it samples from
+its start token, nothing to download, and its own distribution whatever the domain.
 """
 
 from __future__ import annotations
@@ -87,6 +88,53 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of a tokenizer's vocabulary: shards and models made with different tokenizers differ in it."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+TEACHER_DATA = "teacher:"
+
+
+def teacher_tokens(data: list) -> int | None:
+    """N for `--data teacher:N` (documents sampled from the teacher, N tokens in all), else None."""
+    if len(data) != 1 or not str(data[0]).startswith(TEACHER_DATA):
+        return None
+    n = str(data[0])[len(TEACHER_DATA):].replace("_", "")
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--data {data[0]!r}: teacher-sampled data takes a token count, e.g. teacher:2000000")
+    return int(n)
+
+
+@torch.no_grad()
+def teacher_documents(teacher, tokenizer, tokens: int, length: int = 512, batch_size: int = 16, seed: int = 0,
+                      temperature: float = 1.0, progress: bool = True) -> Iterator[str]:
+    """Documents sampled from `teacher` (plain sampling at `temperature` from its BOS token, or EOS where it has
+    none), each up to `length` new tokens or its EOS, decoded without special tokens, until `tokens` are sampled.
+    Seeded: the same seed gives the same documents on the same device and dtype."""
+    from tqdm.auto import tqdm
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither BOS nor EOS to start sampling from")
+    device = next(teacher.parameters()).device
+    eos = tokenizer.eos_token_id
+    bar = tqdm(total=tokens, desc="sampling from the teacher", unit="tok", unit_scale=True, disable=not progress)
+    done, batch = 0, 0
+    while done < tokens:
+        torch.manual_seed(seed * 1_000_003 + batch)  # (generate() samples from the global generator)
+        ids = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
+        out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                               top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=eos, eos_token_id=eos)
+        for row in out[:, 1:].tolist():
+            if eos in row:
+                row = row[:row.index(eos)]
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            done += len(row) + 1  # (with the EOS the shards put after each document: an empty row counts too)
+            bar.update(len(row) + 1)
+            if text:
+                yield text
+            if done >= tokens:
+                break
+        batch += 1
+    bar.close()
 
 
 def build_shards(documents: Iterable[str], tokenizer, out_dir, heldout: float = 0.01, seed: int = 0,

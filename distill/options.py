@@ -61,7 +61,11 @@ class DistillOptions:
         if not self.output_dir:
             raise ValueError("an output directory is needed (--output-dir)")
         if not self.data:
-            raise ValueError("no data (--data: text files, directories, .jsonl files, or a shard directory)")
+            raise ValueError("no data (--data: text files, directories, .jsonl files, a shard directory, or "
+                             "teacher:<tokens> to sample documents from the teacher)")
+        from .data import teacher_tokens
+
+        teacher_tokens(self.data)  # (a malformed teacher:N raises here, before anything runs)
         if self.stage not in STAGES + ("both",):
             raise ValueError(f"stage must be align, kd or both, got {self.stage!r}")
         if self.train not in TRAINABLE:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from .data import PackedRows, build_shards, iter_documents, load_meta, tokenizer_fingerprint
+from .data import (PackedRows, build_shards, iter_documents, load_meta, teacher_documents, teacher_tokens,
+                   tokenizer_fingerprint)
 from .options import DistillOptions, load_recipe  # noqa: F401  (re-exported: the run's options and recipes)
 from .options import deepspeed_config
 from .trainer import DistillTrainer, ReplacedLayers, replaced_layers, select_trainable
@@ -81,7 +82,7 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
     if tokenizer is None:
         raise ValueError(f"the teacher {o.teacher!r} has no tokenizer files: the data is tokenized with them")
     with state.main_process_first():  # the first rank builds and converts; the others read what it wrote
-        shards = _data(o, tokenizer, out)
+        shards = _data(o, teacher, tokenizer, out)
         student, conversion = _student(o, teacher, tokenizer, shards, out)
     layers = replaced_layers(student, teacher)
     report = dict(teacher=source, student=o.student or str(out / "converted"), mamba_layers=layers,
@@ -131,13 +132,24 @@ def start_run(o, state) -> Path:
     return out
 
 
-def _data(o: DistillOptions, tokenizer, out: Path) -> Path:
-    """The shard directory (train/, heldout/): given, or built once into output_dir/data."""
-    given = Path(o.data[0]) if len(o.data) == 1 else None
+def _data(o: DistillOptions, teacher, tokenizer, out: Path) -> Path:
+    """The shard directory (train/, heldout/): given, or built once into output_dir/data (from the documents, or
+    sampled from the teacher for --data teacher:N)."""
+    sampled = teacher_tokens(o.data)
+    given = Path(o.data[0]) if len(o.data) == 1 and sampled is None else None
     folder = given if given is not None and (given / "train" / "meta.json").exists() else out / "data"
     if not (folder / "train" / "meta.json").exists():
-        build_shards(iter_documents(o.data), tokenizer, folder, heldout=o.heldout, seed=o.seed,
-                     max_tokens=o.max_data_tokens, progress=o.progress)
+        if sampled is not None:
+            cuda = torch.cuda.is_available()
+            teacher.to("cuda" if cuda else "cpu")  # (the Trainer puts it there anyway)
+            # a decode step is launch-bound at small batches: many rows at once on a GPU (a 135M teacher's cache for
+            # 256 rows of 2048 tokens is ~12 GB in bf16)
+            docs = teacher_documents(teacher, tokenizer, sampled, length=o.seq_len, batch_size=256 if cuda else 16,
+                                     seed=o.seed, progress=o.progress)
+        else:
+            docs = iter_documents(o.data)
+        build_shards(docs, tokenizer, folder, heldout=o.heldout, seed=o.seed, max_tokens=o.max_data_tokens,
+                     progress=o.progress)
     meta = load_meta(folder / "train")
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"the shards in {str(folder)!r} were made with another tokenizer ({meta['tokenizer']}) than "

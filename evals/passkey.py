@@ -93,13 +93,18 @@ def passkey(models: list[str], filler: list[str], lengths: list[int], depths: li
     return dict(rows=rows, lengths=lengths, depths=depths, per_cell=per_cell, seed=seed)
 
 
-def table(result: dict) -> str:
+def labels(result: dict) -> list[str]:
+    """Each row's model by the shortest tail of its path that tells it from the others (run1/model, run2/model)."""
     from .evaluate import short_names
 
+    return [name + (" (teacher)" if r["teacher"] else "")
+            for r, name in zip(result["rows"], short_names([r["model"] for r in result["rows"]]))]
+
+
+def table(result: dict) -> str:
     lengths = result["lengths"]
     lines = [f"{'model':<36} {'M/L':>6} " + " ".join(f"{L:>7}" for L in lengths) + f" {'mean':>6}"]
-    for r, name in zip(result["rows"], short_names([r["model"] for r in result["rows"]])):
-        name += " (teacher)" if r["teacher"] else ""
+    for r, name in zip(result["rows"], labels(result)):
         per_length = [sum(r["grid"][L].values()) / len(r["grid"][L]) for L in lengths]
         lines.append(f"{name[:36]:<36} {str(r['layout'].count('M')) + '/' + str(len(r['layout'])):>6} "
                      + " ".join(f"{a:>7.2f}" for a in per_length) + f" {r['mean']:>6.2f}")
@@ -119,12 +124,12 @@ def write(result: dict, out_dir) -> Path:
         return out
     rows = result["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 1, 3.2), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    for ax, r, name in zip(axes[0], rows, labels(result)):
         grid = [[r["grid"][L][d] for L in result["lengths"]] for d in result["depths"]]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(result["lengths"])), [str(L) for L in result["lengths"]], fontsize=7)
         ax.set_yticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]], fontsize=7)
-        ax.set(title=Path(r["model"]).name[:24], xlabel="tokens", ylabel="depth")
+        ax.set(title=name[-32:], xlabel="tokens", ylabel="depth")
     fig.tight_layout()
     fig.savefig(out / "passkey.png", dpi=120)
     plt.close(fig)

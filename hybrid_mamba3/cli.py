@@ -257,7 +257,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     from .distill.options import DistillOptions
     helps = {"teacher": "Hugging Face directory or .gguf file of the Llama-style teacher",
              "student": "a converted hybrid directory (default: convert the teacher with --mamba-layers ...)",
-             "data": "text files, directories (HTML stripped), .jsonl files, or a shard directory",
+             "data": "text files, directories (HTML stripped), .jsonl files, a shard directory, or teacher:N "
+                     "(N tokens of documents sampled from the teacher)",
              "stage": "align (layer alignment), kd (end-to-end distillation) or both",
              "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",

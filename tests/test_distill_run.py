@@ -132,7 +132,8 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
              (["--data", str(root / "text"), "--stage", "x"], "stage must be align, kd or both"),
              (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch"),
              (["--data", str(tmp_path / "foreign")], "made with another tokenizer"),
-             (["--data", str(root / "text"), "--attn-implementation", "flash"], "attn_implementation must be one of")]
+             (["--data", str(root / "text"), "--attn-implementation", "flash"], "attn_implementation must be one of"),
+             (["--data", "teacher:many"], "teacher-sampled data takes a token count")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
@@ -209,3 +210,24 @@ def test_attention_implementation_reaches_teacher_and_student(teacher_and_text, 
     assert main(["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), "--output-dir",
                  str(tmp_path / "run"), *FLAGS, "--stage", "kd", "--attn-implementation", "eager"]) == 0
     assert seen == {("kd", "eager", "eager")}
+
+
+def test_data_sampled_from_the_teacher(teacher_and_text, tmp_path):
+    """--data teacher:N: documents sampled from the teacher (nothing to read), N tokens in all, the same for the same
+    seed, then the run as with files."""
+    from hybrid_mamba3.convert import load_source
+    from hybrid_mamba3.distill.data import load_meta, teacher_documents
+
+    root = teacher_and_text
+    assert main(["distill", "--teacher", str(root / "teacher"), "--data", "teacher:1200", "--output-dir",
+                 str(tmp_path / "run"), *FLAGS]) == 0
+    meta = {split: load_meta(tmp_path / "run" / "data" / split) for split in ("train", "heldout")}
+    # N tokens sampled (one row may run past N by up to --seq-len); the shards hold what the decoded text tokenizes
+    # to again, fewer by the special tokens a random teacher samples and decoding drops
+    assert 0.8 * 1200 <= meta["train"]["tokens"] + meta["heldout"]["tokens"] <= 1200 + 32 + 1
+    assert (tmp_path / "run" / "model" / "distill_report.json").exists()
+    teacher, tok, _ = load_source(str(root / "teacher"))
+    first = list(teacher_documents(teacher, tok, 100, length=16, batch_size=4, seed=1, progress=False))
+    assert first == list(teacher_documents(teacher, tok, 100, length=16, batch_size=4, seed=1, progress=False))
+    assert first != list(teacher_documents(teacher, tok, 100, length=16, batch_size=4, seed=2, progress=False))
+    assert all(isinstance(t, str) and t for t in first)

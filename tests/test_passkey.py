@@ -87,3 +87,6 @@ def test_passkey_command_scores_teacher_and_hybrid(tmp_path, capsys):
         assert set(r["grid"]) == {"300", "500"} and all(0 <= a <= 1 for g in r["grid"].values() for a in g.values())
     assert (tmp_path / "out" / "passkey.png").exists() or importlib.util.find_spec("matplotlib") is None
     assert main(["passkey", "--filler", str(tmp_path / "filler.txt")]) == 2  # nothing to score
+    from hybrid_mamba3.evals.passkey import labels  # table and plot name two runs' "model" folders apart
+    two = dict(rows=[dict(model="/x/run1/model", teacher=False), dict(model="/x/run2/model", teacher=False)])
+    assert labels(two) == ["run1/model", "run2/model"]
