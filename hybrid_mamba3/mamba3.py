@@ -329,18 +329,19 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         take the path a decode step takes, so a verified draft gives what decoding it token by token gives."""
         head = u.shape[1] - record
         outs, states = [], []
-        if state is not None:  # the cache's own tensors, which the slot's history must still see as they are
-            state = Mamba3State(*(x.clone() for x in state))
+
+        # the scan and every step start from a copy: `state` may be the cache's own tensors (which the slot's history
+        # must still see as they are), and the Triton step updates the state it is given in place (the state kept
+        # for the position before must stay as it was)
+        def copy(st):
+            return None if st is None else Mamba3State(*(x.clone() for x in st))
         if head:
             o, state = self._in_pieces(
-                lambda x, s, m, sq, need: self._scan(x, s, m, None, sq, need), u[:, :head], state,
+                lambda x, s, m, sq, need: self._scan(x, s, m, None, sq, need), u[:, :head], copy(state),
                 None if mask is None else mask[:, :head], None, True)
             outs.append(o)
         for t in range(head, u.shape[1]):
-            # the Triton step updates the state it is given in place: it gets a copy, so that the state kept for the
-            # position before stays as it was
-            given = None if state is None else Mamba3State(*(x.clone() for x in state))
-            o, state = self._one_token(u[:, t:t + 1], given, None if mask is None else mask[:, t:t + 1], True)
+            o, state = self._one_token(u[:, t:t + 1], copy(state), None if mask is None else mask[:, t:t + 1], True)
             outs.append(o)
             states.append(state)
         return torch.cat(outs, 1), states

@@ -31,9 +31,10 @@ command -v nvcc && nvcc --version | tail -1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 TO=(); python3 -c "import pytest_timeout" 2>/dev/null && TO=(--timeout 900)
 # the DeepSpeed tests import deepspeed at collection (in CI it must be there); they hold no GPU test
-python3 -c "import deepspeed" 2>/dev/null || TO+=(--ignore=tests/test_deepspeed.py --ignore=tests/test_sft_deepspeed.py)
+SKIP=(); python3 -c "import deepspeed" 2>/dev/null \
+    || SKIP=(--ignore=tests/test_deepspeed.py --ignore=tests/test_sft_deepspeed.py)
 timeout -s INT -k 20 "${HM3_TIMEOUT:-560}" \
-    python3 -m pytest -m gpu -q ${HM3_PYTEST_ARGS--x} "${TO[@]}" -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log"
+    python3 -m pytest -m gpu -q ${HM3_PYTEST_ARGS--x} "${TO[@]}" "${SKIP[@]}" -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 [ -f "$OUT/oracle_report.json" ] && echo "report: $OUT/oracle_report.json"
 if [ -f "$OUT/failures.log" ]; then  # kept even when pytest was killed before its summary
