@@ -243,7 +243,7 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
     out = dict(prefill_wall_ms=pre_wall, prefill_gpu_ms=statistics.median(pre_gpu) if pre_gpu[0] is not None else None,
                prefill_tokens_per_s=batch * context / pre_wall * 1e3, decode_wall_ms=decode_wall,
                decode_gpu_ms=decode_gpu, decode_tokens_per_s=batch / decode_wall * 1e3,
-               decode_warmup_s=warmup_s, prefill_chunk=a.prefill_chunk or None, step_bytes=moved,
+               decode_warmup_s=warmup_s, step_bytes=moved,
                decode_floor_ms=floor_ms, decode_floor_tokens_per_s=batch / floor_ms * 1e3,
                decode_of_floor=floor_ms / decode_wall)
     if device.type == "cuda":
@@ -261,12 +261,13 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
-    lines = [f"{'shape':<14} {'model':<18} {'cache':<15} {'batch x ctx':>12} {'prefill tok/s':>14} "
+    lines = [f"{'shape':<14} {'model':<18} {'cache':<15} {'batch x ctx':>14} {'prefill tok/s':>14} "
              f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
              f"{'params M':>9}"]
     for cell in results["cells"]:
+        chunk = f"/{cell['prefill_chunk']}" if cell.get("prefill_chunk") else ""  # prefill in chunks of this many
         head = (f"{cell['shape']:<14} {cell['model']:<18} {cell['cache']:<15} "
-                f"{str(cell['batch']) + 'x' + str(cell['context']):>12}")
+                f"{str(cell['batch']) + 'x' + str(cell['context']) + chunk:>14}")
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
             continue
@@ -293,7 +294,8 @@ def plot(results: dict, path: str) -> str:
     cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
-    labels = [f"{c['shape']} {c['model']} {c['cache']} {c['batch']}x{c['context']}" for c in cells]
+    labels = [f"{c['shape']} {c['model']} {c['cache']} {c['batch']}x{c['context']}"
+              + (f"/{c['prefill_chunk']}" if c.get("prefill_chunk") else "") for c in cells]
     fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         ax.barh(range(len(cells)), [c[key] for c in cells])
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 for batch, context in settings:
                     cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
-                                params=sum(p.numel() for p in model.parameters()))
+                                prefill_chunk=a.prefill_chunk or None, params=sum(p.numel() for p in model.parameters()))
                     try:
                         cell.update(run_cell(model, kind, batch, context, a, clock, device))
                     except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _key(cell: dict) -> tuple:
-    return cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"]
+    return cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"], cell.get("prefill_chunk")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ if triton is not None:
     @triton.jit
     def _activations(dd_dt, dd_a, dt_bias, a_floor, HEAVY_TAIL: tl.constexpr):
         """(dt, A), fp32: dt = softplus(dd_dt + dt_bias), A = min(-act(dd_A), -a_floor) (`token_activations`)."""
+        # a float argument is fp32 in a plain launch but fp64 where torch.compile (inductor) launches the kernel;
+        # fp64 would spread through A into the step's tl.dot (which refuses mixed dtypes)
+        a_floor = tl.cast(a_floor, tl.float32)
         if HEAVY_TAIL:
             act = tl.where(dd_a >= 0, 1.0 + dd_a, 1.0 / (1.0 - tl.minimum(dd_a, 0.0)))
         else:

@@ -55,7 +55,8 @@ if triton is not None:
         bias = bias_ptr + (h * R + rj[:, None]) * N
         x = tl.load(base + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
         if RAW:
-            inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
+            # eps cast as `_activations` casts a_floor (fp64 where inductor launches the kernel)
+            inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + tl.cast(eps, tl.float32))[:, None]
             x = (x * inv * tl.load(norm_ptr + offs_n, mask=nmask, other=0.0)[None, :])
             x = x.to(ptr.dtype.element_ty).to(tl.float32)
         x += tl.load(bias + offs_n[None, :], mask=m, other=0.0)
@@ -197,7 +198,12 @@ def step_elements_per_row(*tensors: torch.Tensor | None) -> int:
     """The most elements between consecutive batch rows of the step's tensors (states, and per-token inputs that may
     be views of a wider projection): batch x this must stay below `common.INT32_LIMIT`."""
     # shapes and strides only (no views: the decode step is on the host's hot path)
-    return max((max(t.stride(0), math.prod(t.shape[1:])) for t in tensors if t is not None and t.dim() > 0), default=0)
+    # a loop, not max(..., default=0): torch.compile (dynamo) traces this on the decode step and rejects `default`
+    most = 0
+    for t in tensors:
+        if t is not None and t.dim() > 0:
+            most = max(most, t.stride(0), math.prod(t.shape[1:]))
+    return most
 
 
 def mamba3_step_triton(
