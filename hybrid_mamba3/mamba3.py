@@ -276,7 +276,9 @@ class Mamba3(KeepFP32Mixin, nn.Module):
     def forward(self, u: torch.Tensor, *, cache=None, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 initial_state: Mamba3State | None = None, return_final_state: bool = False, past_key_values=None,
-                **kwargs):
+                mask_checked: bool = False, **kwargs):
+        """mask_checked: attention_mask is already the (B, L) mask of real positions that `padding_mask` returns
+        (the model checks it once for all its layers), so this layer takes it as it is, without another host sync."""
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba3 expects (batch, seqlen, {self.d_model}), got {tuple(u.shape)}")
         if cu_seqlens is None and seq_idx is None:
@@ -291,7 +293,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             cached = read_mamba_state(cache, self.layer_idx)
             state = cached if cached is not None else state
         carries = return_final_state or cache is not None  # a later call continues from this call's final state
-        mask = padding_mask(attention_mask, u.shape[1], carries)
+        mask = attention_mask if mask_checked else padding_mask(attention_mask, u.shape[1], carries)
         packed = cu_seqlens is not None or seq_idx is not None
         if mask is not None and packed:
             raise ValueError("pass either an attention_mask with padding or packed sequences (cu_seqlens / seq_idx), "

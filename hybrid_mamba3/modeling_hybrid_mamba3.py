@@ -56,14 +56,15 @@ class HybridMamba3DecoderLayer(GradientCheckpointingLayer):
                 seq_idx=None, **kwargs) -> torch.Tensor:
         """The cache comes in kwargs under `CACHE_KWARG` (there gradient checkpointing finds it to drop it), and
         goes on to the mixer under that name. Attention mixers take the causal mask (packed sequences are in it, or
-        in the flash kwargs), other mixers the 2D padding mask and the packed sequences' `seq_idx`."""
+        in the flash kwargs), other mixers the 2D padding mask (checked by the model, `mask_checked`) and the packed
+        sequences' `seq_idx`."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.spec.is_attention:
             out = self.mixer(hidden_states, position_embeddings=position_embeddings, attention_mask=causal_mask,
                              **kwargs)
         else:
-            out = self.mixer(hidden_states, attention_mask=padding_mask, seq_idx=seq_idx, **kwargs)
+            out = self.mixer(hidden_states, attention_mask=padding_mask, mask_checked=True, seq_idx=seq_idx, **kwargs)
         hidden_states = residual + (out[0] if isinstance(out, tuple) else out)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
