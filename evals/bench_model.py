@@ -9,7 +9,7 @@
 Writes bench_model.json (rewritten after every cell, so a run cut short keeps its figures) and bench_model.png when
 matplotlib is importable to --out (default $OUT, else ./out), and prints a table.
 
-- Shapes (random weights, bf16, sdpa attention): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 25% / 50% / 75% of
+- Shapes (random weights, bf16, sdpa attention unless --attn names another): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 25% / 50% / 75% of
   the layers (hybrid-50-siso: 50%, SISO), evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives
   them (`convert.attention_shapes`: d_state = headdim = the attention head size, one B/C group per head; "-gkv":
   one group per key/value head instead, the smaller shape).
@@ -63,22 +63,22 @@ CACHES = ("dynamic", "static", "static+compile", "train")
 SETTINGS = "1x2048,16x16384,64x16384,16x32768"
 
 
-def build(shape: dict, fraction: float, device, dtype, **mamba) -> torch.nn.Module:
-    """The Llama (fraction 0) or its hybrid, random weights, eval mode."""
+def build(shape: dict, fraction: float, device, dtype, attn: str = "sdpa", **mamba) -> torch.nn.Module:
+    """The Llama (fraction 0) or its hybrid, random weights, eval mode, attention `attn` (an attn_implementation)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hybrid_mamba3 import HybridMamba3Config, HybridMamba3ForCausalLM
     from hybrid_mamba3.convert import attention_shapes
 
     torch.manual_seed(0)
-    llama = LlamaConfig(**shape, attn_implementation="sdpa")
+    llama = LlamaConfig(**shape, attn_implementation=attn)
     if fraction == 0:
         model = LlamaForCausalLM(llama)
     else:
         groups = llama.num_key_value_heads if mamba.get("ngroups") == "kv" else mamba.get("ngroups")
         cfg = HybridMamba3Config.from_llama(llama, fraction, **{"mimo_rank": 4, "chunk_size": 16, **mamba,
                                                                 **attention_shapes(llama, groups)})
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = attn
         model = HybridMamba3ForCausalLM(cfg)
     return model.to(device, dtype).eval()
 
@@ -261,12 +261,13 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
-    lines = [f"{'shape':<14} {'model':<18} {'cache':<15} {'batch x ctx':>14} {'prefill tok/s':>14} "
+    lines = [f"{'shape':<14} {'model':<22} {'cache':<15} {'batch x ctx':>14} {'prefill tok/s':>14} "
              f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
              f"{'params M':>9}"]
     for cell in results["cells"]:
         chunk = f"/{cell['prefill_chunk']}" if cell.get("prefill_chunk") else ""  # prefill in chunks of this many
-        head = (f"{cell['shape']:<14} {cell['model']:<18} {cell['cache']:<15} "
+        model = cell["model"] + ("" if cell.get("attn", "sdpa") == "sdpa" else f" ({cell['attn']})")
+        head = (f"{cell['shape']:<14} {model:<22} {cell['cache']:<15} "
                 f"{str(cell['batch']) + 'x' + str(cell['context']) + chunk:>14}")
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
@@ -294,7 +295,7 @@ def plot(results: dict, path: str) -> str:
     cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
-    labels = [f"{c['shape']} {c['model']} {c['cache']} {c['batch']}x{c['context']}"
+    labels = [f"{c['shape']} {c['model']} {c.get('attn', 'sdpa')} {c['cache']} {c['batch']}x{c['context']}"
               + (f"/{c['prefill_chunk']}" if c.get("prefill_chunk") else "") for c in cells]
     fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"comma-separated, of {list(CACHES)} (train: forward + backward tokens/s)")
     ap.add_argument("--settings", help=f"batch x context pairs, comma-separated (default {SETTINGS}; smoke 2x12)")
     ap.add_argument("--prefill-chunk", type=int, default=0, help="positions per prefill call (0: the whole context)")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation of every model (sdpa_gqa: hybrid_mamba3's, "
+                    "grouped-query decode steps packed under compile too)")
     ap.add_argument("--prefill-warmup", type=int, default=1)
     ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--decode-warmup", type=int, default=8, help="untimed steps (compilation and graph capture)")
@@ -373,13 +376,13 @@ def main(argv: list[str] | None = None) -> dict:
     for shape_name, shape in shapes.items():
         for model_name in a.models.split(","):
             fraction, mamba = MODELS[model_name]
-            model = build(shape, fraction, device, dtype, **mamba)
+            model = build(shape, fraction, device, dtype, a.attn, **mamba)
             for kind in a.caches.split(","):
                 if kind == "static+compile" and model_name != "llama" and not a.compile_hybrid:
                     continue
                 for batch, context in settings:
                     cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
-                                prefill_chunk=a.prefill_chunk or None, params=sum(p.numel() for p in model.parameters()))
+                                prefill_chunk=a.prefill_chunk or None, attn=a.attn, params=sum(p.numel() for p in model.parameters()))
                     try:
                         cell.update(run_cell(model, kind, batch, context, a, clock, device))
                     except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)
@@ -403,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _key(cell: dict) -> tuple:
-    return cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"], cell.get("prefill_chunk")
+    return (cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"], cell.get("prefill_chunk"),
+            cell.get("attn", "sdpa"))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ def test_append_keeps_earlier_cells_and_replaces_remeasured_ones(tmp_path):
                       "--append", str(grid)])
     cells = json.loads(grid.read_text())["cells"]
     assert sorted(c["model"] for c in cells) == ["hybrid-50", "llama"]  # llama measured twice: one row
+    bench_model.main(["--smoke", "--models", "llama", "--caches", "dynamic", "--out", str(tmp_path / "c"),
+                      "--append", str(grid), "--attn", "sdpa_gqa", "--prefill-chunk", "4"])
+    cells = json.loads(grid.read_text())["cells"]  # another attention or prefill chunk: a row of its own
+    assert sorted((c["model"], c["attn"], c["prefill_chunk"]) for c in cells) == [
+        ("hybrid-50", "sdpa", None), ("llama", "sdpa", None), ("llama", "sdpa_gqa", 4)]
 
 
 def test_bad_arguments_say_what_to_change():

@@ -275,3 +275,64 @@ def test_pipeline_and_text_streamer():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                              streamer=TextStreamer(tok, skip_prompt=True), cache_implementation="static")
     assert printed.getvalue().split() == tok.decode(out[0, ids.shape[1]:]).split()
+
+
+def test_bucketed_generation_reuses_one_cache_and_one_compiled_step():
+    """BucketedGenerator: batches of 3 and 4 run as 4 rows through one static cache (same tensors, reset between
+    calls) and one traced decode step (no new graph for the second batch size, where plain static generate()
+    traces again); each call's tokens equal plain generate()'s, with the padding rows dropped."""
+    from torch._dynamo.utils import counters
+
+    from hybrid_mamba3 import BucketedGenerator
+
+    model = hybrid((0, 2))
+    config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True  # (transformers compiles the decode step on accelerators only, unless told)
+    kw = dict(max_new_tokens=5, do_sample=False, compile_config=config)
+    _, ids3, mask3 = left_padded((9, 4, 6))
+    _, ids4, mask4 = left_padded((8, 9, 3, 5), seed=1)
+    gen = BucketedGenerator(model, batch_buckets=(1, 2, 4), length_multiple=32)
+    assert gen.bucket(3) == 4 and gen.bucket(4) == 4 and gen.bucket(5) == 5 and gen.cache_length(9, 5) == 32
+
+    torch._dynamo.reset()
+    counters.clear()
+    out3 = gen.generate(ids3, attention_mask=mask3, **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    cache = next(iter(gen.caches.values()))
+    slot = next(layer for layer in cache.layers if isinstance(layer, Mamba3CacheLayer))
+    address = slot.recurrent_states[1].data_ptr()
+    out4 = gen.generate(ids4, attention_mask=mask4, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs >= 1  # the second batch size traced nothing new
+    assert len(gen.caches) == 1 and slot.recurrent_states[1].data_ptr() == address
+
+    for ids, mask, out in ((ids3, mask3, out3), (ids4, mask4, out4)):
+        plain = model.generate(ids, attention_mask=mask, cache_implementation="static", max_new_tokens=5,
+                               do_sample=False)
+        assert torch.equal(out, plain)
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.generate(ids3, attention_mask=mask3, cache_implementation="static", **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    model.generate(ids4, attention_mask=mask4, cache_implementation="static", **kw)
+    assert counters["stats"]["unique_graphs"] > graphs  # without buckets a new batch size is a new trace
+
+
+def test_bucketed_generation_refuses_a_cache_of_the_callers_and_bad_buckets():
+    from hybrid_mamba3 import BucketedGenerator
+
+    model = hybrid((0, 2))
+    with pytest.raises(ValueError, match="batch_buckets"):
+        BucketedGenerator(model, batch_buckets=(0, 4))
+    with pytest.raises(ValueError, match="cache_implementation"):
+        BucketedGenerator(model).generate(torch.ones(1, 3, dtype=torch.long), cache_implementation="static")
+
+
+def test_bucketed_generation_with_beams_keeps_each_prompts_rows():
+    from hybrid_mamba3 import BucketedGenerator
+
+    model = hybrid((1, 3))
+    _, ids, mask = left_padded((9, 4, 6))
+    kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    out = BucketedGenerator(model, batch_buckets=(4,)).generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(out, model.generate(ids, attention_mask=mask, cache_implementation="static", **kw))

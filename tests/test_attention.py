@@ -1,0 +1,80 @@
+"""attn_implementation="sdpa_gqa" (hybrid_mamba3/attention.py): the same outputs as transformers' sdpa, and the
+one-token step packs grouped-query heads instead of repeating keys and values, under torch.compile too."""
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as sdpa
+from transformers import CompileConfig, LlamaForCausalLM, StaticCache
+
+import hybrid_mamba3  # noqa: F401  (registers sdpa_gqa)
+from hybrid_mamba3.cache import CACHE_KWARG
+
+from test_generation import left_padded
+from test_model import hybrid, llama_config
+
+
+def _with(model, implementation):
+    model.config._attn_implementation = implementation
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "hybrid"])
+def test_sdpa_gqa_gives_sdpa_logits_and_tokens(kind):
+    """fp32, left padding, static cache: every step's logits within 1e-5 of sdpa's (the same products summed in
+    another order), greedy tokens equal."""
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(llama_config()) if kind == "llama" else hybrid((1, 3))).eval()
+    _, ids, mask = left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static",
+              output_logits=True, return_dict_in_generate=True)
+    ref = _with(model, "sdpa").generate(ids, **kw)
+    ours = _with(model, "sdpa_gqa").generate(ids, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_reads_keys_without_repeating_them(monkeypatch):
+    """Under torch.compile (backend eager: the trace is the point), transformers' sdpa repeats the keys and values
+    at a masked one-token step; sdpa_gqa does not call repeat_kv at all there."""
+    model = _with(hybrid((1, 3)), "sdpa").eval()
+    _, ids, mask = left_padded()
+    repeats = []
+    original = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: repeats.append(x.shape[2]) or original(x, n))
+
+    def decode(implementation):
+        _with(model, implementation)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+            torch._dynamo.reset()
+            step = torch.compile(model, backend="eager", fullgraph=True)
+            full = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
+            repeats.clear()
+            return step(ids[:, -1:], attention_mask=full, position_ids=full.sum(1, keepdim=True) - 1,
+                        cache_position=torch.tensor([ids.shape[1]]), use_cache=True, **{CACHE_KWARG: cache}).logits
+
+    reference = decode("sdpa")
+    assert repeats and all(length == 16 for length in repeats)  # the whole static cache, repeated
+    ours = decode("sdpa_gqa")
+    assert repeats == []
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_gqa_loads_by_name_and_decodes_compiled(tmp_path):
+    """from_pretrained(attn_implementation="sdpa_gqa") passes transformers' own checks, for a saved hybrid and a
+    Llama, and generate()'s compiled decoding runs on it."""
+    from transformers import AutoModelForCausalLM
+
+    hybrid((0, 2)).save_pretrained(tmp_path / "h")
+    LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "l")
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "l", attn_implementation="sdpa_gqa")
+    assert llama.config._attn_implementation == "sdpa_gqa"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "h", attn_implementation="sdpa_gqa").eval()
+    assert model.config._attn_implementation == "sdpa_gqa"
+    _, ids, mask = left_padded()
+    config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(model.generate(ids, compile_config=config, **kw), _with(model, "sdpa").generate(ids, **kw))
