@@ -5,7 +5,8 @@
       adapter/    the LoRA adapter (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), adapter))
                   with the tokenizer (and the chat template it trained with)
       merged/     (merge) the model with the adapter merged in: a plain hybrid directory
-      sft_report.json   options, LoRA targets, held-out loss before and after, the loss curve
+      sft_report.json   options, LoRA targets, held-out loss before and after, the loss curve, the tokens trained on
+                        (not padding) and tokens/s (training alone, evaluations left out)
 
 - mode "sft": TRL's SFTTrainer with a `peft.LoraConfig` whose targets are `hybrid_mamba3.lora_targets` (checked to
   have all been adapted). Packing, padding-free rows, completion-only and assistant-only loss are TRL's own options.
@@ -62,12 +63,13 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
     calls it; the first writes the merged model and the report."""
     from accelerate import PartialState
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from ..convert import save_hybrid
 
     o = options.check()
+    set_seed(o.seed)  # the LoRA initialisation (PEFT wraps the model before the Trainer seeds) repeats run to run
     state = PartialState(cpu=not torch.cuda.is_available())
     out = start_run(o, state)
     bf16 = torch.cuda.is_available() if o.bf16 is None else o.bf16
@@ -96,8 +98,12 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
     t0 = time.perf_counter()
     resume_from = latest_complete_checkpoint(out / "train") if o.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
+    # training time alone: train_runtime less the held-out evaluations inside it (eval_on_start, eval steps)
+    train_s = result.metrics["train_runtime"] - sum(h.get("eval_runtime", 0) for h in trainer.state.log_history)
+    tokens = int(trainer.state.num_input_tokens_seen)
     report.update(seconds=round(time.perf_counter() - t0, 1), resumed_from=resume_from,
-                  train_loss=result.training_loss,
+                  train_loss=result.training_loss, tokens=tokens, train_seconds=round(train_s, 2),
+                  tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
                   curve=[dict(step=h["step"], loss=h["loss"]) for h in trainer.state.log_history if "loss" in h])
     if split["test"] is not None:  # the first: evaluated at the start of training (eval_on_start)
         report["eval_before"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
@@ -128,7 +134,8 @@ def _trainer(o: SFTOptions, model, tokenizer, peft_config, train, held, bf16: bo
         disable_tqdm=not o.progress, use_cpu=not torch.cuda.is_available(), max_length=o.max_length,
         # the held-out loss before training, from inside train(): an evaluate() before it would set DeepSpeed up for
         # inference only, and training would then find no engine to step
-        eval_on_start=held is not None)
+        eval_on_start=held is not None,
+        include_num_input_tokens_seen="non_padding")  # the report's tokens/s: real tokens, packed or padded
     callbacks = [_CompleteMarker()] + list(callbacks or [])
     if o.mode == "sft":
         from trl import SFTConfig, SFTTrainer

@@ -3,6 +3,7 @@ run that leaves an adapter and a merged hybrid, on-policy distillation (TRL's GK
 training, and the errors that come before any training."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def models(tmp_path_factory):
     """root/hybrid: a tiny hybrid; root/teacher + root/student: a tiny Llama and its conversion; all with the chat
     tokenizer; root/chat.jsonl: 16 conversations."""
     root = tmp_path_factory.mktemp("sft_run")
+    torch.manual_seed(0)  # the same tiny models in every run (the held-out loss must fall in 3 steps)
     tok = chat_tokenizer()
     hybrid((1, 3)).save_pretrained(root / "hybrid")
     teacher = _teacher()
@@ -73,6 +75,8 @@ def test_sft_recipe_run_leaves_an_adapter_and_a_merged_hybrid(models, tmp_path, 
     assert report["options"]["batch_size"] == 4 and report["options"]["packing"]  # the flag over the recipe
     assert report["lora_targets"] == 2 * 2 + 4 * 3 and len(report["curve"]) == 3
     assert report["eval_after"] < report["eval_before"]
+    assert 0 < report["tokens"] <= 3 * 4 * 64 and report["tokens_per_s"] > 0  # steps x rows x max_length at most
+    assert 0 < report["train_seconds"] < report["seconds"]
     ids = torch.randint(9, 97, (2, 11))
     base = AutoModelForCausalLM.from_pretrained(models / "hybrid").eval()
     base_logits = base(ids).logits
@@ -140,3 +144,29 @@ def test_unknown_recipe_key_is_refused(models, tmp_path, capsys):
     recipe.write_text("lora_rank: 8\n")
     assert main(["sft", "--config", str(recipe), "--model", str(models / "hybrid")]) == 2
     assert "unknown recipe keys ['lora_rank']" in capsys.readouterr().err
+
+
+def test_sft_compare_reports_runs_and_answers_held_out_questions(models, tmp_path):
+    """evals/sft_compare.py (the real run's summary): both runs' reports, and each model's greedy answers to the
+    questions of the run's own held-out split."""
+    import importlib.util
+
+    from hybrid_mamba3.distill.sft import load_rows
+
+    spec = importlib.util.spec_from_file_location("sft_compare", Path(__file__).parents[1] / "evals" / "sft_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    for name, packing in (("packed", "--packing"), ("unpacked", "--no-packing")):
+        assert main(["sft", "--model", str(models / "hybrid"), "--data", str(models / "chat.jsonl"), "--output-dir",
+                     str(tmp_path / name), packing, "--chat-template", "smollm2_assistant", *FLAGS]) == 0
+    result = compare.main(["--data", str(models / "chat.jsonl"), "--runs", f"packed={tmp_path / 'packed'}",
+                           f"unpacked={tmp_path / 'unpacked'}", "--models", f"base={models / 'hybrid'}",
+                           f"sft={tmp_path / 'packed' / 'merged'}", "--questions", "2", "--max-new-tokens", "3",
+                           "--out", str(tmp_path / "summary")])
+    held = load_rows(str(models / "chat.jsonl")).train_test_split(test_size=0.25, seed=0)["test"]
+    assert result["questions"] == [held[i]["messages"][-2]["content"] for i in range(2)]
+    assert set(result["answers"]) == {"base", "sft"} and all(len(a) == 2 for a in result["answers"].values())
+    assert all(r["tokens_per_s"] > 0 for r in result["reports"].values())
+    assert json.loads((tmp_path / "summary.json").read_text())["questions"] == result["questions"]
+    with pytest.raises(SystemExit, match="name=path"):
+        compare.main(["--data", "x", "--runs", "packed", "--out", str(tmp_path / "y")])
