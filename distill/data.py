@@ -13,8 +13,10 @@
 
 Sources (`iter_documents`): text files and directories (HTML reduced to its text; gzip-compressed files read as the
 file they hold, as Debian ships documentation), .jsonl files (a "text" field per line), or a `datasets.Dataset` (its
-"text" column). Or the teacher itself (`teacher_documents`, `--data teacher:<tokens>`): documents it samples from
-its start token, nothing to download, and its own distribution whatever the domain.
+"text" column). Or `--data python-docs` (`python_docs`): the documentation topics every Python install ships for
+`help()` (the language reference's sections, ~110k tokens of English prose), text on any machine without a
+download: the quickstart recipe's default. Or the teacher itself (`teacher_documents`, `--data teacher:<tokens>`):
+documents it samples from its start token, nothing to download, and its own distribution whatever the domain.
 """
 
 from __future__ import annotations
@@ -39,11 +41,27 @@ SPLITS = ("train", "heldout")
 _TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".pod", ".html", ".htm", ""}
 
 
+PYTHON_DOCS = "python-docs"
+
+
+def python_docs() -> Iterator[str]:
+    """The documentation topics of the running Python (`pydoc_data.topics`, what `help("topic")` prints), one
+    document each, in sorted order."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        if topics[name].strip():
+            yield topics[name]
+
+
 def iter_documents(sources, text_field: str = "text") -> Iterator[str]:
     """The texts of the given sources, in a fixed order (directories walked sorted); empty texts skipped."""
     if not isinstance(sources, (list, tuple)):
         sources = [sources]
     for src in sources:
+        if src == PYTHON_DOCS and not Path(src).exists():  # (a path of that name is the user's own)
+            yield from python_docs()
+            continue
         if not isinstance(src, (str, os.PathLike)):  # a datasets.Dataset (or any iterable of {"text": ...})
             for row in src:
                 text = row[text_field] if isinstance(row, dict) else row

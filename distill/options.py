@@ -61,8 +61,9 @@ class DistillOptions:
         if not self.output_dir:
             raise ValueError("an output directory is needed (--output-dir)")
         if not self.data:
-            raise ValueError("no data (--data: text files, directories, .jsonl files, a shard directory, or "
-                             "teacher:<tokens> to sample documents from the teacher)")
+            raise ValueError("no data (--data: text files, directories, .jsonl files, a shard directory, "
+                             "python-docs for the documentation Python ships, or teacher:<tokens> to sample documents "
+                             "from the teacher)")
         from .data import teacher_tokens
 
         teacher_tokens(self.data)  # (a malformed teacher:N raises here, before anything runs)

@@ -9,10 +9,10 @@
 Writes bench_model.json (rewritten after every cell, so a run cut short keeps its figures) and bench_model.png when
 matplotlib is importable to --out (default $OUT, else ./out), and prints a table.
 
-- Shapes (random weights, bf16, sdpa attention unless --attn names another): Llama-3.2-1B and SmolLM2-135M. Hybrids replace 25% / 50% / 75% of
-  the layers (hybrid-50-siso: 50%, SISO), evenly spread, by Mamba-3 MIMO R4 layers of the shape conversion gives
-  them (`convert.attention_shapes`: d_state = headdim = the attention head size, one B/C group per head; "-gkv":
-  one group per key/value head instead, the smaller shape).
+- Shapes (random weights, bf16, sdpa attention unless --attn names another): Llama-3.2-1B and SmolLM2-135M.
+  Hybrids replace 25% / 50% / 75% of the layers (hybrid-50-siso: 50%, SISO), evenly spread, by Mamba-3 MIMO R4
+  layers of the shape conversion gives them (`convert.attention_shapes`: d_state = headdim = the attention head
+  size, one B/C group per head; "-gkv": one group per key/value head instead, the smaller shape).
 - Settings: batch x context. Prefill: one forward over the context that fills a fresh cache (logits for the last
   position only, as generate() asks), `--prefill-chunk` positions per call when given. Decode: after that prefill,
   one token per sequence per step, as generate()'s loop calls the model (sampling and stopping left out).
@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 for batch, context in settings:
                     cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
-                                prefill_chunk=a.prefill_chunk or None, attn=a.attn, params=sum(p.numel() for p in model.parameters()))
+                                prefill_chunk=a.prefill_chunk or None, attn=a.attn,
+                                params=sum(p.numel() for p in model.parameters()))
                     try:
                         cell.update(run_cell(model, kind, batch, context, a, clock, device))
                     except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)

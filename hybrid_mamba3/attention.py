@@ -32,7 +32,8 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, dim = query.shape
     mask = attention_mask
-    if q_len != 1 or groups == 1 or kwargs.get("position_bias") is not None or (mask is not None and mask.shape[1] != 1):
+    per_head_mask = mask is not None and mask.shape[1] != 1
+    if q_len != 1 or groups == 1 or kwargs.get("position_bias") is not None or per_head_mask:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if mask is not None:  # (B, 1, 1, L): one row for the query, shared by every head of the group

