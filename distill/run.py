@@ -249,8 +249,16 @@ def _merged_lora(student, trained: dict, layers: list[int], rank: int):
     state dict whole, then merge_and_unload."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # (elsewhere in other releases)
+        from transformers.modeling_utils import no_init_weights
+
     unset_hf_deepspeed_config()  # (built whole, not partitioned at construction)
-    model = _with_lora(type(student)(student.config), layers, rank)
+    with no_init_weights():  # every tensor is overwritten by the load below: no random init to pay for
+        fresh = type(student)(student.config)
+    fresh.tie_weights()  # (no_init_weights skips the tying too)
+    model = _with_lora(fresh, layers, rank)
     model.load_state_dict(trained)  # (strict: every adapter and mixer tensor, and nothing else)
     return model.merge_and_unload()
 
