@@ -5,8 +5,8 @@
       adapter/    the LoRA adapter (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), adapter))
                   with the tokenizer (and the chat template it trained with)
       merged/     (merge) the model with the adapter merged in: a plain hybrid directory
-      sft_report.json   options, LoRA targets, held-out loss before and after, the loss curve, the tokens trained on
-                        (not padding) and tokens/s (training alone, evaluations left out)
+      sft_report.json   options, LoRA targets, held-out loss before and after, the loss curve, the tokens this call
+                        trained on (not padding) and tokens/s (training alone, evaluations left out)
 
 - mode "sft": TRL's SFTTrainer with a `peft.LoraConfig` whose targets are `hybrid_mamba3.lora_targets` (checked to
   have all been adapted). Packing, padding-free rows, completion-only and assistant-only loss are TRL's own options.
@@ -63,7 +63,7 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
     calls it; the first writes the merged model and the report."""
     from accelerate import PartialState
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState, set_seed
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from ..convert import save_hybrid
@@ -97,10 +97,13 @@ def sft(options: SFTOptions, callbacks: list | None = None) -> Path:
                   rows=dict(train=len(split["train"]), eval=len(split["test"] or [])))
     t0 = time.perf_counter()
     resume_from = latest_complete_checkpoint(out / "train") if o.resume else None
+    # a resumed run's state starts as its checkpoint's: the tokens and evaluations before it are not this call's
+    before = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json")) if resume_from else None
     result = trainer.train(resume_from_checkpoint=resume_from)
+    session = trainer.state.log_history[len(before.log_history) if before else 0:]
     # training time alone: train_runtime less the held-out evaluations inside it (eval_on_start, eval steps)
-    train_s = result.metrics["train_runtime"] - sum(h.get("eval_runtime", 0) for h in trainer.state.log_history)
-    tokens = int(trainer.state.num_input_tokens_seen)
+    train_s = result.metrics["train_runtime"] - sum(h.get("eval_runtime", 0) for h in session)
+    tokens = int(trainer.state.num_input_tokens_seen - (before.num_input_tokens_seen if before else 0))
     report.update(seconds=round(time.perf_counter() - t0, 1), resumed_from=resume_from,
                   train_loss=result.training_loss, tokens=tokens, train_seconds=round(train_s, 2),
                   tokens_per_s=round(tokens / max(train_s, 1e-9), 1),

@@ -258,6 +258,12 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return [(int(b), int(c)) for b, c in pairs]
 
 
+def _setting(cell: dict) -> str:
+    """batch x context, and /chunk where the prefill went in chunks of that many positions."""
+    chunk = f"/{cell['prefill_chunk']}" if cell.get("prefill_chunk") else ""
+    return f"{cell['batch']}x{cell['context']}{chunk}"
+
+
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
@@ -265,10 +271,8 @@ def table(results: dict) -> str:
              f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
              f"{'params M':>9}"]
     for cell in results["cells"]:
-        chunk = f"/{cell['prefill_chunk']}" if cell.get("prefill_chunk") else ""  # prefill in chunks of this many
         model = cell["model"] + ("" if cell.get("attn", "sdpa") == "sdpa" else f" ({cell['attn']})")
-        head = (f"{cell['shape']:<14} {model:<22} {cell['cache']:<15} "
-                f"{str(cell['batch']) + 'x' + str(cell['context']) + chunk:>14}")
+        head = f"{cell['shape']:<14} {model:<22} {cell['cache']:<15} {_setting(cell):>14}"
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
             continue
@@ -295,8 +299,7 @@ def plot(results: dict, path: str) -> str:
     cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
-    labels = [f"{c['shape']} {c['model']} {c.get('attn', 'sdpa')} {c['cache']} {c['batch']}x{c['context']}"
-              + (f"/{c['prefill_chunk']}" if c.get("prefill_chunk") else "") for c in cells]
+    labels = [f"{c['shape']} {c['model']} {c.get('attn', 'sdpa')} {c['cache']} {_setting(c)}" for c in cells]
     fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         ax.barh(range(len(cells)), [c[key] for c in cells])

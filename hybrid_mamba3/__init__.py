@@ -22,7 +22,7 @@ AutoModelForCausalLM.register(HybridMamba3Config, HybridMamba3ForCausalLM, exist
 
 __version__ = "0.1.0"
 __all__ = [
-    "BucketedGenerator", "HybridMamba3Config", "HybridMamba3ForCausalLM", "HybridMamba3Model", "HybridMamba3PreTrainedModel",
-    "Mamba3", "Mamba3State", "MixerSpec", "check_lora_targets", "get_mixer", "lora_targets", "mixer_names",
-    "register_mixer", "resolve_positions",
+    "BucketedGenerator", "HybridMamba3Config", "HybridMamba3ForCausalLM", "HybridMamba3Model",
+    "HybridMamba3PreTrainedModel", "Mamba3", "Mamba3State", "MixerSpec", "check_lora_targets", "get_mixer",
+    "lora_targets", "mixer_names", "register_mixer", "resolve_positions",
 ]

@@ -170,3 +170,18 @@ def test_sft_compare_reports_runs_and_answers_held_out_questions(models, tmp_pat
     assert json.loads((tmp_path / "summary.json").read_text())["questions"] == result["questions"]
     with pytest.raises(SystemExit, match="name=path"):
         compare.main(["--data", "x", "--runs", "packed", "--out", str(tmp_path / "y")])
+
+
+def test_resumed_sft_reports_the_tokens_of_its_own_steps(models, tmp_path):
+    """tokens / tokens_per_s of a resumed run count the steps after its checkpoint: the two calls' tokens add up to
+    the Trainer's own count at the end."""
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(models / "hybrid"), "--data", str(models / "chat.jsonl"), "--output-dir", str(out),
+            "--no-merge", *FLAGS, "--save-steps", "1"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    first = json.loads((out / "sft_report.json").read_text())
+    assert main([*args, "--max-steps", "4", "--resume"]) == 0
+    second = json.loads((out / "sft_report.json").read_text())
+    assert second["resumed_from"].endswith("checkpoint-2")
+    total = json.loads((out / "train" / "checkpoint-4" / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    assert 0 < second["tokens"] < total == first["tokens"] + second["tokens"]
