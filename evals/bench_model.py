@@ -236,6 +236,7 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
         clock.sync()
         warmup_s = time.perf_counter() - t0
         decode_gpu, decode_wall = clock.steps(decode, a.decode_steps)
+        kernels = profile_steps(decode, a.profile, device) if a.profile else None
     pre_gpu = [g for g, _ in prefill_times]
     pre_wall = statistics.median(w for _, w in prefill_times)
     moved = step_bytes(model, cache, batch, context + a.decode_warmup + a.decode_steps // 2)
@@ -246,9 +247,28 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
                decode_warmup_s=warmup_s, step_bytes=moved,
                decode_floor_ms=floor_ms, decode_floor_tokens_per_s=batch / floor_ms * 1e3,
                decode_of_floor=floor_ms / decode_wall)
+    if kernels is not None:
+        out["decode_kernels"] = kernels
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def profile_steps(fn, n: int, device: torch.device, top: int = 8) -> list[dict]:
+    """The kernels that take a decode step's GPU time (CPU ops on the CPU): n steps under torch.profiler, the top
+    kernels by their own time, in ms per step and as a share of the step's total kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    total = sum(t for _, t in rows) or 1.0
+    return [dict(name=name[:90], ms_per_step=t / n / 1e3, share=t / total) for name, t in rows[:top]]
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -326,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--decode-warmup", type=int, default=8, help="untimed steps (compilation and graph capture)")
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--profile", type=int, default=0, help="after timing, profile this many decode steps and keep "
+                    "each cell's top kernels (decode_kernels in the JSON, printed under the cell's row)")
     ap.add_argument("--compile-hybrid", action="store_true", help="compile the hybrids' decode step too")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32, a few steps")
@@ -364,7 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
     earlier = []
     if a.append and os.path.exists(a.append):
         with open(a.append) as f:
-            earlier = json.load(f)["cells"]
+            grid = json.load(f)
+        if grid.get("device") != results["device"]:  # figures of two cards in one table would compare nothing
+            raise SystemExit(f"--append {a.append} holds cells measured on {grid.get('device')!r}, this run is on "
+                             f"{results['device']!r}: name another file for this card's grid")
+        earlier = grid["cells"]
     os.makedirs(a.out, exist_ok=True)
     paths = [os.path.join(a.out, "bench_model.json")] + ([a.append] if a.append else [])
     clock = Clock(device)
@@ -395,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
                         cell["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
                     results["cells"].append(cell)
                     print(table(dict(cells=[cell])).splitlines()[-1], flush=True)
+                    for k in cell.get("decode_kernels", []):
+                        print(f"    {k['ms_per_step']:8.3f} ms {k['share']:6.1%}  {k['name']}", flush=True)
                     save()
                     gc.collect()
                     if device.type == "cuda":

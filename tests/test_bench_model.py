@@ -60,6 +60,12 @@ def test_append_keeps_earlier_cells_and_replaces_remeasured_ones(tmp_path):
     cells = json.loads(grid.read_text())["cells"]  # another attention or prefill chunk: a row of its own
     assert sorted((c["model"], c["attn"], c["prefill_chunk"]) for c in cells) == [
         ("hybrid-50", "sdpa", None), ("llama", "sdpa", None), ("llama", "sdpa_gqa", 4)]
+    other = json.loads(grid.read_text())
+    grid.write_text(json.dumps(dict(other, device="NVIDIA H200")))  # a grid another card measured is not mixed in
+    with pytest.raises(SystemExit, match="measured on 'NVIDIA H200', this run is on 'cpu'"):
+        bench_model.main(["--smoke", "--models", "llama", "--caches", "dynamic", "--out", str(tmp_path / "d"),
+                          "--append", str(grid)])
+    assert json.loads(grid.read_text())["cells"] == other["cells"]
 
 
 def test_bad_arguments_say_what_to_change():
@@ -67,3 +73,17 @@ def test_bad_arguments_say_what_to_change():
         bench_model.main(["--smoke", "--models", "mamba"])
     with pytest.raises(SystemExit, match="batch x context pairs"):
         bench_model.main(["--smoke", "--settings", "16by2048"])
+
+
+def test_profile_keeps_each_cells_top_kernels(tmp_path, capsys):
+    """--profile N: every decode cell keeps the ops that took its step's time (CPU ops on the CPU; kernels on a GPU),
+    largest first, shares of the step's total that add up to at most 1, and prints them under the cell's row."""
+    res = bench_model.main(["--smoke", "--models", "hybrid-50", "--caches", "dynamic", "--profile", "2",
+                            "--out", str(tmp_path)])
+    (cell,) = res["cells"]
+    kernels = cell["decode_kernels"]
+    assert 0 < len(kernels) <= 8
+    times = [k["ms_per_step"] for k in kernels]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert 0 < sum(k["share"] for k in kernels) <= 1 + 1e-9
+    assert kernels[0]["name"] in capsys.readouterr().out
