@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     a.bandwidth = copy_bandwidth(device)
+    if a.profile and device.type == "cuda":
+        # a CUDA graph captured before the profiler's first use fails when profiled ("device-side assert" on an H100,
+        # torch 2.11; pytorch issue 75504): start it once before any capture
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
+            pass
     results = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", dtype=str(dtype),
                    torch=torch.__version__, transformers=transformers.__version__, copy_bandwidth=a.bandwidth,
                    cells=[])

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""One decode step's attention over a static cache: which way of calling it reads the keys and values at the
+bandwidth, eager and inside a compiled CUDA graph.
+
+    python3 evals/bench_decode_attention.py               # on the device: the Llama-3.2-1B shape, 16 x 16k and 1 x 2k
+    python3 evals/bench_decode_attention.py --smoke       # tiny, on the CPU (tests/test_bench_decode_attention.py)
+
+The step as a static cache makes it: one query per head (32 query heads on 8 key/value heads, head size 64, bf16),
+L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written. Variants:
+- repeat: every key/value head repeated for its query heads (transformers' sdpa under torch.compile);
+- packed: the query heads packed onto their key/value head, (B, H_kv, H / H_kv, D), masked sdpa;
+- op: packed, through hybrid_mamba3's `gqa_decode` custom op (what `attn_implementation="sdpa_gqa"` runs);
+- enable_gqa: sdpa's own grouped-query flag with the mask;
+- manual: matmul, masked softmax in fp32, matmul;
+- flex: torch's flex_attention with a block mask (compiled only).
+Each eager, and compiled (inductor, mode reduce-overhead: CUDA graphs). GPU ms by CUDA events, the median of the
+timed calls after warmup; GB/s = the keys' and values' bytes over that time. Writes bench_decode_attention.json to
+--out (default $OUT, else ./out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_mamba3.evals.bench_model import parse_settings
+
+SHAPE = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B
+SETTINGS = "16x16384,1x2048"
+UNWRITTEN = 7  # cache slots past the current position, masked out
+
+
+def variants(groups: int) -> dict:
+    from hybrid_mamba3.attention import gqa_decode
+
+    def repeat(q, k, v, mask):
+        b, hk, length, d = k.shape
+        kk = k[:, :, None].expand(b, hk, groups, length, d).reshape(b, hk * groups, length, d)
+        vv = v[:, :, None].expand(b, hk, groups, length, d).reshape(b, hk * groups, length, d)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+    def packed(q, k, v, mask):
+        return F.scaled_dot_product_attention(q.reshape(k.shape[0], k.shape[1], groups, -1), k, v, attn_mask=mask)
+
+    def op(q, k, v, mask):
+        return gqa_decode(q.reshape(k.shape[0], k.shape[1], groups, -1), k, v, mask, None)
+
+    def enable_gqa(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def manual(q, k, v, mask):
+        s = torch.matmul(q.reshape(k.shape[0], k.shape[1], groups, -1), k.transpose(-1, -2)).float()
+        p = torch.softmax((s * k.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
+        return torch.matmul(p.to(v.dtype), v)
+
+    return dict(repeat=repeat, packed=packed, op=op, enable_gqa=enable_gqa, manual=manual)
+
+
+def gpu_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
+    h, hk, d = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
+    if a.smoke:
+        h, hk, d = 4, 2, 16
+    q = torch.randn(batch, h, 1, d, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, hk, length, d, device=device, dtype=dtype) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, length, device=device, dtype=torch.bool)
+    mask[..., length - UNWRITTEN:] = False
+    moved = 2 * k.numel() * k.element_size()
+    fns = variants(h // hk)
+    reference = fns["manual"](q, k, v, mask).float()
+    if not a.smoke:  # flex_attention's compiled kernels need a GPU
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        valid = length - UNWRITTEN
+        block = create_block_mask(lambda b, hh, qi, kv: kv < valid, None, None, 1, length, device=device)
+        flex = torch.compile(flex_attention)
+        fns["flex"] = lambda q, k, v, mask: flex(q, k, v, block_mask=block, enable_gqa=True)
+    rows = []
+    for name, fn in fns.items():
+        for mode in ("eager", "compiled"):
+            if name == "flex" and mode == "eager":
+                continue
+            row = dict(batch=batch, cache_len=length, variant=name, mode=mode)
+            try:
+                f = fn
+                if mode == "compiled" and name != "flex":
+                    torch._dynamo.reset()
+                    f = torch.compile(fn, fullgraph=True, backend=a.compile_backend,
+                                      mode="reduce-overhead" if a.compile_backend == "inductor" else None)
+                out = f(q, k, v, mask).float().reshape(reference.shape)
+                row["max_abs_err"] = (out - reference).abs().max().item()  # against manual, the plain definition
+                row["ms"] = gpu_ms(lambda: f(q, k, v, mask), a.warmup, a.reps, device.type == "cuda")
+                row["gb_per_s"] = moved / row["ms"] / 1e6
+            except Exception as e:  # noqa: BLE001 (a variant this torch cannot run is a result)
+                if a.smoke:
+                    raise
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            rows.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'batch x cache':>14}  {'variant':11} {'mode':9} {'ms':>9} {'GB/s':>7} {'max err':>9}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['batch']:>6}x{r['cache_len']:<7}  {r['variant']:11} {r['mode']:9} {r['error'][:60]}")
+            continue
+        lines.append(f"{r['batch']:>6}x{r['cache_len']:<7}  {r['variant']:11} {r['mode']:9} {r['ms']:9.4f} "
+                     f"{r['gb_per_s']:7.0f} {r['max_abs_err']:9.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default=None, help=f"batch x cache length pairs (default {SETTINGS}; smoke 2x40)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--smoke", action="store_true", help="tiny, fp32, on the CPU, compile backend eager")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args(argv)
+    if a.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        a.settings, a.warmup, a.reps, a.compile_backend = a.settings or "2x40", 1, 2, "eager"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_decode_attention.py measures on CUDA; --smoke runs tiny shapes on the CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    rows = []
+    for batch, length in parse_settings(a.settings or SETTINGS):
+        rows += run_setting(batch, length, a, device, dtype)
+    result = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                  dtype=str(dtype), shape=SHAPE, rows=rows, table=table(rows))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_decode_attention.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{result['device']}, torch {result['torch']}, {result['dtype']}\n{result['table']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
