@@ -101,10 +101,18 @@ class Mamba3(KeepFP32Mixin, nn.Module):
     padding where no state is carried on: `padding_mask`), `seq_idx` (packed sequences, (batch, seqlen): a new
     sequence wherever it changes along a row), `cu_seqlens` (packed sequences along one row, with per-sequence
     states), `initial_state` / `return_final_state` (a `Mamba3State`, for use without a cache). Inputs too large
-    for one call of the Triton kernels run in pieces (`max_rows_per_call`).
+    for one call of the Triton kernels run in pieces (`max_rows_per_call`), and so do inference calls past
+    `inference_elements_per_call`.
     """
 
     _fp32_params = ("dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "D")
+    # At inference (nothing to differentiate), one call of the Triton kernels takes at most this many elements of
+    # its widest per-row tensor (`row_elements`: the in_proj output at converted shapes), so that a prefill of many
+    # rows, or of one long row, runs in pieces and the layer's transient memory stays bounded instead of growing with
+    # batch x length: 2^28 bf16 elements are 0.5 GiB, the layer's other per-call tensors about as much again (the
+    # Llama-3.2-1B conversion: ~13k positions a call). Set it on an instance to change it; None: only the kernels'
+    # 32-bit limit splits a call.
+    inference_elements_per_call: int | None = 2**28
 
     def __init__(
         self,
@@ -355,18 +363,31 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         return _row_elements(length, self.in_proj.out_features, self.mimo_rank, self.num_bc_heads, self.d_state,
                              self.nheads, self.headdim, self.num_rope_angles)
 
-    def max_rows_per_call(self, length: int) -> int:
+    def max_rows_per_call(self, length: int, limit: int | None = None) -> int:
         """Batch rows of `length` positions that one call of the Triton kernels takes: their offsets are 32-bit
-        (`kernels.common.INT32_LIMIT`)."""
-        return (INT32_LIMIT - 1) // self.row_elements(length)
+        (`kernels.common.INT32_LIMIT`), or `limit` elements of the widest per-row tensor when given."""
+        return (INT32_LIMIT - 1 if limit is None else limit) // self.row_elements(length)
 
-    def max_length_per_call(self) -> int:
-        """The longest row one call of the Triton kernels takes, in whole chunks of 64 positions."""
+    def max_length_per_call(self, limit: int | None = None) -> int:
+        """The longest row one call of the Triton kernels takes (under `limit`, as `max_rows_per_call`), in whole
+        chunks of 64 positions."""
         lo, hi = 1, 1 << 40
         while lo < hi:  # the largest length with max_rows_per_call(length) >= 1
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.max_rows_per_call(mid) >= 1 else (lo, mid - 1)
+            lo, hi = (mid, hi) if self.max_rows_per_call(mid, limit) >= 1 else (lo, mid - 1)
         return max(64, lo - lo % 64)
+
+    def _differentiable(self, u: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _elements_per_call(self, u: torch.Tensor, split_rows: bool) -> int:
+        """The element limit of this call's pieces: the 32-bit one, or at inference `inference_elements_per_call`
+        where this call would pass it (packed sequences are not split: their documents share rows)."""
+        limit, cap = INT32_LIMIT - 1, self.inference_elements_per_call
+        whole = u.shape[0] * self.row_elements(u.shape[1])
+        if cap and cap < min(limit, whole) and split_rows and not self._differentiable(u):
+            return cap
+        return limit
 
     def _in_pieces(self, run, u, state, mask, seq_idx, need_state, packed=False):
         """run(u, state, mask, seq_idx, need_state) -> (out, final state) over all of u in one call, or, where the
@@ -375,11 +396,12 @@ class Mamba3(KeepFP32Mixin, nn.Module):
         B, L = u.shape[:2]
         if self._select_backend(u.device) != "triton":  # (the torch op's offsets are torch's own)
             return run(u, state, mask, seq_idx, need_state)
-        rows = self.max_rows_per_call(L)
+        limit = self._elements_per_call(u, split_rows=not packed and seq_idx is None)
+        rows = self.max_rows_per_call(L, limit)
         if rows >= B:
             return run(u, state, mask, seq_idx, need_state)
         if rows == 0 or packed:  # one row is too long (cu_seqlens packs along one row)
-            return self._in_stretches(run, u, state, mask, seq_idx, need_state, packed)
+            return self._in_stretches(run, u, state, mask, seq_idx, need_state, packed, limit)
 
         def piece(x, sl):
             return None if x is None else (x if x.shape[0] == 1 and B > 1 else x[sl])
@@ -393,13 +415,13 @@ class Mamba3(KeepFP32Mixin, nn.Module):
             finals.append(st)
         return _rows_joined(outs, finals, need_state)
 
-    def _in_stretches(self, run, u, state, mask, seq_idx, need_state, packed):
-        span = self.max_length_per_call()
+    def _in_stretches(self, run, u, state, mask, seq_idx, need_state, packed, limit: int | None = None):
+        span = self.max_length_per_call(limit)
         too_long = (f"a row of {u.shape[1]} positions is more than one call of the Triton kernels takes (their offsets "
                     f"are 32-bit: at most {span} positions for this layer)")
         if packed or seq_idx is not None:
             raise ValueError(f"{too_long}: pack the sequences into more, shorter rows (seq_idx)")
-        if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if self._differentiable(u):
             raise ValueError(f"{too_long}, and training cannot hand the state from one stretch to the next: train on "
                              "shorter rows")
         outs, finals = [], []

@@ -595,21 +595,28 @@ def test_layer_triton_path_under_gradient_checkpointing(reentrant, monkeypatch, 
         assert torch.equal(a, b)
 
 
+def _piecewise_layer(monkeypatch, seed: int):
+    """A small MIMO layer with perturbed parameters on the torch op, whose piece logic runs as it does for Triton."""
+    from hybrid_mamba3 import Mamba3
+
+    torch.manual_seed(seed)
+    layer = Mamba3(d_model=32, d_state=16, headdim=16, is_mimo=True, mimo_rank=2, backend="torch", layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    monkeypatch.setattr(layer, "_select_backend", lambda device: "triton")
+    return layer
+
+
 def test_layer_runs_in_pieces_past_the_kernels_int32_offsets(monkeypatch):
     """Inputs past the Triton kernels' 32-bit offsets (`common.INT32_LIMIT`, lowered here to a few thousand elements)
     run in pieces (`Mamba3.max_rows_per_call`), with the results of one call: slices of the batch (training: output
     and every gradient; with a final state), stretches of a row too long for one call at inference (a chunked
     prefill, each stretch from the state the one before left; left padding included), and decode steps. Training on
     a row too long for one call, and the op called directly past the limit, are refused with a clear error."""
-    from hybrid_mamba3 import Mamba3
     from hybrid_mamba3 import mamba3 as layer_module
 
-    torch.manual_seed(6)
-    layer = Mamba3(d_model=32, d_state=16, headdim=16, is_mimo=True, mimo_rank=2, backend="torch", layer_idx=0)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    monkeypatch.setattr(layer, "_select_backend", lambda device: "triton")
+    layer = _piecewise_layer(monkeypatch, seed=6)
     u, dy = torch.randn(5, 70, 32), torch.randn(5, 70, 32)
 
     def run(limit, **kw):
@@ -650,6 +657,43 @@ def test_layer_runs_in_pieces_past_the_kernels_int32_offsets(monkeypatch):
         layer(u)
     with pytest.raises(ValueError, match="pack the sequences into more, shorter rows"), torch.no_grad():
         layer(u[:1], seq_idx=torch.zeros(1, 70, dtype=torch.long))
+
+
+def test_inference_runs_in_pieces_that_bound_the_layers_memory(monkeypatch):
+    """At inference a call whose widest per-row tensor passes `inference_elements_per_call` runs in pieces: slices of
+    the batch, or stretches of a row too long alone (state carried on, left padding included), each piece within the
+    bound; outputs and final states as one call gives. Training, packed sequences (seq_idx) and None keep one call."""
+    layer = _piecewise_layer(monkeypatch, seed=7)
+    calls = []
+    scan = layer._scan
+    monkeypatch.setattr(layer, "_scan", lambda u, *a: calls.append(tuple(u.shape[:2])) or scan(u, *a))
+    u = torch.randn(5, 70, 32)
+    mask = torch.ones(5, 70, dtype=torch.long)
+    mask[1, :40] = 0  # left padding past the first stretch
+
+    def run(cap, grad=False, **kw):
+        layer.inference_elements_per_call = cap
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            y, fin = layer(u, return_final_state=True, **kw)
+        return y.detach(), [t.detach() for t in fin], list(calls)
+
+    y_ref, fin_ref, one = run(None, attention_mask=mask)
+    assert one == [(5, 70)]
+    for cap, pieces in ((2 * layer.row_elements(70), [(2, 70), (2, 70), (1, 70)]),
+                        (layer.row_elements(64), [(1, 64), (1, 6)] * 5)):
+        y, fin, got = run(cap, attention_mask=mask)
+        assert got == pieces
+        assert all(b * layer.row_elements(n) <= cap for b, n in got)
+        assert rel_err(y, y_ref) < TOL
+        for a, b in zip(fin, fin_ref):
+            assert rel_err(a, b) < TOL
+    cap = layer.row_elements(64)
+    assert run(cap, grad=True)[2] == [(5, 70)]  # training: one call (the 32-bit limit alone splits it)
+    calls.clear()
+    with torch.no_grad():
+        layer(u, seq_idx=torch.zeros(5, 70, dtype=torch.long))
+    assert calls == [(5, 70)]
 
 
 def test_op_refuses_inputs_past_int32_offsets():
