@@ -13,9 +13,13 @@ L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written.
 - enable_gqa: sdpa's own grouped-query flag with the mask;
 - manual: matmul, masked softmax in fp32, matmul;
 - flex: torch's flex_attention with a block mask (compiled only).
-Each eager, and compiled (inductor, mode reduce-overhead: CUDA graphs). GPU ms by CUDA events, the median of the
-timed calls after warmup; GB/s = the keys' and values' bytes over that time. Writes bench_decode_attention.json to
---out (default $OUT, else ./out) and prints a table.
+Each eager, and compiled (inductor, mode reduce-overhead: CUDA graphs), on torch's default choice of sdpa kernel.
+The sdpa variants also run eager on each sdpa backend of --backends alone (`torch.nn.attention.sdpa_kernel`), over
+a static cache (the same shapes every call) and a growing one (one slot more each call, as a dynamic cache grows:
+a backend that builds a plan per shape, as cuDNN's does, pays for it on every step there).
+GPU ms by CUDA events, the median of the timed calls after warmup (wall ms too, the host's clock, synchronized:
+a per-call host cost shows there); GB/s = the keys' and values' bytes over the GPU time. Writes
+bench_decode_attention.json to --out (default $OUT, else ./out) and prints a table.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybrid_mamba3.evals.bench_model import parse_settings
+from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, parse_settings, sdpa_backends
 
 SHAPE = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B
 SETTINGS = "16x16384,1x2048"
 UNWRITTEN = 7  # cache slots past the current position, masked out
+SDPA_VARIANTS = ("packed", "op", "enable_gqa")  # the variants that call sdpa, run on each backend too
 
 
 def variants(groups: int) -> dict:
@@ -62,24 +67,25 @@ def variants(groups: int) -> dict:
     return dict(repeat=repeat, packed=packed, op=op, enable_gqa=enable_gqa, manual=manual)
 
 
-def gpu_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
+def timed(fn, warmup: int, reps: int, cuda: bool) -> tuple[float, float]:
+    """(median GPU ms, median wall ms) of fn(i) for i in range(reps), after `warmup` calls of fn(0). On the CPU
+    both are the wall clock."""
     for _ in range(warmup):
-        fn()
-    if not cuda:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+        fn(0)
+    gpu, wall = [], []
+    for i in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn(i)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        gpu.append(start.elapsed_time(end) if cuda else wall[-1])
+    return statistics.median(gpu), statistics.median(wall)
 
 
 def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
@@ -100,39 +106,46 @@ def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
         block = create_block_mask(lambda b, hh, qi, kv: kv < valid, None, None, 1, length, device=device)
         flex = torch.compile(flex_attention)
         fns["flex"] = lambda q, k, v, mask: flex(q, k, v, block_mask=block, enable_gqa=True)
+    runs = [(name, mode, "default", "static") for name in fns for mode in ("eager", "compiled")
+            if not (name == "flex" and mode == "eager")]
+    runs += [(name, "eager", backend, cache) for name in SDPA_VARIANTS for backend in a.backends.split(",")
+             for cache in ("static", "growing") if (backend, cache) != ("default", "static")]
     rows = []
-    for name, fn in fns.items():
-        for mode in ("eager", "compiled"):
-            if name == "flex" and mode == "eager":
-                continue
-            row = dict(batch=batch, cache_len=length, variant=name, mode=mode)
-            try:
-                f = fn
-                if mode == "compiled" and name != "flex":
-                    torch._dynamo.reset()
-                    f = torch.compile(fn, fullgraph=True, backend=a.compile_backend,
-                                      mode="reduce-overhead" if a.compile_backend == "inductor" else None)
+    for name, mode, backend, cache in runs:
+        row = dict(batch=batch, cache_len=length, variant=name, mode=mode, backend=backend, cache=cache)
+        try:
+            f = fns[name]
+            if mode == "compiled" and name != "flex":
+                torch._dynamo.reset()
+                f = torch.compile(f, fullgraph=True, backend=a.compile_backend,
+                                  mode="reduce-overhead" if a.compile_backend == "inductor" else None)
+            # growing: call i reads the first length - reps + i slots (a fresh shape each call)
+            grow = (lambda i: length - a.reps + i) if cache == "growing" else (lambda i: length)
+            call = lambda i: f(q, k[:, :, :grow(i)], v[:, :, :grow(i)], mask[..., :grow(i)])  # noqa: E731
+            with sdpa_backends(None if backend == "default" else backend):
                 out = f(q, k, v, mask).float().reshape(reference.shape)
                 row["max_abs_err"] = (out - reference).abs().max().item()  # against manual, the plain definition
-                row["ms"] = gpu_ms(lambda: f(q, k, v, mask), a.warmup, a.reps, device.type == "cuda")
-                row["gb_per_s"] = moved / row["ms"] / 1e6
-            except Exception as e:  # noqa: BLE001 (a variant this torch cannot run is a result)
-                if a.smoke:
-                    raise
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
+                row["ms"], row["wall_ms"] = timed(call, a.warmup, a.reps, device.type == "cuda")
+            row["gb_per_s"] = moved / row["ms"] / 1e6
+        except Exception as e:  # noqa: BLE001 (a variant or backend this torch cannot run is a result)
+            if a.smoke:
+                raise
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'batch x cache':>14}  {'variant':11} {'mode':9} {'ms':>9} {'GB/s':>7} {'max err':>9}"]
+    lines = [f"{'batch x cache':>14}  {'variant':11} {'mode':9} {'backend':10} {'cache':8} {'gpu ms':>9} "
+             f"{'wall ms':>9} {'GB/s':>7} {'max err':>9}"]
     for r in rows:
+        head = (f"{r['batch']:>6}x{r['cache_len']:<7}  {r['variant']:11} {r['mode']:9} {r['backend']:10} "
+                f"{r['cache']:8}")
         if "error" in r:
-            lines.append(f"{r['batch']:>6}x{r['cache_len']:<7}  {r['variant']:11} {r['mode']:9} {r['error'][:60]}")
+            lines.append(f"{head} {r['error'][:60]}")
             continue
-        lines.append(f"{r['batch']:>6}x{r['cache_len']:<7}  {r['variant']:11} {r['mode']:9} {r['ms']:9.4f} "
-                     f"{r['gb_per_s']:7.0f} {r['max_abs_err']:9.2e}")
+        lines.append(f"{head} {r['ms']:9.4f} {r['wall_ms']:9.4f} {r['gb_per_s']:7.0f} {r['max_abs_err']:9.2e}")
     return "\n".join(lines)
 
 
@@ -142,12 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--backends", default="default,flash,efficient,cudnn,math",
+                    help=f"sdpa backends the sdpa variants also run on alone, of default,{','.join(SDPA_BACKENDS)} "
+                         "(smoke: default,math)")
     ap.add_argument("--smoke", action="store_true", help="tiny, fp32, on the CPU, compile backend eager")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args(argv)
+    unknown = set(a.backends.split(",")) - {"default", *SDPA_BACKENDS}
+    if unknown:
+        raise SystemExit(f"unknown sdpa backend(s) {sorted(unknown)}: choose from default,{','.join(SDPA_BACKENDS)}")
     if a.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         a.settings, a.warmup, a.reps, a.compile_backend = a.settings or "2x40", 1, 2, "eager"
+        a.backends = ",".join(b for b in a.backends.split(",") if b in ("default", "math"))  # the others need CUDA
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_decode_attention.py measures on CUDA; --smoke runs tiny shapes on the CPU")

@@ -61,6 +61,7 @@ MODELS = {"llama": (0.0, {}), "hybrid-25": (0.25, {}), "hybrid-50": (0.5, {}), "
 DEFAULT_MODELS = "llama,hybrid-50,hybrid-75"
 CACHES = ("dynamic", "static", "static+compile", "train")
 SETTINGS = "1x2048,16x16384,64x16384,16x32768"
+SDPA_BACKENDS = dict(flash="FLASH_ATTENTION", efficient="EFFICIENT_ATTENTION", cudnn="CUDNN_ATTENTION", math="MATH")
 
 
 def build(shape: dict, fraction: float, device, dtype, attn: str = "sdpa", **mamba) -> torch.nn.Module:
@@ -271,6 +272,15 @@ def profile_steps(fn, n: int, device: torch.device, top: int = 8) -> list[dict]:
     return [dict(name=name[:90], ms_per_step=t / n / 1e3, share=t / total) for name, t in rows[:top]]
 
 
+def sdpa_backends(names: str | None):
+    """A context holding torch's sdpa to the named backends (None: no restriction)."""
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names.split(",")])
+
+
 def parse_settings(text: str) -> list[tuple[int, int]]:
     pairs = [item.lower().split("x") for item in text.split(",") if item]
     if not pairs or any(len(p) != 2 or not all(x.isdigit() and int(x) > 0 for x in p) for p in pairs):
@@ -284,6 +294,12 @@ def _setting(cell: dict) -> str:
     return f"{cell['batch']}x{cell['context']}{chunk}"
 
 
+def attn_label(cell: dict) -> str:
+    """The attention implementation, and the sdpa backends it was held to when --sdpa-backends was given."""
+    backends = cell.get("sdpa_backends")
+    return cell.get("attn", "sdpa") + (f"[{backends}]" if backends else "")
+
+
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
@@ -291,7 +307,7 @@ def table(results: dict) -> str:
              f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
              f"{'params M':>9}"]
     for cell in results["cells"]:
-        model = cell["model"] + ("" if cell.get("attn", "sdpa") == "sdpa" else f" ({cell['attn']})")
+        model = cell["model"] + ("" if attn_label(cell) == "sdpa" else f" ({attn_label(cell)})")
         head = f"{cell['shape']:<14} {model:<22} {cell['cache']:<15} {_setting(cell):>14}"
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
@@ -319,7 +335,7 @@ def plot(results: dict, path: str) -> str:
     cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
-    labels = [f"{c['shape']} {c['model']} {c.get('attn', 'sdpa')} {c['cache']} {_setting(c)}" for c in cells]
+    labels = [f"{c['shape']} {c['model']} {attn_label(c)} {c['cache']} {_setting(c)}" for c in cells]
     fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         ax.barh(range(len(cells)), [c[key] for c in cells])
@@ -342,6 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-chunk", type=int, default=0, help="positions per prefill call (0: the whole context)")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation of every model (sdpa_gqa: hybrid_mamba3's, "
                     "grouped-query decode steps packed under compile too)")
+    ap.add_argument("--sdpa-backends", default=None,
+                    help=f"hold torch's sdpa to these backends, comma-separated, of {list(SDPA_BACKENDS)} (default: "
+                         "torch's own choice); e.g. flash,efficient,math leaves out cuDNN's, which builds a plan for "
+                         "every new shape, so for every step of a growing cache")
     ap.add_argument("--prefill-warmup", type=int, default=1)
     ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--decode-warmup", type=int, default=8, help="untimed steps (compilation and graph capture)")
@@ -377,6 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.caches.split(","):
         if name not in CACHES:
             raise SystemExit(f"unknown cache {name!r}: choose from {list(CACHES)}")
+    for name in a.sdpa_backends.split(",") if a.sdpa_backends else []:
+        if name not in SDPA_BACKENDS:
+            raise SystemExit(f"unknown sdpa backend {name!r}: choose from {list(SDPA_BACKENDS)}")
     import transformers
 
     a.bandwidth = copy_bandwidth(device)
@@ -416,10 +439,11 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 for batch, context in settings:
                     cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
-                                prefill_chunk=a.prefill_chunk or None, attn=a.attn,
+                                prefill_chunk=a.prefill_chunk or None, attn=a.attn, sdpa_backends=a.sdpa_backends,
                                 params=sum(p.numel() for p in model.parameters()))
                     try:
-                        cell.update(run_cell(model, kind, batch, context, a, clock, device))
+                        with sdpa_backends(a.sdpa_backends):
+                            cell.update(run_cell(model, kind, batch, context, a, clock, device))
                     except Exception as e:  # noqa: BLE001 (an OOM or a failed compile is a result, the run goes on)
                         if a.smoke:
                             raise
@@ -444,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _key(cell: dict) -> tuple:
     return (cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"], cell.get("prefill_chunk"),
-            cell.get("attn", "sdpa"))
+            cell.get("attn", "sdpa"), cell.get("sdpa_backends"))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,23 @@ def test_profile_keeps_each_cells_top_kernels(tmp_path, capsys):
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert 0 < sum(k["share"] for k in kernels) <= 1 + 1e-9
     assert kernels[0]["name"] in capsys.readouterr().out
+
+
+def test_sdpa_backends_hold_sdpa_to_them_in_a_row_of_their_own(tmp_path, monkeypatch):
+    """--sdpa-backends runs each cell inside torch's sdpa_kernel with those backends alone (math here, the one a CPU
+    has), labels and keys the row by them; an unknown name is refused."""
+    import torch.nn.attention as attention
+
+    held = []
+    original = attention.sdpa_kernel
+    monkeypatch.setattr(attention, "sdpa_kernel", lambda backends, **kw: held.append(backends) or original(backends))
+    grid = tmp_path / "grid.json"
+    for extra in ([], ["--sdpa-backends", "math"]):
+        bench_model.main(["--smoke", "--models", "llama", "--caches", "dynamic", "--out", str(tmp_path),
+                          "--append", str(grid), *extra])
+    assert held == [[attention.SDPBackend.MATH]]
+    cells = json.loads(grid.read_text())["cells"]
+    assert sorted(str(c["sdpa_backends"]) for c in cells) == ["None", "math"]
+    assert "llama (sdpa[math])" in bench_model.table(dict(cells=cells))
+    with pytest.raises(SystemExit, match="unknown sdpa backend 'cudnn2'"):
+        bench_model.main(["--smoke", "--sdpa-backends", "flash,cudnn2"])
