@@ -44,7 +44,8 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if mask is not None:  # (B, 1, 1, L): one row for the query, shared by every head of the group
         mask = mask[:, :, :, : key.shape[-2]]
     packed = query.reshape(batch, heads // groups, groups, dim)  # heads g * groups + r read key/value head g
-    if dropout:
+    if dropout or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        # a one-token step in training: autograd's path (the op has no backward of its own)
         out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
                                                                scale=scaling)
     else:

@@ -93,6 +93,22 @@ def test_compiled_decode_step_keeps_attention_behind_the_op():
         torch.library.opcheck(gqa_decode, (q, kv, kv.flip(2), m, 0.5))
 
 
+def test_one_token_step_with_gradients_backpropagates():
+    """A one-token forward that needs gradients (a custom training loop on one position) takes autograd's path, not
+    the op (which has no backward): the gradients equal sdpa's."""
+    torch.manual_seed(0)
+    model = _with(hybrid((1, 3)), "sdpa").train()
+    ids = torch.randint(3, 100, (2, 1))
+    grads = []
+    for implementation in ("sdpa", "sdpa_gqa"):
+        _with(model, implementation).zero_grad()
+        model(ids, labels=ids).logits.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sdpa_gqa_loads_by_name_and_decodes_compiled(tmp_path):
     """from_pretrained(attn_implementation="sdpa_gqa") passes transformers' own checks, for a saved hybrid and a
     Llama, and generate()'s compiled decoding runs on it."""
