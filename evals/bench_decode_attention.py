@@ -9,11 +9,14 @@ The step as a static cache makes it: one query per head (32 query heads on 8 key
 L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written. Variants:
 - repeat: every key/value head repeated for its query heads (transformers' sdpa under torch.compile);
 - packed: the query heads packed onto their key/value head, (B, H_kv, H / H_kv, D), masked sdpa;
-- op: packed, through hybrid_mamba3's `gqa_decode` custom op (what `attn_implementation="sdpa_gqa"` runs);
 - enable_gqa: sdpa's own grouped-query flag with the mask;
 - manual: matmul, masked softmax in fp32, matmul;
 - flex: torch's flex_attention with a block mask (compiled only).
 Each eager, and compiled (inductor, mode reduce-overhead: CUDA graphs), on torch's default choice of sdpa kernel.
+The compiled rows read keys, values and mask in place, as from a static cache (`torch._dynamo.mark_static_address`):
+a CUDA graph copies every other input into its own buffers on each replay. A first draft of this script left them
+unmarked; its compiled rows ran 0.36 ms over the eager ones at 16 x 16k on an H100, what a copy of the keys and
+values takes at that card's bandwidth (results/bench_decode_attention_h100.json).
 The sdpa variants also run eager on each sdpa backend of --backends alone (`torch.nn.attention.sdpa_kernel`), over
 a static cache (the same shapes every call) and a growing one (one slot more each call, as a dynamic cache grows:
 a backend that builds a plan per shape, as cuDNN's does, pays for it on every step there).
@@ -38,12 +41,10 @@ from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, parse_settings, sdpa_
 SHAPE = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B
 SETTINGS = "16x16384,1x2048"
 UNWRITTEN = 7  # cache slots past the current position, masked out
-SDPA_VARIANTS = ("packed", "op", "enable_gqa")  # the variants that call sdpa, run on each backend too
+SDPA_VARIANTS = ("packed", "enable_gqa")  # the variants that call sdpa, run on each backend too
 
 
 def variants(groups: int) -> dict:
-    from hybrid_mamba3.attention import gqa_decode
-
     def repeat(q, k, v, mask):
         b, hk, length, d = k.shape
         kk = k[:, :, None].expand(b, hk, groups, length, d).reshape(b, hk * groups, length, d)
@@ -53,9 +54,6 @@ def variants(groups: int) -> dict:
     def packed(q, k, v, mask):
         return F.scaled_dot_product_attention(q.reshape(k.shape[0], k.shape[1], groups, -1), k, v, attn_mask=mask)
 
-    def op(q, k, v, mask):
-        return gqa_decode(q.reshape(k.shape[0], k.shape[1], groups, -1), k, v, mask, None)
-
     def enable_gqa(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
@@ -64,7 +62,7 @@ def variants(groups: int) -> dict:
         p = torch.softmax((s * k.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
         return torch.matmul(p.to(v.dtype), v)
 
-    return dict(repeat=repeat, packed=packed, op=op, enable_gqa=enable_gqa, manual=manual)
+    return dict(repeat=repeat, packed=packed, enable_gqa=enable_gqa, manual=manual)
 
 
 def timed(fn, warmup: int, reps: int, cuda: bool) -> tuple[float, float]:
@@ -96,6 +94,8 @@ def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
     k, v = (torch.randn(batch, hk, length, d, device=device, dtype=dtype) for _ in range(2))
     mask = torch.ones(batch, 1, 1, length, device=device, dtype=torch.bool)
     mask[..., length - UNWRITTEN:] = False
+    for t in (k, v, mask):  # a static cache's tensors: a CUDA graph reads them in place
+        torch._dynamo.mark_static_address(t)
     moved = 2 * k.numel() * k.element_size()
     fns = variants(h // hk)
     reference = fns["manual"](q, k, v, mask).float()

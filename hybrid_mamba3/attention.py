@@ -10,11 +10,6 @@ long contexts (the Llama-3.2-1B shape at batch 16 x 16k: ~29 ms a step against ~
 `evals/bench_model.py`). This packs there too, (B, H, 1, D) -> (B, H_kv, H / H_kv, D), which reads each key and value
 once and keeps the masked kernel. Every other call (prefill, training) is transformers' sdpa unchanged.
 
-The packed step goes through a custom op (`hybrid_mamba3::gqa_decode`), so that inductor neither lowers nor
-decomposes it and the compiled step launches the kernel eager PyTorch picks. On an H100 at batch 16 x 16k
-(`evals/bench_decode_attention.py`, results/bench_decode_attention_h100.json), the masked attention inductor
-compiled ran at 0.61 ms a layer inside CUDA graphs, against 0.25 ms for the same call in eager mode.
-
 Registered with transformers' `AttentionInterface` and `AttentionMaskInterface` (its masks are sdpa's) when
 hybrid_mamba3 is imported, so any model takes it, a Llama included:
 `AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa_gqa")`.
@@ -44,27 +39,9 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if mask is not None:  # (B, 1, 1, L): one row for the query, shared by every head of the group
         mask = mask[:, :, :, : key.shape[-2]]
     packed = query.reshape(batch, heads // groups, groups, dim)  # heads g * groups + r read key/value head g
-    if dropout or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        # a one-token step in training: autograd's path (the op has no backward of its own)
-        out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
-                                                               scale=scaling)
-    else:
-        out = gqa_decode(packed, key, value, mask, scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
-
-
-@torch.library.custom_op("hybrid_mamba3::gqa_decode", mutates_args=())
-def gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-               scale: float | None) -> torch.Tensor:
-    """Packed one-token attention: query (B, H_kv, G, D), key / value (B, H_kv, L, D), mask (B, 1, 1, L) -> (B, H_kv,
-    G, D), contiguous. torch's own scaled_dot_product_attention, behind an op boundary the compiler keeps."""
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                            scale=scale).contiguous()
-
-
-@gqa_decode.register_fake
-def _(query, key, value, mask, scale):
-    return query.new_empty(query.shape)
 
 
 AttentionInterface.register(NAME, sdpa_gqa_attention)

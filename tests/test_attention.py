@@ -62,40 +62,9 @@ def test_compiled_decode_step_reads_keys_without_repeating_them(monkeypatch):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_decode_step_keeps_attention_behind_the_op():
-    """The traced step holds hybrid_mamba3::gqa_decode once per attention layer (inductor keeps it whole and runs the
-    kernel eager PyTorch picks) and no scaled_dot_product_attention of its own; the op's fake agrees with the real
-    one (torch.library.opcheck: shapes, strides, schema, with and without a mask)."""
-    from hybrid_mamba3.attention import gqa_decode
-
-    model = _with(hybrid((1, 3)), "sdpa_gqa").eval()
-    _, ids, mask = left_padded()
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with torch.no_grad():
-        model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
-        torch._dynamo.reset()
-        step = torch.compile(model, backend=backend, fullgraph=True)
-        full = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
-        step(ids[:, -1:], attention_mask=full, position_ids=full.sum(1, keepdim=True) - 1,
-             cache_position=torch.tensor([ids.shape[1]]), use_cache=True, **{CACHE_KWARG: cache})
-    attention_layers = sum(m == "attention" for m in model.config.mixers)
-    assert sum("gqa_decode" in t for t in targets) == attention_layers == 2
-    assert not any("scaled_dot_product" in t for t in targets)
-    q, kv = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
-    mask = torch.tensor([[True] * 5, [False, True, True, True, False]])[:, None, None]
-    for m in (mask, None):
-        torch.library.opcheck(gqa_decode, (q, kv, kv.flip(2), m, 0.5))
-
-
 def test_one_token_step_with_gradients_backpropagates():
-    """A one-token forward that needs gradients (a custom training loop on one position) takes autograd's path, not
-    the op (which has no backward): the gradients equal sdpa's."""
+    """A one-token forward that needs gradients (a custom training loop on one position) goes through the packed
+    step too, and its gradients equal sdpa's."""
     torch.manual_seed(0)
     model = _with(hybrid((1, 3)), "sdpa").train()
     ids = torch.randint(3, 100, (2, 1))
