@@ -391,8 +391,9 @@ class Mamba3(KeepFP32Mixin, nn.Module):
 
     def _in_pieces(self, run, u, state, mask, seq_idx, need_state, packed=False):
         """run(u, state, mask, seq_idx, need_state) -> (out, final state) over all of u in one call, or, where the
-        Triton kernels' 32-bit offsets cannot take that, over slices of the batch and, at inference, over stretches
-        of each row, each starting from the state the one before left (a chunked prefill)."""
+        Triton kernels' 32-bit offsets cannot take that (at inference: where it would pass
+        `inference_elements_per_call`), over slices of the batch and, at inference, over stretches of each row, each
+        starting from the state the one before left (a chunked prefill)."""
         B, L = u.shape[:2]
         if self._select_backend(u.device) != "triton":  # (the torch op's offsets are torch's own)
             return run(u, state, mask, seq_idx, need_state)
