@@ -31,12 +31,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, parse_settings, sdpa_backends
+from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, Clock, parse_settings, sdpa_backends
 
 SHAPE = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B
 SETTINGS = "16x16384,1x2048"
@@ -65,25 +64,14 @@ def variants(groups: int) -> dict:
     return dict(repeat=repeat, packed=packed, enable_gqa=enable_gqa, manual=manual)
 
 
-def timed(fn, warmup: int, reps: int, cuda: bool) -> tuple[float, float]:
-    """(median GPU ms, median wall ms) of fn(i) for i in range(reps), after `warmup` calls of fn(0). On the CPU
-    both are the wall clock."""
+def timed(fn, warmup: int, reps: int, clock: Clock) -> tuple[float, float]:
+    """(median GPU ms, median wall ms) of fn(i) for i in range(reps), each call synchronized (bench_model's Clock),
+    after `warmup` calls of fn(0). On the CPU both are the wall clock."""
     for _ in range(warmup):
         fn(0)
-    gpu, wall = [], []
-    for i in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        fn(i)
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-        wall.append((time.perf_counter() - t0) * 1e3)
-        gpu.append(start.elapsed_time(end) if cuda else wall[-1])
-    return statistics.median(gpu), statistics.median(wall)
+    times = [clock.time(lambda i=i: fn(i)) for i in range(reps)]
+    wall = statistics.median(w for _, w in times)
+    return (wall if times[0][0] is None else statistics.median(g for g, _ in times)), wall
 
 
 def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
@@ -125,7 +113,7 @@ def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
             with sdpa_backends(None if backend == "default" else backend):
                 out = f(q, k, v, mask).float().reshape(reference.shape)
                 row["max_abs_err"] = (out - reference).abs().max().item()  # against manual, the plain definition
-                row["ms"], row["wall_ms"] = timed(call, a.warmup, a.reps, device.type == "cuda")
+                row["ms"], row["wall_ms"] = timed(call, a.warmup, a.reps, Clock(device))
             row["gb_per_s"] = moved / row["ms"] / 1e6
         except Exception as e:  # noqa: BLE001 (a variant or backend this torch cannot run is a result)
             if a.smoke:

@@ -50,9 +50,10 @@ def decode_targets(cells: list[dict], shape: str) -> list[dict]:
     hybrid = best(cells, shape, "hybrid-50", 1, 2048)
     if llama and hybrid:
         ratio = hybrid["decode_tokens_per_s"] / llama["decode_tokens_per_s"]
-        rows.append(dict(kind="decode", shape=shape, target="1 x 2048: 50% hybrid >= Llama", setting="1x2048", model="hybrid-50",
-                         figure=f"{hybrid['decode_tokens_per_s']:.0f} ({_how(hybrid)}) vs {llama['decode_tokens_per_s']:.0f} "
-                                f"({_how(llama)}): {ratio:.2f}x", met=ratio >= 1.0, ratio=ratio))
+        rows.append(dict(kind="decode", shape=shape, target="1 x 2048: 50% hybrid >= Llama", setting="1x2048",
+                         model="hybrid-50", met=ratio >= 1.0, ratio=ratio,
+                         figure=f"{hybrid['decode_tokens_per_s']:.0f} ({_how(hybrid)}) vs "
+                                f"{llama['decode_tokens_per_s']:.0f} ({_how(llama)}): {ratio:.2f}x"))
     settings = sorted({(c["batch"], c["context"]) for c in _ok(cells)
                        if c["shape"] == shape and 16 <= c["batch"] <= 64 and 16384 <= c["context"] <= 32768})
     for batch, context in settings:
@@ -67,9 +68,10 @@ def decode_targets(cells: list[dict], shape: str) -> list[dict]:
             need = floor / FLOOR_SLACK if forbidden else multiple * base
             what = (f"within {FLOOR_SLACK}x of its floor {floor:.0f} (the floor is {floor / base:.2f}x the Llama's "
                     f"best: {multiple:g}x forbidden)" if forbidden else f">= {multiple:g}x the Llama's best")
-            rows.append(dict(kind="decode", shape=shape, target=f"{batch} x {context}: {model} {what}", setting=f"{batch}x{context}",
-                             model=model, figure=f"{tps:.0f} ({_how(hybrid)}) vs Llama {base:.0f} ({_how(llama)}): "
-                                                 f"{tps / base:.2f}x; {tps / floor:.2f} of its floor",
+            rows.append(dict(kind="decode", shape=shape, target=f"{batch} x {context}: {model} {what}",
+                             setting=f"{batch}x{context}", model=model,
+                             figure=f"{tps:.0f} ({_how(hybrid)}) vs Llama {base:.0f} ({_how(llama)}): "
+                                    f"{tps / base:.2f}x; {tps / floor:.2f} of its floor",
                              met=tps >= need, ratio=tps / base, needed=need, short_by=max(0.0, need / tps - 1)))
     return rows
 
@@ -80,32 +82,30 @@ def _resident(cell: dict) -> str:
     return f"{(b.get('params', 0) + b.get('kv', 0)) / 2**30:.1f}"
 
 
+def _memory_row(shape: str, hybrids: list[dict], llamas: list[dict], target: str, setting: str) -> list[dict]:
+    """The smallest peak of the 50% hybrid against the Llama's smallest, as a one-row list (none without both)."""
+    if not (hybrids and llamas):
+        return []
+    h, base = min(hybrids, key=lambda c: c["peak_gib"]), min(llamas, key=lambda c: c["peak_gib"])
+    ratio = h["peak_gib"] / base["peak_gib"]
+    return [dict(kind="memory", shape=shape, target=target, setting=setting, model="hybrid-50",
+                 figure=f"{h['peak_gib']:.1f} GiB ({_how(h)}) vs {base['peak_gib']:.1f} ({_how(base)}): {ratio:.2f}x "
+                        f"(weights + cache {_resident(h)} vs {_resident(base)})",
+                 met=ratio <= MEMORY_RATIO, ratio=ratio)]
+
+
 def memory_targets(cells: list[dict], shape: str, batch: int = 16, context: int = 16384) -> list[dict]:
     at = [c for c in cells if "error" not in c and c.get("peak_gib") and c["shape"] == shape and
           (c["batch"], c["context"]) == (batch, context) and c["cache"] != "train"]
     hybrids = [c for c in at if c["model"] == "hybrid-50"]
-    default = [c for c in at if c["model"] == "llama" and not c.get("prefill_chunk")]
-    rows = []
-    if hybrids and default:
-        h, base = min(hybrids, key=lambda c: c["peak_gib"]), min(default, key=lambda c: c["peak_gib"])
-        ratio = h["peak_gib"] / base["peak_gib"]
-        rows.append(dict(kind="memory", shape=shape, target=f"peak {batch} x {context}: 50% hybrid <= {MEMORY_RATIO}x the Llama's "
-                         "(the Llama's default: one whole prefill)", setting=f"{batch}x{context}", model="hybrid-50",
-                         figure=f"{h['peak_gib']:.1f} GiB ({_how(h)}) vs {base['peak_gib']:.1f}: {ratio:.2f}x "
-                                f"(weights + cache {_resident(h)} vs {_resident(base)})",
-                         met=ratio <= MEMORY_RATIO, ratio=ratio))
+    llamas = [c for c in at if c["model"] == "llama"]
+    head = f"peak {batch} x {context}: 50% hybrid <= {MEMORY_RATIO}x the Llama's"
+    rows = _memory_row(shape, hybrids, [c for c in llamas if not c.get("prefill_chunk")],
+                       f"{head} (the Llama's default: one whole prefill)", f"{batch}x{context}")
     for chunk in sorted({c.get("prefill_chunk") for c in at if c.get("prefill_chunk")}):
-        same = [c for c in at if c.get("prefill_chunk") == chunk]
-        h = [c for c in same if c["model"] == "hybrid-50"]
-        base = [c for c in same if c["model"] == "llama"]
-        if h and base:
-            h, base = min(h, key=lambda c: c["peak_gib"]), min(base, key=lambda c: c["peak_gib"])
-            ratio = h["peak_gib"] / base["peak_gib"]
-            rows.append(dict(kind="memory", shape=shape, target=f"peak {batch} x {context}: 50% hybrid <= {MEMORY_RATIO}x the "
-                             f"Llama's, both prefilled in chunks of {chunk}", setting=f"{batch}x{context}/{chunk}",
-                             model="hybrid-50", figure=f"{h['peak_gib']:.1f} GiB vs {base['peak_gib']:.1f}: "
-                                                       f"{ratio:.2f}x (weights + cache {_resident(h)} vs "
-                                                       f"{_resident(base)})", met=ratio <= MEMORY_RATIO, ratio=ratio))
+        rows += _memory_row(shape, [c for c in hybrids if c.get("prefill_chunk") == chunk],
+                            [c for c in llamas if c.get("prefill_chunk") == chunk],
+                            f"{head}, both prefilled in chunks of {chunk}", f"{batch}x{context}/{chunk}")
     return rows
 
 
@@ -115,10 +115,10 @@ def long_prefill_target(cells: list[dict], shape: str, context: int = 131072) ->
     if not tried:
         return []
     done = [c for c in tried if "error" not in c]
-    figure = (f"{done[0]['model']}: {done[0]['prefill_tokens_per_s']:.0f} tokens/s, {done[0].get('peak_gib') or 0:.1f} "
-              f"GiB peak ({_how(done[0])})" if done else tried[0]["error"])
-    return [dict(kind="prefill", shape=shape, target=f"{context // 1024}k-token prefill at batch 1 completes", setting=f"1x{context}",
-                 model=(done or tried)[0]["model"], figure=figure, met=bool(done))]
+    figure = (f"{done[0]['model']}: {done[0]['prefill_tokens_per_s']:.0f} tokens/s, "
+              f"{done[0].get('peak_gib') or 0:.1f} GiB peak ({_how(done[0])})" if done else tried[0]["error"])
+    return [dict(kind="prefill", shape=shape, target=f"{context // 1024}k-token prefill at batch 1 completes",
+                 setting=f"1x{context}", model=(done or tried)[0]["model"], figure=figure, met=bool(done))]
 
 
 def targets(grid: dict) -> list[dict]:

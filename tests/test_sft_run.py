@@ -3,7 +3,6 @@ run that leaves an adapter and a merged hybrid, on-policy distillation (TRL's GK
 training, and the errors that come before any training."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,13 +148,8 @@ def test_unknown_recipe_key_is_refused(models, tmp_path, capsys):
 def test_sft_compare_reports_runs_and_answers_held_out_questions(models, tmp_path):
     """evals/sft_compare.py (the real run's summary): both runs' reports, and each model's greedy answers to the
     questions of the run's own held-out split."""
-    import importlib.util
-
     from hybrid_mamba3.distill.sft import load_rows
-
-    spec = importlib.util.spec_from_file_location("sft_compare", Path(__file__).parents[1] / "evals" / "sft_compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    from hybrid_mamba3.evals import sft_compare as compare
     for name, packing in (("packed", "--packing"), ("unpacked", "--no-packing")):
         assert main(["sft", "--model", str(models / "hybrid"), "--data", str(models / "chat.jsonl"), "--output-dir",
                      str(tmp_path / name), packing, "--chat-template", "smollm2_assistant", *FLAGS]) == 0
