@@ -198,7 +198,7 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
         return run_train(model, batch, context, a, clock, device)
     key = cache_kwarg(model)
     compiled = kind == "static+compile"
-    max_len = context + a.decode_warmup + a.decode_steps + 1
+    max_len = context + a.decode_warmup + a.decode_steps + a.profile + 1  # a static cache holds every step run
     ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
     chunk = a.prefill_chunk or context
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--append", default=None,
                     help="a JSON of earlier runs to add this run's cells to (a cell measured again replaces its old "
-                         "row), so a grid can be spread over several calls; written back, and to --out")
+                         "row, unless it failed this time), so a grid can be spread over several calls; written back, and to --out")
     a = ap.parse_args(argv)
     if a.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, {"smoke": SMOKE_SHAPE}
@@ -403,11 +403,6 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     a.bandwidth = copy_bandwidth(device)
-    if a.profile and device.type == "cuda":
-        # a CUDA graph captured before the profiler's first use fails when profiled ("device-side assert" on an H100,
-        # torch 2.11; pytorch issue 75504): start it once before any capture
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
-            pass
     results = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", dtype=str(dtype),
                    torch=torch.__version__, transformers=transformers.__version__, copy_bandwidth=a.bandwidth,
                    cells=[])
@@ -424,8 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Clock(device)
 
     def save():
-        ran = {_key(c) for c in results["cells"]}
-        merged = dict(results, cells=[c for c in earlier if _key(c) not in ran] + results["cells"])
+        merged = dict(results, cells=merge_cells(earlier, results["cells"]))
         for path in paths:
             with open(path, "w") as f:
                 json.dump(merged, f, indent=1)
@@ -464,6 +458,19 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.suppress(Exception):
         print(plot(merged, os.path.join(a.out, "bench_model.png")))
     return results
+
+
+def merge_cells(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """A grid's cells with this run's added: a cell measured again replaces its old row, unless this time it failed
+    and the old row holds figures (a failed rerun loses nothing measured)."""
+    old = {_key(c): c for c in earlier}
+    kept = [c for c in new if "error" in c and "error" not in old.get(_key(c), {"error": ""})]
+    for c in kept:
+        print(f"kept the earlier figures of {_key(c)}: this run failed ({c['error']})", flush=True)
+    kept_keys = {_key(c) for c in kept}
+    ran = {_key(c) for c in new}
+    return [c for c in earlier if _key(c) not in ran or _key(c) in kept_keys] + [
+        c for c in new if _key(c) not in kept_keys]
 
 
 def _key(cell: dict) -> tuple:

@@ -68,6 +68,23 @@ def test_append_keeps_earlier_cells_and_replaces_remeasured_ones(tmp_path):
     assert json.loads(grid.read_text())["cells"] == other["cells"]
 
 
+def test_a_failed_rerun_keeps_the_earlier_figures():
+    """--append's merge: a rerun that measured replaces the old row; one that failed (an OOM, a device assert) keeps
+    the old figures rather than erasing them, but replaces an old failure; new cells are added."""
+    def cell(model, **fig):
+        return dict(shape="s", model=model, cache="dynamic", batch=1, context=8, prefill_chunk=None, attn="sdpa",
+                    sdpa_backends=None, **fig)
+
+    earlier = [cell("llama", decode_tokens_per_s=10.0), cell("hybrid-50", decode_tokens_per_s=20.0),
+               cell("hybrid-75", error="OutOfMemoryError")]
+    new = [cell("llama", error="AcceleratorError"), cell("hybrid-50", decode_tokens_per_s=25.0),
+           cell("hybrid-75", error="RuntimeError"), cell("hybrid-25", decode_tokens_per_s=5.0)]
+    got = {c["model"]: c for c in bench_model.merge_cells(earlier, new)}
+    assert len(got) == 4
+    assert got["llama"] == earlier[0] and got["hybrid-50"] == new[1]
+    assert got["hybrid-75"]["error"] == "RuntimeError" and got["hybrid-25"] == new[3]
+
+
 def test_bad_arguments_say_what_to_change():
     with pytest.raises(SystemExit, match="unknown model 'mamba'"):
         bench_model.main(["--smoke", "--models", "mamba"])
@@ -77,11 +94,13 @@ def test_bad_arguments_say_what_to_change():
 
 def test_profile_keeps_each_cells_top_kernels(tmp_path, capsys):
     """--profile N: every decode cell keeps the ops that took its step's time (CPU ops on the CPU; kernels on a GPU),
-    largest first, shares of the step's total that add up to at most 1, and prints them under the cell's row."""
-    res = bench_model.main(["--smoke", "--models", "hybrid-50", "--caches", "dynamic", "--profile", "2",
+    largest first, shares of the step's total that add up to at most 1, and prints them under the cell's row. A static
+    cache is sized for the profiled steps too (sized for the timed ones alone, they wrote past its end)."""
+    res = bench_model.main(["--smoke", "--models", "hybrid-50", "--caches", "dynamic,static", "--profile", "2",
                             "--out", str(tmp_path)])
-    (cell,) = res["cells"]
-    kernels = cell["decode_kernels"]
+    assert [c["cache"] for c in res["cells"]] == ["dynamic", "static"]
+    assert not any("error" in c for c in res["cells"])
+    kernels = res["cells"][1]["decode_kernels"]
     assert 0 < len(kernels) <= 8
     times = [k["ms_per_step"] for k in kernels]
     assert times == sorted(times, reverse=True) and times[0] > 0
