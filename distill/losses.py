@@ -5,10 +5,11 @@
   are averaged over the positions that predict a real next token (labels[t + 1] != -100: padding and each document's
   first token, the separators, are out), so the loss does not grow with the sequence length, nor count padding:
   the two defects of reference implementations. The logits are made chunk by chunk of tokens from the final hidden
-  states, through the models' own output heads (modules, so ZeRO-3 gathers them), in fp32 for the chunk only, and
-  each chunk is recomputed in the backward (activation checkpointing, reentrant: the non-reentrant kind checks
-  the recomputed tensors' metadata, which ZeRO-3's gathered parameters fail): memory holds one chunk of logits, not
-  a batch. The backward must be `.backward()` (reentrant checkpoints do not support `torch.autograd.grad`).
+  states, through the models' own output heads (modules, so ZeRO-3 gathers them); KL and CE are computed per token in
+  fp32 (`kernels.kl_div.kl_rows`: one fused pass over the logits on CUDA), and each chunk is recomputed in the
+  backward (activation checkpointing, reentrant: the non-reentrant kind checks the recomputed tensors' metadata,
+  which ZeRO-3's gathered parameters fail): memory holds one chunk of logits, not a batch. The backward must be
+  `.backward()` (reentrant checkpoints do not support `torch.autograd.grad`).
 - `alignment_loss`: stage 1's per-layer MSE between each new layer's output and the teacher attention output it
   replaces, normalised by the target's energy (so layers of any scale count alike), averaged over layers.
 """
@@ -20,24 +21,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.kl_div import kl_rows
+
 
 def _chunk_terms(hs: torch.Tensor, ht: torch.Tensor, y: torch.Tensor, student_head: nn.Module,
                  teacher_head: nn.Module, temperature: float, top_k: int | None, want_ce: bool) -> torch.Tensor:
     """(KL sum, CE sum) over a chunk of positions, as a 2-vector (fp32; fp64 for fp64 logits)."""
     zs = student_head(hs)
-    zs = zs.to(torch.promote_types(zs.dtype, torch.float32))
     with torch.no_grad():
-        zt = teacher_head(ht).to(zs.dtype)
+        zt = teacher_head(ht)
     if zs.shape[-1] != zt.shape[-1]:
         raise ValueError(f"student and teacher vocabularies differ ({zs.shape[-1]} vs {zt.shape[-1]} logits)")
+    if not top_k:  # per-token KL and CE from the logits as they are (fused on CUDA: kernels/triton_kl.py)
+        terms = kl_rows(zs, zt, y if want_ce else None, temperature)
+        kl, ce = terms if want_ce else (terms, None)
+        return torch.stack((kl.sum() * temperature ** 2, ce.sum() if want_ce else kl.new_zeros(())))
+    # the teacher's top-k tokens, renormalised; the student's full distribution
+    zs = zs.to(torch.promote_types(zs.dtype, torch.float32))
     ls = F.log_softmax(zs / temperature, dim=-1)
-    if top_k:  # the teacher's top-k tokens, renormalised; the student's full distribution
-        vals, idx = zt.topk(top_k, dim=-1)
-        lt = F.log_softmax(vals / temperature, dim=-1)
-        kl = (lt.exp() * (lt - ls.gather(-1, idx))).sum()
-    else:
-        lt = F.log_softmax(zt / temperature, dim=-1)
-        kl = (lt.exp() * (lt - ls)).sum()
+    vals, idx = zt.to(zs.dtype).topk(top_k, dim=-1)
+    lt = F.log_softmax(vals / temperature, dim=-1)
+    kl = (lt.exp() * (lt - ls.gather(-1, idx))).sum()
     ce = F.cross_entropy(zs, y, reduction="sum") if want_ce else zs.new_zeros(())
     return torch.stack((kl * temperature ** 2, ce))
 

@@ -176,8 +176,8 @@ class _Compiler:
 
 def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bool = False) -> None:
     """One fwd+bwd of the op; variants: also packed sequences with an initial state (the kernels' varlen and
-    initial-state specialisations), packed rows (seq_idx), the layer's token activations, both kinds, and its B/C norm (compile checks,
-    not tuning)."""
+    initial-state specialisations), packed rows (seq_idx), the layer's token activations, both kinds, its B/C norm,
+    its decode step and distillation's KL (compile checks, not tuning)."""
     from conftest import make_op_inputs
 
     from hybrid_mamba3.kernels import Mamba3State
@@ -223,6 +223,12 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     mamba3_step_triton(*one, step_state, **kw, rope_pairwise=R == 1)
     act = StepActivations(torch.zeros(H), torch.ones(N), torch.ones(N), 1e-5, "heavy_tail", 1e-4)
     mamba3_step_triton(*one, step_state, **kw, rope_pairwise=R == 1, activations=act)
+    from hybrid_mamba3.kernels.triton_kl import kl_rows_triton  # distillation's per-token KL, with CE and without
+
+    logits = torch.randn(4, 1000, dtype=torch.bfloat16, requires_grad=True)
+    kl, ce = kl_rows_triton(logits, torch.randn(4, 1000, dtype=torch.bfloat16), torch.arange(4), 2.0)
+    (kl + ce).sum().backward()
+    kl_rows_triton(logits.float(), torch.randn(4, 1000)).sum().backward()
 
 
 def main() -> None:
@@ -233,7 +239,8 @@ def main() -> None:
                     help="override an integer constant of hybrid_mamba3.kernels, as in kernel_report.py")
     ap.add_argument("--variants", action="store_true",
                     help="also compile the varlen / initial-state specialisations, the token activations, the B/C "
-                         "norm and the decode step (a compile check of everything the layer can launch)")
+                         "norm, the decode step and distillation's KL (a compile check of everything the package "
+                         "can launch)")
     ap.add_argument("--dump", default=None, help="also write each kernel's TTGIR and PTX to this folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
