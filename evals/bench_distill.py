@@ -144,7 +144,7 @@ def naive(teacher, student, data, a, device, profiler: StepProfiler):
 def trainer(teacher, student, data, a, device, checkpointing: bool, profiler: StepProfiler):
     from transformers import TrainerCallback, TrainingArguments
 
-    from hybrid_mamba3.distill.run import _checkpointing
+    from hybrid_mamba3.distill.run import _checkpointing, _tf32
     from hybrid_mamba3.distill.trainer import DistillTrainer, select_trainable
 
     select_trainable(student, "mamba")
@@ -170,6 +170,7 @@ def trainer(teacher, student, data, a, device, checkpointing: bool, profiler: St
 
     args = TrainingArguments(output_dir=os.path.join(a.out, "bench_distill_trainer"), max_steps=a.warmup + a.steps + 1,
                              per_device_train_batch_size=a.batch, learning_rate=1e-4, bf16=device.type == "cuda",
+                             tf32=_tf32(None, device.type == "cuda"),
                              use_cpu=device.type != "cuda", save_strategy="no", report_to=[], logging_steps=10**6,
                              disable_tqdm=True, dataloader_drop_last=True, **_checkpointing(checkpointing))
     DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Clock()]).train()
