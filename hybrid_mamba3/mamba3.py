@@ -21,6 +21,9 @@ from .kernels.shared_grad import split_shared_grad
 from .norms import GatedRMSNorm, KeepFP32Mixin
 
 BACKENDS = ("auto", "torch", "triton", "official")
+ROW_ALIGN = 8  # elements: 16 bytes of bf16, the row alignment cuBLAS's fast (tensor-core, vectorised) GEMMs need
+ROW_ALIGN_MIN_ROWS = 1024  # below it the weight's padded copy costs more than the slow kernel loses
+ROW_ALIGN_DEVICES = ("cuda",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,6 +93,24 @@ def _partitioned(*params: torch.Tensor) -> bool:
 def _rows_joined(outs: list, finals: list, need_state: bool):
     """The outputs and final states of calls on slices of the batch, as one call's."""
     return torch.cat(outs, 0), (Mamba3State(*map(torch.cat, zip(*finals))) if need_state else None)
+
+
+class RowAlignedLinear(nn.Linear):
+    """`nn.Linear` (same parameters, state dict and PEFT targeting) whose output rows lie `ROW_ALIGN` elements apart
+    for large inputs on a GPU: the output is the first `out_features` columns of a GEMM against the weight padded
+    with zero rows. Mamba-3's in_proj width is odd at most shapes (3 x heads + angles: SmolLM2's is 5803), and on odd
+    row strides cuBLAS falls back to align-1 kernels: on an H100 the in_proj GEMMs of a 32k-token SmolLM2 training
+    step ran ~2.4 ms each, forward and backward, ~13% of the step (the cutlass_75 ... align1 rows of
+    evals/results/bench_distill_profile_trainer_h100.txt). The padded copy of the weight is made inside the module's
+    forward, where ZeRO-3 has gathered it; the layer's kernels read the output's pieces as strided views either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = -self.out_features % ROW_ALIGN
+        if not pad or x.device.type not in ROW_ALIGN_DEVICES or x.numel() < ROW_ALIGN_MIN_ROWS * self.in_features:
+            return super().forward(x)
+        weight = nn.functional.pad(self.weight, (0, 0, 0, pad))
+        bias = None if self.bias is None else nn.functional.pad(self.bias, (0, pad))
+        return nn.functional.linear(x, weight, bias)[..., : self.out_features]
 
 
 class Mamba3(KeepFP32Mixin, nn.Module):
@@ -176,7 +197,7 @@ class Mamba3(KeepFP32Mixin, nn.Module):
 
         R, H, N, P = self.mimo_rank, nheads, d_state, headdim
         d_in_proj = 2 * d_inner + 2 * N * ngroups * R + 3 * H + self.num_rope_angles
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, device=device, dtype=dtype)
+        self.in_proj = RowAlignedLinear(d_model, d_in_proj, bias=False, device=device, dtype=dtype)
         f32 = dict(device=device, dtype=torch.float32)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.dt_bias = nn.Parameter(torch.empty(H, **f32))

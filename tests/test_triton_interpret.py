@@ -569,6 +569,41 @@ def test_layer_triton_path_vs_torch_path(cfg, monkeypatch, in_place_record):
         assert want is not None and rel_err(got[tri][name], want) < 1e-5, name
 
 
+@pytest.mark.parametrize("cfg", [dict(is_mimo=True, mimo_rank=4), dict(is_mimo=False)], ids=["mimo_r4", "siso"])
+def test_layer_with_row_aligned_in_proj(cfg, monkeypatch, in_place_record):
+    """`RowAlignedLinear`'s padded GEMM (a GPU's, for large inputs; forced here on the CPU at any size) under the
+    layer's Triton path: the in_proj output's rows lie a multiple of 8 elements apart, the kernels still write its
+    pieces' gradients in place, and the output and every gradient equal the plain projection's (1e-5, as above)."""
+    import copy
+
+    import hybrid_mamba3.mamba3 as mamba3_module
+    from hybrid_mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    plain = Mamba3(d_model=24, d_state=16, headdim=16, layer_idx=0, backend="triton", **cfg)  # 3 heads: odd width
+    width = plain.in_proj.out_features
+    assert width % 8 and isinstance(plain.in_proj, torch.nn.Linear)
+    aligned = copy.deepcopy(plain)
+    strides = []
+    aligned.in_proj.register_forward_hook(lambda module, args, out: strides.append(out.stride(-2)))
+    u, dy = torch.randn(2, 37, 24), torch.randn(2, 37, 24)
+    got = []
+    for layer in (plain, aligned):
+        for name in ("_select_backend", "_select_backend_default"):  # CPU tensors, Triton kernels
+            monkeypatch.setattr(layer, name, lambda device: "triton")
+        if layer is aligned:
+            monkeypatch.setattr(mamba3_module, "ROW_ALIGN_DEVICES", ("cpu",))
+            monkeypatch.setattr(mamba3_module, "ROW_ALIGN_MIN_ROWS", 1)
+        x = u.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy)
+        got.append(dict(y=y.detach(), u=x.grad, **{n: p.grad for n, p in layer.named_parameters()}))
+    assert strides == [width + (-width % 8)]
+    assert in_place_record == [set(range(8))] * 2
+    for name, want in got[0].items():
+        assert rel_err(got[1][name], want) < 1e-5, name
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_layer_triton_path_under_gradient_checkpointing(reentrant, monkeypatch, in_place_record):
     """transformers' gradient checkpointing (torch.utils.checkpoint, either mode) around the layer's Triton path: the
