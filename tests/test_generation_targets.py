@@ -45,3 +45,16 @@ def test_targets_pick_the_best_cells_and_judge_them(tmp_path):
     assert by["1x131072", "hybrid-50"]["met"]
     saved = json.loads((tmp_path / "o" / "generation_targets.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and "| met |" in saved["table"]
+
+
+def test_a_dynamic_cache_llama_on_a_gpu_leaves_the_target_unsettled(tmp_path):
+    """On a GPU the Llama's dynamic-cache figure with sdpa free to pick cuDNN measures cuDNN's per-length plans: a
+    target judged against it is neither met nor missed; held to other backends, the same figure counts."""
+    grid = dict(device="NVIDIA H100", cells=[cell("llama", 16, 16384, 300, cache="dynamic"),
+                                             cell("hybrid-50", 16, 16384, 700, cache="dynamic")])
+    (row,) = gt.decode_targets(grid["cells"], "llama-3.2-1b", gpu=True)
+    assert row["met"] is None and "unsettled" in row["note"] and "unsettled" in gt.table([row])
+    assert gt.decode_targets(grid["cells"], "llama-3.2-1b", gpu=False)[0]["met"]  # the CPU has no cuDNN
+    fair = cell("llama", 16, 16384, 320, cache="dynamic", sdpa_backends="flash,efficient,math")
+    (row,) = gt.decode_targets(grid["cells"] + [fair], "llama-3.2-1b", gpu=True)
+    assert row["met"] and abs(row["ratio"] - 700 / 320) < 1e-9
