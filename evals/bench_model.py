@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--append", default=None,
                     help="a JSON of earlier runs to add this run's cells to (a cell measured again replaces its old "
-                         "row, unless it failed this time), so a grid can be spread over several calls; written back, and to --out")
+                         "row, unless it failed this time), so a grid can be spread over several calls; written back, "
+                         "and to --out")
     a = ap.parse_args(argv)
     if a.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, {"smoke": SMOKE_SHAPE}
