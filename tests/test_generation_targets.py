@@ -42,6 +42,11 @@ def test_targets_pick_the_best_cells_and_judge_them(tmp_path):
     assert by["16x16384", "hybrid-50"]["figure"].startswith("3700")
     memory = [r for r in rows if r["kind"] == "memory"]
     assert [(round(r["ratio"], 3), r["met"]) for r in memory] == [(0.5, True), (round(10 / 14, 3), False)]
+    # the hybrid's weights + cache (3 GiB) against the Llama's peaks (20, 14): 0.15x and 0.21x, nothing forbidden
+    assert not any(r["forbidden"] for r in memory)
+    (tight,) = gt._memory_row("s", [cell("hybrid-50", 16, 16384, 1, peak=4.0)], [cell("llama", 16, 16384, 1, peak=4.5)],
+                              "t", "16x16384")
+    assert tight["forbidden"] and "3.00 GiB" not in tight["figure"] and "0.67x: 0.6x forbidden" in tight["figure"]
     assert by["1x131072", "hybrid-50"]["met"]
     saved = json.loads((tmp_path / "o" / "generation_targets.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and "| met |" in saved["table"]
