@@ -51,7 +51,8 @@ def _unfair_baseline(llama: dict, gpu: bool) -> bool:
 
 
 UNFAIR = ("unsettled: the Llama's best here is a dynamic-cache cell with sdpa free to pick cuDNN (a plan per new key "
-          "length, every step); measure the Llama with --sdpa-backends flash,efficient,math or static+compile")
+          "length, every step); measure the Llama with --attn sdpa_gqa --sdpa-backends flash,efficient (the efficient "
+          "kernel refuses plain sdpa's enable_gqa) or static+compile")
 
 
 def decode_targets(cells: list[dict], shape: str, gpu: bool = False) -> list[dict]:

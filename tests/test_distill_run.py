@@ -231,3 +231,18 @@ def test_data_sampled_from_the_teacher(teacher_and_text, tmp_path):
     assert first == list(teacher_documents(teacher, tok, 100, length=16, batch_size=4, seed=1, progress=False))
     assert first != list(teacher_documents(teacher, tok, 100, length=16, batch_size=4, seed=2, progress=False))
     assert all(isinstance(t, str) and t for t in first)
+
+
+def test_tf32_as_asked_else_on_for_bf16_on_a_gpu_with_tf32_cores(monkeypatch):
+    """TrainingArguments' tf32 for the loss's fp32 output head: the flag when given; unset (None, torch's default)
+    without a GPU, before Ampere, or without bf16; on for bf16 from Ampere on."""
+    from hybrid_mamba3.distill.run import _tf32
+
+    assert _tf32(True, False) is True and _tf32(False, True) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _tf32(None, True) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert _tf32(None, True) is True and _tf32(None, False) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert _tf32(None, True) is None

@@ -13,18 +13,14 @@ per row, so the masks and the running rescales are exercised.
 
 import os
 
+import pytest
 import torch
+from conftest import rel_err
 
-# conftest sets it first when run under pytest; never on a GPU machine (see tests/test_triton_interpret.py)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from conftest import rel_err  # noqa: E402
-
-from hybrid_mamba3.kernels.kl_div import kl_rows, kl_rows_reference  # noqa: E402
+from hybrid_mamba3.kernels.kl_div import kl_rows, kl_rows_reference
 
 pytest.importorskip("triton")
+# conftest switches the interpreter on before any test module loads, on machines without a GPU only
 if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
     pytest.skip("interpreter tests are for CPU machines (on a GPU, tests/test_triton_gpu.py runs)",
                 allow_module_level=True)
