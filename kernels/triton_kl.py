@@ -13,6 +13,7 @@ Here the forward reads each logit once, the backward reads each once and writes 
   relative to the running maxima, so that the logits' offsets cancel before, not after, the rounding).
 - backward, grid (N,): dKL/dzs = (softmax(zs / T) - softmax(zt / T)) / T, dCE/dzs = softmax(zs) - onehot(label),
   from the row statistics the forward kept, written in zs's dtype. The teacher gets no gradient.
+Measurements: kernels/NOTES.md "Distillation KL".
 """
 
 from __future__ import annotations
