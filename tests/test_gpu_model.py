@@ -85,3 +85,32 @@ def test_bf16_hybrid_generates_and_cache_matches_full_forward_on_cuda():
     out = model.to(torch.bfloat16).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                             do_sample=False)
     assert out.shape == (2, 48)
+
+
+def test_row_aligned_in_proj_on_cuda(monkeypatch):
+    """Mamba-3's in_proj with SmolLM2's 9 heads (an odd width: 2731 columns here) on 2048 rows: the padded GEMM's
+    output rows lie a multiple of 8 apart, and the layer's bf16 output and gradients equal those with the plain
+    projection up to the two cuBLAS kernels' rounding (bf16 outputs of fp32 sums taken in another order: an ulp, 2^-8,
+    where they round apart, carried through the layer; 2e-2, the bf16 bound used above; a misplaced column is O(1))."""
+    import hybrid_mamba3.mamba3 as mamba3_module
+
+    torch.manual_seed(0)
+    layer = Mamba3(d_model=576, d_state=64, headdim=64, expand=1, layer_idx=0, is_mimo=True, mimo_rank=4,
+                   ngroups=3).cuda().bfloat16()
+    width = layer.in_proj.out_features
+    assert width % 8, width
+    strides = []
+    layer.in_proj.register_forward_hook(lambda module, args, out: strides.append(out.stride(-2)))
+    u, dy = torch.randn(2, 1024, 576, device="cuda", dtype=torch.bfloat16), torch.randn(2, 1024, 576, device="cuda",
+                                                                                        dtype=torch.bfloat16)
+    got = []
+    for devices in (mamba3_module.ROW_ALIGN_DEVICES, ()):
+        monkeypatch.setattr(mamba3_module, "ROW_ALIGN_DEVICES", devices)
+        layer.zero_grad()
+        x = u.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy)
+        got.append(dict(y=y.detach(), u=x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}))
+    assert strides == [width + (-width % 8), width]
+    for name, want in got[1].items():
+        assert rel_err(got[0][name], want) < 2e-2, name
