@@ -213,7 +213,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         use_cpu=not torch.cuda.is_available(), save_only_model=False)
     trainer = DistillTrainer(model=model, args=args, teacher=teacher, stage=stage, train_dataset=PackedRows(
         shards / "train", o.seq_len), temperature=o.temperature, top_k=o.top_k, kl_weight=o.kl_weight,
-        ce_weight=o.ce_weight, chunk_tokens=o.chunk_tokens,
+        ce_weight=o.ce_weight, chunk_tokens=o.chunk_tokens, fused_norms=o.fused_norms,
         callbacks=[_CompleteMarker(), _TokensPerSecond(per_step)] + list(callbacks or []))
     t0 = time.perf_counter()
     resume_from = latest_complete_checkpoint(folder) if o.resume else None

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.masking_utils import find_packed_sequence_indices
 
+from ..norms import fuse_rms_norms
 from .losses import alignment_loss, distillation_loss
 from .options import STAGES, TRAINABLE
 
@@ -88,10 +89,12 @@ def attention_io(teacher, layers: list[int]):
 
 class DistillTrainer(Trainer):
     """Trainer whose loss is distillation from `teacher` (module docstring). stage: "align" (model: a
-    `ReplacedLayers`) or "kd" (model: the student). The KD options are `losses.distillation_loss`'s."""
+    `ReplacedLayers`) or "kd" (model: the student). The KD options are `losses.distillation_loss`'s; fused_norms:
+    `norms.fuse_rms_norms` on both models."""
 
     def __init__(self, *args, teacher, stage: str = "kd", temperature: float = 1.0, top_k: int | None = None,
-                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 2048, **kwargs):
+                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 2048, fused_norms: bool = False,
+                 **kwargs):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         super().__init__(*args, **kwargs)
@@ -103,6 +106,9 @@ class DistillTrainer(Trainer):
             from trl.models.utils import prepare_deepspeed  # the teacher partitioned as the student is, for inference
 
             self.teacher = prepare_deepspeed(self.teacher, self.accelerator).module
+        if fused_norms:  # the teacher's and the student's Llama RMSNorms on the Triton kernel (CUDA inputs)
+            fuse_rms_norms(self.teacher)
+            fuse_rms_norms(self.model)
         # kd: the Trainer counts the predicted positions of all the micro-batches an optimizer step accumulates (over
         # all ranks) and hands the count to compute_loss, which divides its sums by it; align: a mean per
         # micro-batch (each layer's error relative to its own target), which the Trainer divides by the steps

@@ -173,7 +173,8 @@ def trainer(teacher, student, data, a, device, checkpointing: bool, profiler: St
                              tf32=_tf32(None, device.type == "cuda"),
                              use_cpu=device.type != "cuda", save_strategy="no", report_to=[], logging_steps=10**6,
                              disable_tqdm=True, dataloader_drop_last=True, **_checkpointing(checkpointing))
-    DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Clock()]).train()
+    DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Clock()],
+                   fused_norms=a.fused_norms).train()
     return marks[a.warmup:a.warmup + a.steps], peaks[0]
 
 
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--modes", default="naive,trainer,trainer+ckpt")
     ap.add_argument("--attn", default="sdpa", help="attention implementation of teacher and student")
+    ap.add_argument("--fused-norms", action="store_true",
+                    help="trainer modes: both models' Llama RMSNorms on the Triton norm kernel (distill --fused-norms)")
     ap.add_argument("--profile", action="store_true", help="profile one more step of each mode (kernel tables)")
     ap.add_argument("--trace", action="store_true", help="with --profile, also a chrome trace per mode")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, few steps (runs on a CPU)")
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = a.batch * a.seq_len
     rows = {}
     lines = [f"{name}: SmolLM2-135M shape{' (smoke)' if a.smoke else ''}, {a.mamba:.0%} Mamba-3 MIMO R4, "
-             f"b{a.batch} x {a.seq_len} packed rows, Mamba-3 mixers trained, {a.attn} attention",
+             f"b{a.batch} x {a.seq_len} packed rows, Mamba-3 mixers trained, {a.attn} attention"
+             f"{', fused norms' if a.fused_norms else ''}",
              f"{'mode':<14} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9}"]
     for mode in a.modes.split(","):
         teacher, student = models(a.mamba, a.smoke, device, a.attn)
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
     table = "\n".join(lines)
     print(table)
-    result = dict(device=name, mamba=a.mamba, batch=a.batch, seq_len=a.seq_len, attn=a.attn, rows=rows, table=table)
+    result = dict(device=name, mamba=a.mamba, batch=a.batch, seq_len=a.seq_len, attn=a.attn, fused_norms=a.fused_norms,
+                  rows=rows, table=table)
     with open(os.path.join(a.out, "bench_distill.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -1,6 +1,9 @@
-"""Norms of the Mamba-3 layer and the rule that keeps sensitive parameters in fp32."""
+"""Norms of the Mamba-3 layer and the rule that keeps sensitive parameters in fp32; the layer's Triton RMSNorm put
+under a model's Llama-style RMSNorms for training (`fuse_rms_norms`)."""
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn as nn
@@ -73,3 +76,36 @@ class GatedRMSNorm(KeepFP32Mixin, nn.Module):
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z.to(cdt))
         return out.to(dtype)
+
+
+FUSED_NORM_DEVICES = ("cuda",)  # where `fuse_rms_norms`' kernel runs (tests add "cpu" under Triton's interpreter)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Every Llama-style RMSNorm of `model` (a module named *RMSNorm with a (N,) `weight` and `variance_epsilon`, as
+    transformers' LlamaRMSNorm) runs the Mamba-3 layer's Triton RMSNorm (`kernels.triton_norm`) on CUDA inputs: one
+    launch forward and one backward, weight gradient included, where the torch formula takes ~7 and ~10 elementwise
+    kernels over the hidden states, on both models of a distillation step (~120 norms for SmolLM2). The same idea
+    as transformers' `kernelize` with a hub RMSNorm, offline. Values: the torch formula rounds the normalised
+    states to the input dtype before the weight multiplies them, the kernel once at the end (fp32 inputs: the same
+    to summation order; 16-bit: within one rounding). Other inputs (CPU, float64, rows wider than the kernel's) keep
+    the module's own forward. Returns how many norms were switched (each once)."""
+    switched = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+                and isinstance(weight, torch.Tensor) and weight.dim() == 1 and "forward" not in module.__dict__):
+            module.forward = types.MethodType(_fused_rms_norm_forward, module)
+            switched += 1
+    return switched
+
+
+def _fused_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from .kernels.triton_norm import _MAX_N, rms_norm_triton, triton
+
+    x, weight = hidden_states, self.weight
+    if (triton is None or x.device.type not in FUSED_NORM_DEVICES or x.dtype not in (*_LOW_PRECISION, torch.float32)
+            or x.dim() < 2 or x.shape[-1] != weight.shape[0] or x.shape[-1] > _MAX_N):
+        return type(self).forward(self, hidden_states)
+    # the torch formula's output dtype: the weight times the normalised states in the input's dtype
+    return rms_norm_triton(x, weight, self.variance_epsilon).to(torch.promote_types(x.dtype, weight.dtype))

@@ -178,6 +178,37 @@ def test_stages_train_on_the_trainer(tmp_path, stage):
     assert all(p.dtype == torch.float32 for n, p in student.named_parameters() if n.endswith(("dt_bias", ".D")))
 
 
+def test_kd_with_fused_norms_follows_the_same_losses(tmp_path, monkeypatch):
+    """DistillTrainer(fused_norms=True) puts both models' LlamaRMSNorms on the Triton norm kernel (here in the
+    interpreter, standing in for CUDA): every norm of teacher and student is switched, and three kd steps log the
+    losses of the torch norms to 1e-4 (fp32 sums in another order, carried through three optimizer steps)."""
+    import hybrid_mamba3.kernels.triton_norm as triton_norm
+    import hybrid_mamba3.norms as norms
+
+    monkeypatch.setattr(norms, "FUSED_NORM_DEVICES", ("cpu",))
+    calls, original = [], triton_norm.rms_norm_triton
+    monkeypatch.setattr(triton_norm, "rms_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    curves = []
+    for fused in (False, True):
+        teacher = _teacher()
+        student, _ = convert_llama(teacher, mamba_layers=[1, 3], init="attention", d_state=16, mimo_rank=2,
+                                   chunk_size=8, progress=False)
+        select_trainable(student, "mamba")
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{fused}"), per_device_train_batch_size=4, max_steps=3,
+                                 learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                                 disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+        trainer = DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=_rows(tmp_path),
+                                 fused_norms=fused)
+        switched = [m for model in (teacher, student) for m in model.modules() if "forward" in m.__dict__]
+        assert len(switched) == (2 * (2 * 4 + 1) if fused else 0)  # 2 a layer and the final one, in each model
+        calls.clear()
+        trainer.train()
+        assert bool(calls) == fused
+        curves.append([h["kl"] for h in trainer.state.log_history if "kl" in h])
+    assert len(curves[0]) == 3
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(*curves)), curves
+
+
 def test_kd_step_weighs_every_token_the_same_across_accumulated_micro_batches(tmp_path):
     """Two rows with different counts of predicted positions: the gradient of one optimizer step over both as one
     batch of 2 equals that over 2 accumulated micro-batches of 1 (the Trainer's token count divides the KL sums; a

@@ -177,3 +177,38 @@ def test_halves_layout(fused):
     assert torch.equal(proj.grad, g) and torch.allclose(norm.weight.grad, gw, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="last dim must be even"):
         rms_norm_triton(torch.randn(4, 5), torch.ones(5), EPS, halves=True)
+
+
+def test_fuse_rms_norms_runs_a_llamas_norms_on_the_kernel(monkeypatch):
+    """`fuse_rms_norms` on a tiny Llama (fp32, the interpreter standing in for CUDA): every LlamaRMSNorm switched
+    once (2 a layer and the final one), each call through the kernel, and the logits, the input embeddings' and
+    every parameter's gradient equal the torch formula's to 1e-5 (fp32: summation order only, as above)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hybrid_mamba3.norms as norms
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    plain = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for module in plain.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.weight.add_(0.3 * torch.randn_like(module.weight))
+    fused = copy.deepcopy(plain)
+    monkeypatch.setattr(norms, "FUSED_NORM_DEVICES", ("cpu",))
+    assert norms.fuse_rms_norms(fused) == 2 * 2 + 1 and norms.fuse_rms_norms(fused) == 0
+    calls = []
+    original = triton_norm.rms_norm_triton
+    monkeypatch.setattr(triton_norm, "rms_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids = torch.randint(0, 64, (2, 11))
+    got = []
+    for model in (plain, fused):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        got.append(dict(logits=out.logits.detach(), **{n: p.grad for n, p in model.named_parameters()}))
+    assert len(calls) == 5
+    for name, want in got[0].items():
+        assert rel_err(got[1][name], want) < 1e-5, name
