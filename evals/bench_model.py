@@ -465,13 +465,12 @@ def merge_cells(earlier: list[dict], new: list[dict]) -> list[dict]:
     """A grid's cells with this run's added: a cell measured again replaces its old row, unless this time it failed
     and the old row holds figures (a failed rerun loses nothing measured)."""
     old = {_key(c): c for c in earlier}
-    kept = [c for c in new if "error" in c and "error" not in old.get(_key(c), {"error": ""})]
-    for c in kept:
+    failed = [c for c in new if "error" in c and "error" not in old.get(_key(c), c)]  # ... where figures were
+    for c in failed:
         print(f"kept the earlier figures of {_key(c)}: this run failed ({c['error']})", flush=True)
-    kept_keys = {_key(c) for c in kept}
-    ran = {_key(c) for c in new}
-    return [c for c in earlier if _key(c) not in ran or _key(c) in kept_keys] + [
-        c for c in new if _key(c) not in kept_keys]
+    kept = {_key(c) for c in failed}
+    replaced = {_key(c) for c in new} - kept
+    return [c for c in earlier if _key(c) not in replaced] + [c for c in new if _key(c) not in kept]
 
 
 def _key(cell: dict) -> tuple:

@@ -101,8 +101,9 @@ class RowAlignedLinear(nn.Linear):
     with zero rows. Mamba-3's in_proj width is odd at most shapes (3 x heads + angles: SmolLM2's is 5803), and on odd
     row strides cuBLAS falls back to align-1 kernels: on an H100 the in_proj GEMMs of a 32k-token SmolLM2 training
     step ran ~2.4 ms each, forward and backward, ~13% of the step (the cutlass_75 ... align1 rows of
-    evals/results/bench_distill_profile_trainer_h100_before.txt; padded, 0.36 ms). The padded copy of the weight is made inside the module's
-    forward, where ZeRO-3 has gathered it; the layer's kernels read the output's pieces as strided views either way."""
+    evals/results/bench_distill_profile_trainer_h100_before.txt; padded, 0.36 ms). The padded copy of the weight is
+    made inside the module's forward, where ZeRO-3 has gathered it; the layer's kernels read the output's pieces as
+    strided views either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = -self.out_features % ROW_ALIGN
