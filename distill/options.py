@@ -50,7 +50,9 @@ class DistillOptions:
     deepspeed: str | None = None  # a DeepSpeed JSON (configs/ds_zero2.json, ds_zero3.json) or None
     bf16: bool | None = None  # None: on CUDA
     tf32: bool | None = None  # fp32 matmuls (the loss's student head) on TF32 tensor cores; None: with bf16 on CUDA
-    fused_norms: bool = False  # both models' Llama RMSNorms on the Triton norm kernel (CUDA; norms.fuse_rms_norms)
+    # both models' Llama RMSNorms on the Triton norm kernel (CUDA inputs only: elsewhere the torch formula runs;
+    # norms.fuse_rms_norms). H100, SmolLM2 50% b16 x 2048: 81.2k -> 94.7k tokens/s, the same losses
+    fused_norms: bool = True
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # teacher's and student's attention (sdpa, flex_attention, ...); None: default
     seed: int = 0

@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--modes", default="naive,trainer,trainer+ckpt")
     ap.add_argument("--attn", default="sdpa", help="attention implementation of teacher and student")
-    ap.add_argument("--fused-norms", action="store_true",
-                    help="trainer modes: both models' Llama RMSNorms on the Triton norm kernel (distill --fused-norms)")
+    ap.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=True,
+                    help="trainer modes: both models' Llama RMSNorms on the Triton norm kernel (distill's default; "
+                         "--no-fused-norms: the torch formula)")
     ap.add_argument("--profile", action="store_true", help="profile one more step of each mode (kernel tables)")
     ap.add_argument("--trace", action="store_true", help="with --profile, also a chrome trace per mode")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, few steps (runs on a CPU)")
