@@ -3,15 +3,18 @@
 bandwidth, eager and inside a compiled CUDA graph.
 
     python3 evals/bench_decode_attention.py               # on the device: the Llama-3.2-1B shape, 16 x 16k and 1 x 2k
+    python3 evals/bench_decode_attention.py --shape smollm2-135m   # 9 query heads on 3 key/value heads
     python3 evals/bench_decode_attention.py --smoke       # tiny, on the CPU (tests/test_bench_decode_attention.py)
 
-The step as a static cache makes it: one query per head (32 query heads on 8 key/value heads, head size 64, bf16),
+The step as a static cache makes it: one query per head (Llama-3.2-1B: 32 query heads on 8 key/value heads, head
+size 64, bf16),
 L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written. Variants:
 - repeat: every key/value head repeated for its query heads (transformers' sdpa under torch.compile);
 - packed: the query heads packed onto their key/value head, (B, H_kv, H / H_kv, D), masked sdpa;
 - enable_gqa: sdpa's own grouped-query flag with the mask;
 - manual: matmul, masked softmax in fp32, matmul;
-- flex: torch's flex_attention with a block mask (compiled only).
+- flex: torch's flex_attention with a block mask (compiled only);
+- split_kv: the split-KV Triton kernels of kernels/decode_attn.py (attn_implementation="sdpa_splitkv").
 Each eager, and compiled (inductor, mode reduce-overhead: CUDA graphs), on torch's default choice of sdpa kernel.
 The compiled rows read keys, values and mask in place, as from a static cache (`torch._dynamo.mark_static_address`):
 a CUDA graph copies every other input into its own buffers on each replay. A first draft of this script left them
@@ -36,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, Clock, parse_settings, sdpa_backends
+from hybrid_mamba3.kernels.decode_attn import decode_attention
 
-SHAPE = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B
+SHAPES = {"llama-3.2-1b": dict(heads=32, kv_heads=8, head_dim=64), "smollm2-135m": dict(heads=9, kv_heads=3, head_dim=64)}
 SETTINGS = "16x16384,1x2048"
 UNWRITTEN = 7  # cache slots past the current position, masked out
 SDPA_VARIANTS = ("packed", "enable_gqa")  # the variants that call sdpa, run on each backend too
@@ -61,7 +65,10 @@ def variants(groups: int) -> dict:
         p = torch.softmax((s * k.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
         return torch.matmul(p.to(v.dtype), v)
 
-    return dict(repeat=repeat, packed=packed, enable_gqa=enable_gqa, manual=manual)
+    def split_kv(q, k, v, mask):  # attn_implementation="sdpa_splitkv"'s one-token step
+        return decode_attention(q[:, :, 0], k, v, mask[:, 0, 0])
+
+    return dict(repeat=repeat, packed=packed, enable_gqa=enable_gqa, manual=manual, split_kv=split_kv)
 
 
 def timed(fn, warmup: int, reps: int, clock: Clock) -> tuple[float, float]:
@@ -75,7 +82,7 @@ def timed(fn, warmup: int, reps: int, clock: Clock) -> tuple[float, float]:
 
 
 def run_setting(batch: int, length: int, a, device, dtype) -> list[dict]:
-    h, hk, d = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
+    h, hk, d = (SHAPES[a.shape][key] for key in ("heads", "kv_heads", "head_dim"))
     if a.smoke:
         h, hk, d = 4, 2, 16
     q = torch.randn(batch, h, 1, d, device=device, dtype=dtype)
@@ -140,6 +147,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default=None, help=f"batch x cache length pairs (default {SETTINGS}; smoke 2x40)")
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="heads, key/value heads, head size")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--compile-backend", default="inductor")
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     for batch, length in parse_settings(a.settings or SETTINGS):
         rows += run_setting(batch, length, a, device, dtype)
     result = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
-                  dtype=str(dtype), shape=SHAPE, rows=rows, table=table(rows))
+                  dtype=str(dtype), shape=dict(name=a.shape, **SHAPES[a.shape]), rows=rows, table=table(rows))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_decode_attention.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"comma-separated, of {list(CACHES)} (train: forward + backward tokens/s)")
     ap.add_argument("--settings", help=f"batch x context pairs, comma-separated (default {SETTINGS}; smoke 2x12)")
     ap.add_argument("--prefill-chunk", type=int, default=0, help="positions per prefill call (0: the whole context)")
-    ap.add_argument("--attn", default="sdpa", help="attn_implementation of every model (sdpa_gqa: hybrid_mamba3's, "
-                    "grouped-query decode steps packed under compile too)")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation of every model (hybrid_mamba3's: sdpa_gqa, "
+                    "grouped-query decode steps packed under compile too; sdpa_splitkv, decode steps on its split-KV "
+                    "Triton kernels)")
     ap.add_argument("--sdpa-backends", default=None,
                     help=f"hold torch's sdpa to these backends, comma-separated, of {list(SDPA_BACKENDS)} (default: "
                          "torch's own choice); e.g. flash,efficient,math leaves out cuDNN's, which builds a plan for "

@@ -12,7 +12,7 @@ def test_smoke_runs_every_variant_and_each_agrees(tmp_path):
     fp32 rounding of the plain definition; the JSON holds the rows printed."""
     res = bench_decode_attention.main(["--smoke", "--out", str(tmp_path)])
     names = {(r["variant"], r["mode"], r["backend"], r["cache"]) for r in res["rows"]}
-    every = {(v, m, "default", "static") for v in ("repeat", "packed", "enable_gqa", "manual")
+    every = {(v, m, "default", "static") for v in ("repeat", "packed", "enable_gqa", "manual", "split_kv")
              for m in ("eager", "compiled")}
     sdpa = {(v, "eager", b, c) for v in ("packed", "enable_gqa") for b in ("default", "math")
             for c in ("static", "growing")}  # on each backend alone, over a static and a growing cache

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_report, also when run through runpy
 
 _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
-           torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+           torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
 _OPS = ("HGMMA", "LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG", "BAR", "SHFL")
 _MEMORY = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG")
 
@@ -177,7 +177,7 @@ class _Compiler:
 def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bool = False) -> None:
     """One fwd+bwd of the op; variants: also packed sequences with an initial state (the kernels' varlen and
     initial-state specialisations), packed rows (seq_idx), the layer's token activations, both kinds, its B/C norm,
-    its decode step and distillation's KL (compile checks, not tuning)."""
+    its decode step, distillation's KL and the split-KV decode attention (compile checks, not tuning)."""
     from conftest import make_op_inputs
 
     from hybrid_mamba3.kernels import Mamba3State
@@ -229,6 +229,13 @@ def _run_op(R: int, B: int, L: int, H: int, P: int, N: int, K: int, variants: bo
     kl, ce = kl_rows_triton(logits, torch.randn(4, 1000, dtype=torch.bfloat16), torch.arange(4), 2.0)
     (kl + ce).sum().backward()
     kl_rows_triton(logits.float(), torch.randn(4, 1000)).sum().backward()
+    from hybrid_mamba3.kernels.triton_decode_attention import decode_attention_triton  # decode attention, split-KV
+
+    for heads, kv_heads, dtype in ((32, 8, torch.bfloat16), (9, 3, torch.bfloat16), (8, 8, torch.float32)):
+        q = torch.randn(2, heads, 64, dtype=dtype)
+        k, v = (torch.randn(2, kv_heads, 1000, 64, dtype=dtype) for _ in range(2))
+        decode_attention_triton(q, k, v, torch.ones(2, 1000, dtype=torch.bool) if dtype != torch.float32 else None,
+                                0.125)
 
 
 def main() -> None:
