@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
 
 from hybrid_mamba3.kernels import decode_attn as op  # noqa: E402
 from hybrid_mamba3.kernels import triton_decode_attention as tk  # noqa: E402
@@ -27,8 +26,8 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
     pytest.skip("interpreter tests are for CPU machines", allow_module_level=True)
 
+from test_attention import generates_as_sdpa  # noqa: E402
 from test_generation import left_padded  # noqa: E402
-from test_model import hybrid, llama_config  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
 
@@ -120,24 +119,10 @@ def test_bad_inputs_say_what_to_change():
         op.decode_attention(q, k, v, torch.zeros(1, 8))
 
 
-def _with(model, implementation):
-    model.config._attn_implementation = implementation
-    return model
-
-
 @pytest.mark.parametrize("kind", ["llama", "hybrid"])
 def test_sdpa_splitkv_decodes_as_sdpa(on_cpu, kind):
-    """generate() with left padding and a static cache, fp32: every step's logits within 1e-5 of sdpa's, greedy
-    tokens equal, and the one-token steps went through the split-KV kernels."""
-    torch.manual_seed(0)
-    model = (LlamaForCausalLM(llama_config()) if kind == "llama" else hybrid((1, 3))).eval()
-    _, ids, mask = left_padded()
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static",
-              output_logits=True, return_dict_in_generate=True)
-    ref = _with(model, "sdpa").generate(ids, **kw)
-    CALLS.clear()
-    ours = _with(model, "sdpa_splitkv").generate(ids, **kw)
-    assert CALLS and all(shape[2] >= ids.shape[1] for shape in CALLS)
-    assert torch.equal(ours.sequences, ref.sequences)
-    for a, b in zip(ours.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    """generate() as in tests/test_attention.py (fp32, left padding, static cache: logits within 1e-5 of sdpa's,
+    greedy tokens equal), with every one-token step through the split-KV kernels, over the whole static cache."""
+    generates_as_sdpa(kind, "sdpa_splitkv")
+    prompt = left_padded()[1].shape[1]
+    assert CALLS and all(shape[2] >= prompt for shape in CALLS)
