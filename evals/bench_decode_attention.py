@@ -7,8 +7,7 @@ bandwidth, eager and inside a compiled CUDA graph.
     python3 evals/bench_decode_attention.py --smoke       # tiny, on the CPU (tests/test_bench_decode_attention.py)
 
 The step as a static cache makes it: one query per head (Llama-3.2-1B: 32 query heads on 8 key/value heads, head
-size 64, bf16),
-L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written. Variants:
+size 64, bf16), L cache slots, a boolean mask (B, 1, 1, L) whose last slots are not yet written. Variants:
 - repeat: every key/value head repeated for its query heads (transformers' sdpa under torch.compile);
 - packed: the query heads packed onto their key/value head, (B, H_kv, H / H_kv, D), masked sdpa;
 - enable_gqa: sdpa's own grouped-query flag with the mask;
@@ -41,7 +40,8 @@ import torch.nn.functional as F
 from hybrid_mamba3.evals.bench_model import SDPA_BACKENDS, Clock, parse_settings, sdpa_backends
 from hybrid_mamba3.kernels.decode_attn import decode_attention
 
-SHAPES = {"llama-3.2-1b": dict(heads=32, kv_heads=8, head_dim=64), "smollm2-135m": dict(heads=9, kv_heads=3, head_dim=64)}
+SHAPES = {"llama-3.2-1b": dict(heads=32, kv_heads=8, head_dim=64),
+          "smollm2-135m": dict(heads=9, kv_heads=3, head_dim=64)}
 SETTINGS = "16x16384,1x2048"
 UNWRITTEN = 7  # cache slots past the current position, masked out
 SDPA_VARIANTS = ("packed", "enable_gqa")  # the variants that call sdpa, run on each backend too

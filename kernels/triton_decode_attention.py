@@ -26,6 +26,7 @@ import os
 import torch
 
 from .common import FMA, cdiv, next_pow2
+from .triton_setup import _sm_count
 
 try:
     import triton
@@ -121,10 +122,6 @@ if triton is not None:
                  mask=tile)
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def num_splits(batch: int, kv_heads: int, length: int, multiprocessors: int) -> int:
     """Slices of the cache per (batch, key/value head): enough programs for PROGRAMS_PER_SM on every SM, each slice
     at least MIN_SPLIT keys."""
@@ -141,7 +138,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     batch, heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    splits = num_splits(batch, kv_heads, length, _multiprocessors(q.device))
+    splits = num_splits(batch, kv_heads, length, _sm_count(q.device))
     chunk = cdiv(cdiv(length, splits), BLOCK_N) * BLOCK_N
     splits = cdiv(length, chunk)
     part = torch.empty(batch * kv_heads, splits, groups, dim, device=q.device, dtype=torch.float32)

@@ -37,10 +37,11 @@ CALLS = []  # the caches the Triton kernels were called on (the on_cpu fixture r
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    """The kernels on CPU tensors (the interpreter), slices of 16 keys so that small caches split, and each call of
-    the kernels recorded in CALLS."""
+    """The kernels on CPU tensors (the interpreter), slices of 16 keys and 16 programs for the interpreter's one
+    "multiprocessor" so that small caches split, and each call of the kernels recorded in CALLS."""
     monkeypatch.setattr(op, "TRITON_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(tk, "MIN_SPLIT", 16)
+    monkeypatch.setattr(tk, "PROGRAMS_PER_SM", 16)
     original = op.decode_attention_triton
     monkeypatch.setattr(op, "decode_attention_triton", lambda *a: CALLS.append(a[1].shape) or original(*a))
     CALLS.clear()
@@ -71,7 +72,7 @@ def test_kernel_matches_float64(on_cpu, dtype, heads, kv_heads, dim):
     """Groups of 3 (SmolLM2's), 4 and 1 (no grouping); head sizes that fill the tile (64, 16) and one that does not
     (48); a length that is no multiple of the key block, split in several slices; no mask."""
     q, k, v = _inputs(2, heads, kv_heads, 150, dim, dtype)
-    assert tk.num_splits(2, kv_heads, 150, tk._multiprocessors(q.device)) > 1
+    assert tk.num_splits(2, kv_heads, 150, tk._sm_count(q.device)) > 1
     _check(q, k, v)
 
 
