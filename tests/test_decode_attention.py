@@ -41,7 +41,7 @@ def on_cpu(monkeypatch):
     "multiprocessor" so that small caches split, and each call of the kernels recorded in CALLS."""
     monkeypatch.setattr(op, "TRITON_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(tk, "MIN_SPLIT", 16)
-    monkeypatch.setattr(tk, "PROGRAMS_PER_SM", 16)
+    monkeypatch.setattr(tk, "LAUNCH", tk.Launch(programs_per_sm=16))
     original = op.decode_attention_triton
     monkeypatch.setattr(op, "decode_attention_triton", lambda *a: CALLS.append(a[1].shape) or original(*a))
     CALLS.clear()
@@ -77,9 +77,13 @@ def test_kernel_matches_float64(on_cpu, dtype, heads, kv_heads, dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_masks_padding_and_free_slots(on_cpu, dtype):
+@pytest.mark.parametrize("skip_masked", [True, False])
+def test_kernel_masks_padding_and_free_slots(on_cpu, monkeypatch, dtype, skip_masked):
     """A static cache's mask: left padding of different lengths per row and free slots at the end, some slices
-    wholly free (their loads predicated off) and a mask broadcast over the batch; a custom scale."""
+    wholly free and a mask broadcast over the batch; a custom scale. Both ways of masking: masked slots not fetched
+    (the default), or fetched and zeroed (64-key blocks, the other block size the sweep tried)."""
+    if not skip_masked:
+        monkeypatch.setattr(tk, "LAUNCH", tk.Launch(programs_per_sm=16, block_n=64, skip_masked=False))
     q, k, v = _inputs(3, 8, 2, 300, 32, dtype, seed=1)
     mask = torch.zeros(3, 300, dtype=torch.bool)
     mask[0, 5:40] = True
@@ -87,7 +91,7 @@ def test_kernel_masks_padding_and_free_slots(on_cpu, dtype):
     mask[2, 17:18] = True  # one slot
     _check(q, k, v, mask)
     _check(q, k, v, mask[1:2], scale=0.3)
-    # the same cache with its free slots filled with huge values: skipped or masked, never read into the result
+    # the same cache with its free slots filled with huge values and NaN: never read into the result
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 200:], v2[:, :, 200:] = 1e4, float("nan")
     a = op.decode_attention(q, k, v, mask)
