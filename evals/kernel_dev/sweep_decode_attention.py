@@ -180,15 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
                   dtype=str(dtype), reps=a.reps, rows=[])
     for name, batch, length in cells:
-        result["rows"] += run_cell(name, batch, length, launches, device, dtype, a.reps)
+        rows = run_cell(name, batch, length, launches, device, dtype, a.reps)
+        print(table(rows, ranking(rows)).splitlines()[1], flush=True)  # this cell's line
+        result["rows"] += rows
         result["ranking"] = ranking(result["rows"])
+        result["table"] = table(result["rows"], result["ranking"])
         with open(os.path.join(a.out, "sweep_decode_attention.json"), "w") as f:
             json.dump(result, f, indent=1)
-        mine = [r for r in result["rows"] if (r["shape"], r["batch"], r["length"]) == (name, batch, length)]
-        print(table(mine, ranking(mine)).splitlines()[1], flush=True)  # this cell's line
-    result["table"] = table(result["rows"], result["ranking"])
-    with open(os.path.join(a.out, "sweep_decode_attention.json"), "w") as f:
-        json.dump(result, f, indent=1)
     print(f"\n{result['device']}, torch {result['torch']}, {result['dtype']}\n{result['table']}")
     return result
 
