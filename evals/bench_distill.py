@@ -172,7 +172,8 @@ def trainer(teacher, student, data, a, device, checkpointing: bool, profiler: St
                              per_device_train_batch_size=a.batch, learning_rate=1e-4, bf16=device.type == "cuda",
                              tf32=_tf32(None, device.type == "cuda"),
                              use_cpu=device.type != "cuda", save_strategy="no", report_to=[], logging_steps=10**6,
-                             disable_tqdm=True, dataloader_drop_last=True, **_checkpointing(checkpointing))
+                             disable_tqdm=True, dataloader_drop_last=True, **_checkpointing(checkpointing),
+                             **(dict(torch_compile=True, torch_compile_backend=a.compile) if a.compile else {}))
     DistillTrainer(model=student, args=args, teacher=teacher, train_dataset=data, callbacks=[Clock()],
                    fused_norms=a.fused_norms).train()
     return marks[a.warmup:a.warmup + a.steps], peaks[0]
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=True,
                     help="trainer modes: both models' Llama RMSNorms on the Triton norm kernel (distill's default; "
                          "--no-fused-norms: the torch formula)")
+    ap.add_argument("--compile", default=None, metavar="BACKEND",
+                    help="trainer modes: the student under torch.compile with this backend (inductor; "
+                         "TrainingArguments' torch_compile), to measure what compiling the step gains before distill "
+                         "offers it")
     ap.add_argument("--profile", action="store_true", help="profile one more step of each mode (kernel tables)")
     ap.add_argument("--trace", action="store_true", help="with --profile, also a chrome trace per mode")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, few steps (runs on a CPU)")
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     lines = [f"{name}: SmolLM2-135M shape{' (smoke)' if a.smoke else ''}, {a.mamba:.0%} Mamba-3 MIMO R4, "
              f"b{a.batch} x {a.seq_len} packed rows, Mamba-3 mixers trained, {a.attn} attention"
-             f"{', fused norms' if a.fused_norms else ''}",
+             f"{', fused norms' if a.fused_norms else ''}{f', compiled ({a.compile})' if a.compile else ''}",
              f"{'mode':<14} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9}"]
     for mode in a.modes.split(","):
         teacher, student = models(a.mamba, a.smoke, device, a.attn)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = "\n".join(lines)
     print(table)
     result = dict(device=name, mamba=a.mamba, batch=a.batch, seq_len=a.seq_len, attn=a.attn, fused_norms=a.fused_norms,
-                  rows=rows, table=table)
+                  compile=a.compile, rows=rows, table=table)
     with open(os.path.join(a.out, "bench_distill.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

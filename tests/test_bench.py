@@ -69,6 +69,21 @@ def test_distillation_step_benchmark_runs_its_three_modes(tmp_path):
         assert "aten::mm" in (tmp_path / f"bench_distill_profile_{mode}.txt").read_text()
 
 
+def test_distillation_step_benchmark_compiles_the_student(tmp_path):
+    """--compile BACKEND: the trainer mode's student runs under torch.compile (dynamo's eager backend here: inductor
+    needs a compiler toolchain), through TrainingArguments' torch_compile; dynamo captured graphs of it."""
+    import torch
+
+    from hybrid_mamba3.evals import bench_distill
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = bench_distill.main(["--smoke", "--modes", "trainer", "--compile", "eager", "--out", str(tmp_path)])
+    assert result["compile"] == "eager" and result["rows"]["trainer"]["steps"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+
+
 def test_report_rerenders_the_stored_results(tmp_path):
     """bench_mamba3.py --from-json (no GPU, no torch) finds its pieces beside it and renders the stored run's JSON into
     the stored table, line for line."""
