@@ -8,7 +8,7 @@ walking the whole cache alone. At a decode step that is B x H_kv programs (SmolL
 at 16 x 16k, cuDNN's kernel took 7.2 ms of the Llama's 8.8 ms step, ~0.45 ms a layer for 0.54 GB of keys and values
 (~1.2 TB/s of the card's ~3 TB/s; evals/results/bench_model_h100.json, cells with decode_kernels). Alone, in a CUDA
 graph, torch's default sdpa on packed heads reads 16 x 16,384 slots at 2.1 TB/s but 16 x 16,429 (the model's cache:
-16k prompt + 45) at 1.1 TB/s, and SmolLM2's 3 key/value heads at 0.8 TB/s; these kernels read 2.5-3.1 TB/s at each
+16k prompt + 45) at 1.1 TB/s, and SmolLM2's 3 key/value heads at 0.8 TB/s; these kernels read 2.4-2.9 TB/s at each
 of those shapes (evals/results/sweep_decode_attention_h100.json).
 
 - split, grid (B x H_kv, S): each program takes the G = H / H_kv query heads of one key/value head (so each key and
@@ -91,8 +91,8 @@ if triton is not None:
             valid = offs < end
             if HAS_MASK:
                 valid = valid & (tl.load(mask_ptr + b * sm_b + offs * sm_l, mask=valid, other=0) != 0)
-            if SKIP_MASKED:  # masked slots are not fetched: free cache costs no bandwidth, but each load waits on
-                kv_mask = valid[:, None] & cmask[None, :]  # the mask's
+            if SKIP_MASKED:  # masked slots are not fetched: free cache costs no bandwidth (the pipeline prefetches
+                kv_mask = valid[:, None] & cmask[None, :]  # the mask with the keys: no slower, kernels/NOTES.md)
             else:  # the loads independent of the mask's; masked values zeroed (a free slot may hold NaN)
                 kv_mask = (offs < end)[:, None] & cmask[None, :]
             k = tl.load(k_base + offs[:, None] * sk_l + cols[None, :], mask=kv_mask, other=0.0).to(DOT)

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_report, also when run through runpy
 
 _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
-           torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
+           torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
 _OPS = ("HGMMA", "LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG", "BAR", "SHFL")
 _MEMORY = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDL", "STL", "REDG", "ATOMG")
 
