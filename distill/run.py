@@ -132,6 +132,22 @@ def start_run(o, state) -> Path:
     return out
 
 
+# Sampled documents end at the teacher's EOS or at this many tokens. generate() steps every row until the longest
+# ends, so a longer cap mostly steps finished rows.
+SAMPLE_LENGTH = 1024
+
+
+def sampling_rows(config, dtype: torch.dtype, length: int, free_bytes: int | None) -> int:
+    """Rows to sample at once: on a GPU (`free_bytes` of its memory free) as many, up to 1024, as a third of that holds
+    the caches of, since a decode step is launch-bound until the batch is large (SmolLM2-135M: ~23 MB a row of 1024
+    tokens in bf16); 16 on a CPU (free_bytes None)."""
+    if free_bytes is None:
+        return 16
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_row = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * length * dtype.itemsize
+    return int(max(16, min(1024, free_bytes // 3 // per_row)))
+
+
 def _data(o: DistillOptions, teacher, tokenizer, out: Path) -> Path:
     """The shard directory (train/, heldout/): given, or built once into output_dir/data (from the documents, or
     sampled from the teacher for --data teacher:N)."""
@@ -142,10 +158,10 @@ def _data(o: DistillOptions, teacher, tokenizer, out: Path) -> Path:
         if sampled is not None:
             cuda = torch.cuda.is_available()
             teacher.to("cuda" if cuda else "cpu")  # (the Trainer puts it there anyway)
-            # a decode step is launch-bound at small batches: many rows at once on a GPU (a 135M teacher's cache for
-            # 256 rows of 2048 tokens is ~12 GB in bf16)
-            docs = teacher_documents(teacher, tokenizer, sampled, length=o.seq_len, batch_size=256 if cuda else 16,
-                                     seed=o.seed, progress=o.progress)
+            length = min(o.seq_len, SAMPLE_LENGTH)
+            rows = sampling_rows(teacher.config, teacher.dtype, length, torch.cuda.mem_get_info()[0] if cuda else None)
+            docs = teacher_documents(teacher, tokenizer, sampled, length=length, batch_size=rows, seed=o.seed,
+                                     progress=o.progress)
         else:
             docs = iter_documents(o.data)
         build_shards(docs, tokenizer, folder, heldout=o.heldout, seed=o.seed, max_tokens=o.max_data_tokens,

@@ -10,6 +10,8 @@
 #       on the GPU machine: unpacks .data/ into WORK once, runs `hybrid-mamba3 distill` (recipe
 #       distill_smollm2_gpu; resumable: run the same command again after a cut) and `hybrid-mamba3 eval`, and writes
 #       OUT/smol<pct>.json (the distillation report and the evaluation) and OUT/smol<pct>_{curves,eval}.png.
+#       Flags after FRACTION win over the recipe's, e.g. `--data teacher:4000000` (documents sampled from the teacher
+#       instead of the docs); NAME=smol25t names the run something else than smol<pct> (its WORK folder and OUT files).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 case "${1:-}" in
@@ -35,7 +37,8 @@ run)
     pct=$(python3 -c "print(round(100 * $frac))")
     mkdir -p "$work" "$out"
     [ -f "$work/unpacked" ] || { xz -dc "$here/.data/smollm2_real.tar.xz" | tar xf - -C "$work" && touch "$work/unpacked"; }
-    run="$work/smol$pct"
+    name=${NAME:-smol$pct}
+    run="$work/$name"
     resume=""
     [ -d "$run" ] && resume="--resume"
     hybrid-mamba3 distill --config distill_smollm2_gpu --teacher "$teacher" --data "$work/shards" \
@@ -43,7 +46,7 @@ run)
     hybrid-mamba3 eval "$run/converted" "$run/align/student" "$run/model" --teacher "$teacher" \
         --tasks "lambada_openai_local=$work/lambada_openai_test.jsonl" --perplexity "$work/tutorial" \
         --batch-size 64 --out "$run/eval" --no-progress
-    python3 - "$run" "$out/smol$pct" <<'PY'
+    python3 - "$run" "$out/$name" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 run, dest = Path(sys.argv[1]), sys.argv[2]

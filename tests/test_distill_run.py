@@ -233,6 +233,22 @@ def test_data_sampled_from_the_teacher(teacher_and_text, tmp_path):
     assert all(isinstance(t, str) and t for t in first)
 
 
+def test_sampling_rows_fill_a_third_of_free_memory_with_caches():
+    """Rows sampled from the teacher at once: 16 on a CPU; on a GPU, as many (16 to 1024) as a third of the free
+    memory holds the key/value caches of (layers x 2 x kv heads x head dim x length x element size a row)."""
+    from transformers import LlamaConfig
+
+    from hybrid_mamba3.distill.run import sampling_rows
+
+    smol = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    per_row = 30 * 2 * 3 * 64 * 1024 * 2  # SmolLM2-135M's cache for 1024 tokens in bf16: ~23.6 MB
+    assert sampling_rows(smol, torch.bfloat16, 1024, None) == 16
+    assert sampling_rows(smol, torch.bfloat16, 1024, 3 * 300 * per_row + 5) == 300
+    assert sampling_rows(smol, torch.float32, 1024, 3 * 300 * per_row) == 150
+    assert sampling_rows(smol, torch.bfloat16, 1024, 80 << 30) == 1024  # capped
+    assert sampling_rows(smol, torch.bfloat16, 1024, 1 << 20) == 16  # floor: a nearly full card still samples
+
+
 def test_tf32_as_asked_else_on_for_bf16_on_a_gpu_with_tf32_cores(monkeypatch):
     """TrainingArguments' tf32 for the loss's fp32 output head: the flag when given; unset (None, torch's default)
     without a GPU, before Ampere, or without bf16; on for bf16 from Ampere on."""
