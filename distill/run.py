@@ -157,7 +157,8 @@ def _data(o: DistillOptions, teacher, tokenizer, out: Path) -> Path:
     if not (folder / "train" / "meta.json").exists():
         if sampled is not None:
             cuda = torch.cuda.is_available()
-            teacher.to("cuda" if cuda else "cpu")  # (the Trainer puts it there anyway)
+            home = next(teacher.parameters()).device  # (where conversion expects it after)
+            teacher.to("cuda" if cuda else "cpu")
             length = min(o.seq_len, SAMPLE_LENGTH)
             rows = sampling_rows(teacher.config, teacher.dtype, length, torch.cuda.mem_get_info()[0] if cuda else None)
             docs = teacher_documents(teacher, tokenizer, sampled, length=length, batch_size=rows, seed=o.seed,
@@ -166,6 +167,8 @@ def _data(o: DistillOptions, teacher, tokenizer, out: Path) -> Path:
             docs = iter_documents(o.data)
         build_shards(docs, tokenizer, folder, heldout=o.heldout, seed=o.seed, max_tokens=o.max_data_tokens,
                      progress=o.progress)
+        if sampled is not None:
+            teacher.to(home)
     meta = load_meta(folder / "train")
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"the shards in {str(folder)!r} were made with another tokenizer ({meta['tokenizer']}) than "

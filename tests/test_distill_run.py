@@ -233,6 +233,21 @@ def test_data_sampled_from_the_teacher(teacher_and_text, tmp_path):
     assert all(isinstance(t, str) and t for t in first)
 
 
+@pytest.mark.gpu
+def test_data_sampled_on_the_gpu_then_layers_chosen_by_data(teacher_and_text, tmp_path):
+    """--data teacher:N on a GPU, where the teacher samples on CUDA, with the layers chosen from the data after: the
+    conversion's calibration pass finds the teacher where the ids are (an H100 run once failed there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root = teacher_and_text
+    flags = list(FLAGS)
+    flags[flags.index("--mamba-layers") + 1] = "auto:0.5"
+    assert main(["distill", "--teacher", str(root / "teacher"), "--data", "teacher:1200", "--output-dir",
+                 str(tmp_path / "run"), *flags]) == 0
+    report = json.loads((tmp_path / "run" / "model" / "distill_report.json").read_text())
+    assert report["conversion"]["choice"] == "data-driven" and len(report["conversion"]["mamba_layers"]) == 2
+
+
 def test_sampling_rows_fill_a_third_of_free_memory_with_caches():
     """Rows sampled from the teacher at once: 16 on a CPU; on a GPU, as many (16 to 1024) as a third of the free
     memory holds the key/value caches of (layers x 2 x kv heads x head dim x length x element size a row)."""
