@@ -229,7 +229,8 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         bf16=trainer_bf16(bf16, o.deepspeed), tf32=_tf32(o.tf32, bf16), deepspeed=o.deepspeed,
         **_checkpointing(o.gradient_checkpointing and not align),
         seed=o.seed, data_seed=o.seed, disable_tqdm=not o.progress, dataloader_drop_last=True,
-        use_cpu=not torch.cuda.is_available(), save_only_model=False)
+        use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        **_compile(o.torch_compile and not align, o.torch_compile_backend))
     trainer = DistillTrainer(model=model, args=args, teacher=teacher, stage=stage, train_dataset=PackedRows(
         shards / "train", o.seq_len), temperature=o.temperature, top_k=o.top_k, kl_weight=o.kl_weight,
         ce_weight=o.ce_weight, chunk_tokens=o.chunk_tokens, fused_norms=o.fused_norms,
@@ -243,6 +244,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
     report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
                   resumed_from=resume_from, train_loss=result.training_loss, curve=curve)
     trained = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under ZeRO-3 (every rank takes part)
+    trained = {k.removeprefix("_orig_mod."): v for k, v in trained.items()}  # (torch_compile's wrapper)
     if trainer.is_world_process_zero():
         full = student.state_dict()
         if align:  # "mixers.<i>.<name>" of ReplacedLayers -> the student's "model.layers.<i>.<mixer attr>.<name>"
@@ -313,6 +315,11 @@ def _tf32(tf32: bool | None, bf16: bool) -> bool | None:
     if tf32 is not None:
         return tf32
     return True if bf16 and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 else None
+
+
+def _compile(on: bool, backend: str) -> dict:
+    """TrainingArguments' compile flags for a stage: stage align is too short to repay compiling its mixers."""
+    return dict(torch_compile=True, torch_compile_backend=backend) if on else {}
 
 
 def _checkpointing(on: bool) -> dict:

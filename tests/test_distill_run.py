@@ -248,6 +248,28 @@ def test_data_sampled_on_the_gpu_then_layers_chosen_by_data(teacher_and_text, tm
     assert report["conversion"]["choice"] == "data-driven" and len(report["conversion"]["mamba_layers"]) == 2
 
 
+def test_torch_compile_compiles_stage_kd_and_saves_a_plain_hybrid(teacher_and_text, tmp_path):
+    """--torch-compile: stage kd's student runs under torch.compile through TrainingArguments (dynamo's eager backend
+    here: inductor needs a compiler toolchain), dynamo captures graphs of it, and the saved hybrid's weights are the
+    trained ones under the plain names (no compile wrapper's prefix) and load back."""
+    root = teacher_and_text
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        assert main(["distill", "--teacher", str(root / "teacher"), "--data", str(root / "text"), "--output-dir",
+                     str(tmp_path / "run"), *FLAGS, "--stage", "kd", "--torch-compile", "--torch-compile-backend",
+                     "eager"]) == 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    finally:
+        torch._dynamo.reset()
+    result = tmp_path / "run" / "model"
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "converted").state_dict()
+    distilled = AutoModelForCausalLM.from_pretrained(result).state_dict()
+    assert distilled.keys() == converted.keys()
+    moved = [k for k in converted if not torch.equal(converted[k], distilled[k])]
+    assert moved and all(".mamba." in k or "mamba" in k for k in moved), moved  # --train mamba: only the mixers
+
+
 def test_sampling_rows_fill_a_third_of_free_memory_with_caches():
     """Rows sampled from the teacher at once: 16 on a CPU; on a GPU, as many (16 to 1024) as a third of the free
     memory holds the key/value caches of (layers x 2 x kv heads x head dim x length x element size a row)."""
