@@ -244,7 +244,8 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
     report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
                   resumed_from=resume_from, train_loss=result.training_loss, curve=curve)
     trained = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under ZeRO-3 (every rank takes part)
-    trained = {k.removeprefix("_orig_mod."): v for k, v in trained.items()}  # (torch_compile's wrapper)
+    if trained is not None:  # (None on the other ranks under ZeRO-3)
+        trained = {k.removeprefix("_orig_mod."): v for k, v in trained.items()}  # (torch_compile's wrapper)
     if trainer.is_world_process_zero():
         full = student.state_dict()
         if align:  # "mixers.<i>.<name>" of ReplacedLayers -> the student's "model.layers.<i>.<mixer attr>.<name>"
