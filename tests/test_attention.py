@@ -98,3 +98,27 @@ def test_sdpa_gqa_loads_by_name_and_decodes_compiled(tmp_path):
     config._compile_all_devices = True
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(model.generate(ids, compile_config=config, **kw), _with(model, "sdpa").generate(ids, **kw))
+
+
+def test_a_hybrid_decodes_on_sdpa_splitkv_unless_told_otherwise(tmp_path):
+    """With no attn_implementation, a hybrid (built, or loaded) takes sdpa_splitkv, which is sdpa but at GPU decode
+    steps; one that is asked for is kept, config.json records none, and a Llama is left on sdpa. Its multi-token
+    forward (padding, training) is sdpa's exactly."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = hybrid((1, 3))
+    assert model.config._attn_implementation == "sdpa_splitkv"
+    model.save_pretrained(tmp_path / "h")
+    assert not [k for k in json.loads((tmp_path / "h" / "config.json").read_text()) if "attn_impl" in k]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config._attn_implementation == "sdpa_splitkv"
+    for asked in ("sdpa", "eager", "sdpa_gqa"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "h", attn_implementation=asked)
+        assert loaded.config._attn_implementation == asked
+    assert LlamaForCausalLM(llama_config()).config._attn_implementation == "sdpa"
+    _, ids, mask = left_padded()
+    ours = model(ids, attention_mask=mask, labels=ids)
+    ref = _with(model, "sdpa")(ids, attention_mask=mask, labels=ids)
+    assert torch.equal(ours.logits, ref.logits) and torch.equal(ours.loss, ref.loss)
