@@ -5,7 +5,8 @@
 - `attn_implementation="sdpa_splitkv"`: the same, except that one-token steps on a GPU run the split-KV Triton
   kernels of `kernels.decode_attn` (flash-decoding): torch's sdpa kernels give each (batch, key/value head) one
   program that walks the whole cache alone, too few programs at decode to reach the card's bandwidth (SmolLM2-135M
-  at batch 16: 48 programs for 132 SMs). Elsewhere (CPU, per-head or float masks, dropout) it is sdpa_gqa.
+  at batch 16: 48 programs for 132 SMs). Elsewhere (CPU, per-head or float masks, dropout) it is sdpa_gqa. A hybrid
+  takes it when no attention is asked for (`HybridMamba3PreTrainedModel.get_correct_attn_implementation`).
 
 At a one-token step, transformers' sdpa gives grouped-query attention to torch's kernel as is (`enable_gqa`) only
 when there is no mask; a static cache always has one (its unwritten slots). Outside torch.compile, transformers
