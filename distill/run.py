@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from ..cache import kv_bytes_per_token
 from .data import (PackedRows, build_shards, iter_documents, load_meta, teacher_documents, teacher_tokens,
                    tokenizer_fingerprint)
 from .options import DistillOptions, load_recipe  # noqa: F401  (re-exported: the run's options and recipes)
@@ -143,8 +144,7 @@ def sampling_rows(config, dtype: torch.dtype, length: int, free_bytes: int | Non
     tokens in bf16); 16 on a CPU (free_bytes None)."""
     if free_bytes is None:
         return 16
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_row = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * length * dtype.itemsize
+    per_row = length * kv_bytes_per_token(config, dtype.itemsize)
     return int(max(16, min(1024, free_bytes // 3 // per_row)))
 
 

@@ -154,12 +154,11 @@ def copy_bandwidth(device, gib: float = 2.0) -> float:
 def step_bytes(model, cache, batch: int, context: int) -> dict:
     """Bytes one decode step must move at least: every parameter read once, the attention layers' keys and values of
     the context read, each Mamba-3 state read and written (taken from the cache after the prefill)."""
+    from hybrid_mamba3.cache import kv_bytes_per_token
+
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg, state = model.config, 0
-    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    mixers = getattr(cfg, "mixers", ["attention"] * cfg.num_hidden_layers)
-    elem = next(model.parameters()).element_size()
-    kv = sum(2 * batch * cfg.num_key_value_heads * head * context * elem for m in mixers if m == "attention")
+    kv = batch * context * kv_bytes_per_token(cfg, next(model.parameters()).element_size())
     for layer in getattr(cache, "layers", []):  # the Mamba-3 slots' states (the attention slots hold none)
         states = getattr(layer, "recurrent_states", None) or []
         values = states.values() if isinstance(states, dict) else states

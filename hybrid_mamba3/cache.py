@@ -37,6 +37,14 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaAttention.forward).pa
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """Bytes of keys and values one token adds to the cache of a model with `config` (a hybrid's attention layers
+    only; every layer of a Llama), stored at `itemsize` bytes an element."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = getattr(config, "mixers", ["attention"] * config.num_hidden_layers).count("attention")
+    return 2 * layers * config.num_key_value_heads * head_dim * itemsize
+
+
 def one_cache(cache: Cache | None, past_key_values: Cache | None, cache_params: Cache | None = None) -> Cache | None:
     """The cache passed under any of its keywords: `cache`, the older `past_key_values`, or `cache_params` (where
     generate() up to some release after 5.17 puts the cache of a model whose class name holds "mamba")."""
