@@ -60,6 +60,7 @@ MODELS = {"llama": (0.0, {}), "hybrid-25": (0.25, {}), "hybrid-50": (0.5, {}), "
           "hybrid-50-siso-gkv": (0.5, dict(is_mimo=False, mimo_rank=1, ngroups="kv"))}
 DEFAULT_MODELS = "llama,hybrid-50,hybrid-75"
 CACHES = ("dynamic", "static", "static+compile", "train")
+COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the first is generate()'s default; cells record the other
 SETTINGS = "1x2048,16x16384,64x16384,16x32768"
 SDPA_BACKENDS = dict(flash="FLASH_ATTENTION", efficient="EFFICIENT_ATTENTION", cudnn="CUDNN_ATTENTION", math="MATH")
 
@@ -220,7 +221,7 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
         step = model
         if compiled:
             torch._dynamo.reset()
-            step = torch.compile(model, mode=None if a.compile_backend != "inductor" else "reduce-overhead",
+            step = torch.compile(model, mode=None if a.compile_backend != "inductor" else a.compile_mode,
                                  backend=a.compile_backend, fullgraph=True)
         tok = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
         at = [context]
@@ -236,7 +237,7 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
         clock.sync()
         warmup_s = time.perf_counter() - t0
         decode_gpu, decode_wall = clock.steps(decode, a.decode_steps)
-        kernels = profile_steps(decode, a.profile, device) if a.profile else None
+        kernels, launches = profile_steps(decode, a.profile, device) if a.profile else (None, None)
     pre_gpu = [g for g, _ in prefill_times]
     pre_wall = statistics.median(w for _, w in prefill_times)
     moved = step_bytes(model, cache, batch, context + a.decode_warmup + a.decode_steps // 2)
@@ -248,15 +249,16 @@ def run_cell(model, kind: str, batch: int, context: int, a, clock: Clock, device
                decode_floor_ms=floor_ms, decode_floor_tokens_per_s=batch / floor_ms * 1e3,
                decode_of_floor=floor_ms / decode_wall)
     if kernels is not None:
-        out["decode_kernels"] = kernels
+        out["decode_kernels"], out["decode_launches_per_step"] = kernels, launches
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
-def profile_steps(fn, n: int, device: torch.device, top: int = 8) -> list[dict]:
+def profile_steps(fn, n: int, device: torch.device, top: int = 8) -> tuple[list[dict], float]:
     """The kernels that take a decode step's GPU time (CPU ops on the CPU): n steps under torch.profiler, the top
-    kernels by their own time, in ms per step and as a share of the step's total kernel time."""
+    kernels by their own time, in ms per step and as a share of the step's total kernel time; and the launches a step
+    makes (at batch 1 a step is short enough that their count, not the bytes, can set its time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -265,10 +267,11 @@ def profile_steps(fn, n: int, device: torch.device, top: int = 8) -> list[dict]:
             fn()
         if cuda:
             torch.cuda.synchronize()
-    rows = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
+    rows = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
-    total = sum(t for _, t in rows) or 1.0
-    return [dict(name=name[:90], ms_per_step=t / n / 1e3, share=t / total) for name, t in rows[:top]]
+    total = sum(t for _, t, _ in rows) or 1.0
+    kernels = [dict(name=name[:90], ms_per_step=t / n / 1e3, share=t / total) for name, t, _ in rows[:top]]
+    return kernels, sum(count for _, _, count in rows) / n
 
 
 def sdpa_backends(names: str | None):
@@ -299,15 +302,21 @@ def attn_label(cell: dict) -> str:
     return cell.get("attn", "sdpa") + (f"[{backends}]" if backends else "")
 
 
+def cache_label(cell: dict) -> str:
+    """The cache kind, and the compile mode where it was not generate()'s default."""
+    mode = cell.get("compile_mode")
+    return cell["cache"].replace("compile", mode) if mode else cell["cache"]
+
+
 def table(results: dict) -> str:
     """One line a cell; train cells give their fwd+bwd tokens/s under "prefill tok/s"; "floor" is the decode tokens/s
     the step's bytes allow at the measured copy bandwidth, "of floor" the measured share of it."""
-    lines = [f"{'shape':<14} {'model':<22} {'cache':<15} {'batch x ctx':>14} {'prefill tok/s':>14} "
+    lines = [f"{'shape':<14} {'model':<22} {'cache':<19} {'batch x ctx':>14} {'prefill tok/s':>14} "
              f"{'decode tok/s':>13} {'decode ms':>10} {'floor tok/s':>12} {'of floor':>9} {'peak GiB':>9} "
              f"{'params M':>9}"]
     for cell in results["cells"]:
         model = cell["model"] + ("" if attn_label(cell) == "sdpa" else f" ({attn_label(cell)})")
-        head = f"{cell['shape']:<14} {model:<22} {cell['cache']:<15} {_setting(cell):>14}"
+        head = f"{cell['shape']:<14} {model:<22} {cache_label(cell):<19} {_setting(cell):>14}"
         if "error" in cell:
             lines.append(f"{head} {cell['error'][:60]}")
             continue
@@ -334,7 +343,7 @@ def plot(results: dict, path: str) -> str:
     cells = [c for c in results["cells"] if "error" not in c and c["cache"] != "train"]
     if not cells:
         return "no PNG: no cell ran"
-    labels = [f"{c['shape']} {c['model']} {attn_label(c)} {c['cache']} {_setting(c)}" for c in cells]
+    labels = [f"{c['shape']} {c['model']} {attn_label(c)} {cache_label(c)} {_setting(c)}" for c in cells]
     fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.28 * len(cells))))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         ax.barh(range(len(cells)), [c[key] for c in cells])
@@ -367,9 +376,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-warmup", type=int, default=8, help="untimed steps (compilation and graph capture)")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--profile", type=int, default=0, help="after timing, profile this many decode steps and keep "
-                    "each cell's top kernels (decode_kernels in the JSON, printed under the cell's row)")
+                    "each cell's top kernels and its launches a step (decode_kernels, decode_launches_per_step in the "
+                    "JSON, printed under the cell's row)")
     ap.add_argument("--compile-hybrid", action="store_true", help="compile the hybrids' decode step too")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-mode", default="reduce-overhead", choices=COMPILE_MODES,
+                    help="inductor's mode for static+compile (generate()'s CompileConfig default: reduce-overhead; "
+                         "max-autotune also times Triton matmul templates against cuBLAS for each GEMM shape)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32, a few steps")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--append", default=None,
@@ -435,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for batch, context in settings:
                     cell = dict(shape=shape_name, model=model_name, cache=kind, batch=batch, context=context,
                                 prefill_chunk=a.prefill_chunk or None, attn=a.attn, sdpa_backends=a.sdpa_backends,
+                                compile_mode=a.compile_mode if kind == "static+compile" and
+                                a.compile_mode != COMPILE_MODES[0] else None,
                                 params=sum(p.numel() for p in model.parameters()))
                     try:
                         with sdpa_backends(a.sdpa_backends):
@@ -445,6 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
                         cell["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
                     results["cells"].append(cell)
                     print(table(dict(cells=[cell])).splitlines()[-1], flush=True)
+                    if cell.get("decode_launches_per_step"):
+                        print(f"    {cell['decode_launches_per_step']:.0f} kernels a step; the top ones:", flush=True)
                     for k in cell.get("decode_kernels", []):
                         print(f"    {k['ms_per_step']:8.3f} ms {k['share']:6.1%}  {k['name']}", flush=True)
                     save()
@@ -475,7 +492,7 @@ def merge_cells(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 def _key(cell: dict) -> tuple:
     return (cell["shape"], cell["model"], cell["cache"], cell["batch"], cell["context"], cell.get("prefill_chunk"),
-            cell.get("attn", "sdpa"), cell.get("sdpa_backends"))
+            cell.get("attn", "sdpa"), cell.get("sdpa_backends"), cell.get("compile_mode"))
 
 
 if __name__ == "__main__":

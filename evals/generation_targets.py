@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 
-from hybrid_mamba3.evals.bench_model import attn_label
+from hybrid_mamba3.evals.bench_model import attn_label, cache_label
 
 MULTIPLE = {"hybrid-50": 2.0, "hybrid-75": 3.0}
 FLOOR_SLACK = 1.25
@@ -41,7 +41,7 @@ def best(cells: list[dict], shape: str, model: str, batch: int, context: int) ->
 
 def _how(cell: dict) -> str:
     chunk = f", chunk {cell['prefill_chunk']}" if cell.get("prefill_chunk") else ""
-    return f"{cell['cache']}, {attn_label(cell)}{chunk}"
+    return f"{cache_label(cell)}, {attn_label(cell)}{chunk}"
 
 
 def _unfair_baseline(llama: dict, gpu: bool) -> bool:

@@ -60,6 +60,13 @@ def test_append_keeps_earlier_cells_and_replaces_remeasured_ones(tmp_path):
     cells = json.loads(grid.read_text())["cells"]  # another attention or prefill chunk: a row of its own
     assert sorted((c["model"], c["attn"], c["prefill_chunk"]) for c in cells) == [
         ("hybrid-50", "sdpa", None), ("llama", "sdpa", None), ("llama", "sdpa_gqa", 4)]
+    for mode in ("reduce-overhead", "max-autotune"):  # another compile mode: a row of its own, labelled
+        bench_model.main(["--smoke", "--models", "llama", "--caches", "static+compile", "--compile-mode", mode,
+                          "--out", str(tmp_path / mode), "--append", str(grid)])
+    cells = json.loads(grid.read_text())
+    assert sorted(str(c.get("compile_mode")) for c in cells["cells"] if c["cache"] == "static+compile") == [
+        "None", "max-autotune"]
+    assert "static+max-autotune" in cells["table"]  # the last run's table
     other = json.loads(grid.read_text())
     grid.write_text(json.dumps(dict(other, device="NVIDIA H200")))  # a grid another card measured is not mixed in
     with pytest.raises(SystemExit, match="measured on 'NVIDIA H200', this run is on 'cpu'"):
@@ -105,6 +112,7 @@ def test_profile_keeps_each_cells_top_kernels(tmp_path, capsys):
     times = [k["ms_per_step"] for k in kernels]
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert 0 < sum(k["share"] for k in kernels) <= 1 + 1e-9
+    assert res["cells"][1]["decode_launches_per_step"] >= len(kernels)  # every op listed ran at least once a step
     assert kernels[0]["name"] in capsys.readouterr().out
 
 
