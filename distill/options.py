@@ -24,7 +24,7 @@ class DistillOptions:
     student: str | None = None  # a converted hybrid directory; None: convert the teacher (mamba_layers, ...)
     mamba_layers: Any = "auto:0.25"
     mimo_rank: int = 4
-    ngroups: int | None = None  # B/C groups of the converted layers (None: one per attention head)
+    ngroups: str | None = None  # B/C groups of the converted layers: a divisor of the heads or "kv" (None: one a head)
     chunk_size: int = 16
     stage: str = "both"  # align, kd or both
     align_tokens: int = 2_000_000

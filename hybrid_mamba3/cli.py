@@ -263,7 +263,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "tokens": "training tokens of stage kd", "align_tokens": "training tokens of stage align",
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
-             "ngroups": "B/C groups of the converted layers, a divisor of the head count (default: one per head)",
+             "ngroups": "B/C groups of the converted layers: a divisor of the head count, or kv (the key/value head "
+                        "count: smaller layers, the same function at init); default one per head",
              "attn_implementation": "attention of teacher and student: sdpa, flex_attention, flash_attention_2 or "
                                     "eager (packed rows: sdpa takes a 4D mask, the others the boundaries)",
              "torch_compile": "stage kd's student under torch.compile (TrainingArguments' torch_compile): ~1 min of "
@@ -329,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved hybrid (auto: the source's); Mamba-3 decay/norm/MIMO params stay fp32")
     c.add_argument("--mimo-rank", type=int, default=4)
     c.add_argument("--siso", action="store_true", help="SISO Mamba-3 (no MIMO)")
-    c.add_argument("--ngroups", type=int, default=None,
-                   help="B/C groups (a divisor of the attention head count; default: one per head). Fewer make a "
-                        "smaller, faster layer; the key/value head count keeps B exactly the keys")
+    c.add_argument("--ngroups", default=None,
+                   help="B/C groups: a divisor of the attention head count, or kv (the key/value head count); "
+                        "default one per head. kv makes a smaller, faster layer that starts out computing the same")
     c.add_argument("--rope-fraction", type=float, default=0.5, choices=[0.5, 1.0])
     c.add_argument("--chunk-size", type=int, default=16)
     c.add_argument("--a-activation", default="softplus", choices=["softplus", "heavy_tail"])

@@ -24,12 +24,13 @@ exactly as transformers' `repeat_kv` does. `in_proj` rows, in the layer's split 
                      the spread of w.u). The exact statement below keeps silu(z) as it is.
     x      (H*P)     W_v, kv head rows repeated per query head
     B      (R*G*N)   W_k, repeated per query head, the same for each MIMO rank r   (layout (r, g, n))
-    C      (R*G*N)   W_q, the same for each rank
+    C      (R*G*N)   W_q, the same for each rank (with fewer groups, below, rank r holds one head's queries)
     dd_dt, dd_A, trap, angles: zero rows, so dt = softplus(dt_bias) is a per-head constant, A = -act(0)
                      (-ln 2 for softplus, -1 for heavy_tail), lambda = sigmoid(0) = 1/2, and the rotation
                      angle never advances (tanh(0) = 0): Llama's RoPE position signal is dropped at init.
     B_bias = C_bias = 0 (attention has no such bias), D = 0 (no skip), norms' weights 1,
-    mimo_x = 1/R, mimo_z = 1, mimo_o = c_h / R;  out_proj = W_o  (SISO: column block h scaled by c_h).
+    mimo_x = 1/R, mimo_z = 1, mimo_o = c_h / R (with fewer groups: c_h on head h's rank, 0 on the others);
+    out_proj = W_o  (SISO: column block h scaled by c_h).
 
 What holds exactly (tested in tests/test_convert.py against a direct computation from the Llama weights):
 with q_t = RMSNorm(W_q,h u_t), k_s = RMSNorm(W_k,h u_s), v_s = W_v,h u_s (RMSNorm over the head dim,
@@ -42,14 +43,20 @@ eps 1e-5, weight 1; no RoPE), alpha = exp(A dt), the converted layer computes, p
 additionally RMS-normed before the gate), i.e. gated, decayed, *unnormalised* linear attention over the RMS-normed queries and keys of the replaced
 layer (the trapezoid rule with lambda = 1/2 halves the diagonal). With decay off (A dt = 0), lambda = 1 and
 dt = 1 the mask is the plain causal mask: unnormalised linear attention (q k^T * causal) v (tested at the op
-level). All R MIMO ranks are identical copies, so the rank-R layer equals the rank-1 layer (also tested).
+level). With one group per head all R MIMO ranks are identical copies, so the rank-R layer equals the rank-1 layer
+(also tested).
 Softmax is what cannot be copied: its normalisation and sharpness are what distillation has to recover.
 
 Fewer B/C groups (`ngroups` G, a divisor of H): B and C are R*G*N wide, so one group per head makes in_proj, and
 the bytes a decode step reads, grow with R*H*N (Llama-3.2-1B: 4.4x the attention it replaces at R = 4). With G
-groups, group g serves the H/G neighbouring heads h // (H/G) = g, and its B (C) rows are the mean of those heads'
-key (query) rows. G = H_kv keeps B exactly the keys (a group is one kv head's queries); the queries of a group are
-averaged, so the statement above holds only for G = H, and the calibration fit's init_error says what G costs.
+groups, group g serves the Q = H/G neighbouring heads h // Q = g. Its B rows (every rank) are the mean of those
+heads' key rows: exactly their keys when the group lies inside one kv head (G a multiple of H_kv). Its C rows use
+the MIMO ranks, which each have a query of their own but share the state (sum_r v_r k^T with the same k and
+v_r = x/R is x k^T): head j of the group takes rank j*R // Q, which holds its query rows, and mimo_o sends head j's
+output through that rank alone; a rank no head takes holds the group's mean query (weight 0 at init, free to learn).
+So with G a multiple of H_kv and R >= Q the statement above holds exactly, at R*G*N rather than R*H*N rows for each
+of B and C (Llama-3.2-1B, G = H_kv = 8, Q = R = 4: a quarter). With R < Q (SISO: R = 1) the heads that share a
+rank share their mean query, and the calibration fit's init_error says what that costs.
 
 With calibration data, dt (hence the decay) is chosen per layer from DT_GRID and the per-head scales c_h are
 fitted by least squares so that the layer's output best matches the attention output it replaces; the
@@ -206,9 +213,10 @@ def llama_config_of(model) -> "transformers.LlamaConfig":  # noqa: F821
     return LlamaConfig(**{k: v for k, v in src.items() if k in known})
 
 
-def attention_shapes(cfg, ngroups: int | None = None) -> dict:
+def attention_shapes(cfg, ngroups: int | str | None = None) -> dict:
     """Mamba-3 shape options that line up with cfg's attention (see the module docstring): one B/C group per query
-    head, or `ngroups` groups of neighbouring heads (a divisor of the head count; see "Fewer B/C groups")."""
+    head, or `ngroups` groups of neighbouring heads (a divisor of the head count, or "kv": the key/value head count;
+    see "Fewer B/C groups")."""
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     if H % Hkv:
@@ -217,7 +225,9 @@ def attention_shapes(cfg, ngroups: int | None = None) -> dict:
         raise ValueError(f"attention width num_attention_heads * head_dim = {H}*{d} = {H * d} is not a multiple of "
                          f"hidden_size {cfg.hidden_size}: Mamba-3's d_inner = expand * d_model cannot match it; use "
                          "init='random' with explicit Mamba-3 shapes")
-    G = H if ngroups is None else int(ngroups)
+    if isinstance(ngroups, str) and not ngroups.isdigit() and ngroups != "kv":
+        raise ValueError(f"ngroups takes a divisor of the {H} attention heads or 'kv' ({Hkv}), got {ngroups!r}")
+    G = H if ngroups is None else Hkv if ngroups == "kv" else int(ngroups)
     if G < 1 or H % G:
         divisors = [g for g in range(1, H + 1) if H % g == 0]
         raise ValueError(f"ngroups {ngroups} does not divide the {H} attention heads: choose one of {divisors} "
@@ -310,6 +320,13 @@ def gate_direction(u: torch.Tensor | None, ridge: float = 1e-3) -> tuple[torch.T
     return w.float(), float(proj.std() / proj.mean().abs()) if x.shape[0] > 1 else 0.0
 
 
+def rank_owners(heads_per_group: int, rank: int) -> torch.Tensor:
+    """(Q, R) bool: which MIMO rank carries which head's query within a B/C group of Q heads. Head j takes rank
+    j*R // Q: a rank of its own when R >= Q (exact), its neighbours' when R < Q (their mean query)."""
+    j = torch.arange(heads_per_group)
+    return (j * rank // heads_per_group)[:, None] == torch.arange(rank)[None]
+
+
 def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float, head_scale: torch.Tensor,
                        gate_w: torch.Tensor | None, gate_level: float = GATE_LEVEL) -> None:
     """Write the attention-derived parameters into `layer` (see the module docstring for the mapping)."""
@@ -323,8 +340,12 @@ def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float
     wq = attn_w["q"].view(H, P, D)
     wk = attn_w["k"].view(num_kv_heads, P, D)[kv_of_head]
     wv = attn_w["v"].view(num_kv_heads, P, D)[kv_of_head]
-    # group g serves heads g*H/G ... (g+1)*H/G - 1 (the kernels' head -> group map): the mean of their projections
-    wq, wk = (w.view(G, H // G, P, D).mean(1) for w in (wq, wk))
+    # group g serves heads g*Q ... (g+1)*Q - 1 (the kernels' head -> group map); see "Fewer B/C groups"
+    Q = H // G
+    wk = wk.view(G, Q, P, D).mean(1)
+    owners = rank_owners(Q, R)
+    wq = wq.view(G, Q, P, D)
+    wc = torch.stack([wq[:, owners[:, r]].mean(1) if owners[:, r].any() else wq.mean(1) for r in range(R)])
     K = layer.num_rope_angles
     d_inner = layer.d_inner
     with torch.no_grad():
@@ -338,7 +359,7 @@ def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float
         o = 2 * d_inner
         W[o:o + R * G * N] = wk.reshape(1, G * N, D).expand(R, -1, -1).reshape(R * G * N, D)  # B: (r, g, n)
         o += R * G * N
-        W[o:o + R * G * N] = wq.reshape(1, G * N, D).expand(R, -1, -1).reshape(R * G * N, D)  # C
+        W[o:o + R * G * N] = wc.reshape(R * G * N, D)  # C: (r, g, n)
         o += R * G * N
         assert W.shape[0] - o == 3 * H + K  # dd_dt, dd_A, trap, angles stay zero
         layer.in_proj.weight.copy_(W.to(wdt))
@@ -354,7 +375,9 @@ def set_attention_init(layer: Mamba3, attn_w: dict, num_kv_heads: int, dt: float
         if layer.is_mimo:
             layer.mimo_x.fill_(1.0 / R)
             layer.mimo_z.fill_(1.0)
-            layer.mimo_o.copy_((scale / R)[:, None, None].expand(H, R, P))
+            share = owners.float() if Q > 1 else torch.ones(1, R)  # a one-head group: every rank holds its query
+            share = (share / share.sum(1, keepdim=True)).to(dev).repeat(G, 1)  # (H, R): head h's ranks
+            layer.mimo_o.copy_((scale[:, None] * share)[:, :, None].expand(H, R, P))
         else:
             wo = (wo.view(D, H, P) * scale[None, :, None]).view(D, H * P)
         layer.out_proj.weight.copy_(wo.to(layer.out_proj.weight.dtype))
@@ -372,6 +395,16 @@ def _head_outputs(layer: Mamba3, u: torch.Tensor) -> torch.Tensor:
     return got["y"].float().unflatten(-1, (layer.nheads, layer.headdim))
 
 
+def _fit_twin(layer: Mamba3, num_kv_heads: int) -> Mamba3:
+    """The cheapest layer that computes what `layer` computes after set_attention_init, to fit dt and the head scales
+    on (both enter it the same way): where every head keeps its own key and query (a group inside one kv head, a
+    MIMO rank per head) that is one B/C group per head at rank 1; otherwise the layer's own shape."""
+    H, G, R = layer.nheads, layer.num_bc_heads, layer.mimo_rank
+    exact = G % num_kv_heads == 0 and H // G <= R
+    shape = dict(ngroups=H, is_mimo=True, mimo_rank=1, chunk_size=64) if exact else dict(is_mimo=True)
+    return Mamba3(layer.d_model, **{**_layer_kwargs(layer), **shape, "backend": "torch"})
+
+
 def fit_attention_init(layer: Mamba3, attn, num_kv_heads: int, u: torch.Tensor | None = None,
                        a: torch.Tensor | None = None, dt_grid: Sequence[float] = DT_GRID,
                        default_dt: float = 0.03) -> dict:
@@ -384,9 +417,7 @@ def fit_attention_init(layer: Mamba3, attn, num_kv_heads: int, u: torch.Tensor |
     if u is None or a is None:
         set_attention_init(layer, attn_w, num_kv_heads, default_dt, ones, gate_w)
         return dict(dt=default_dt, head_scale=ones.tolist(), init_error=None, gate_cv=gate_cv)
-    # Fit on a rank-1 twin: identical ranks make the rank-R layer compute exactly what it computes.
-    twin = Mamba3(layer.d_model, **{**_layer_kwargs(layer), "is_mimo": True, "mimo_rank": 1,
-                                    "chunk_size": 64, "backend": "torch"})
+    twin = _fit_twin(layer, num_kv_heads)
     wo = attn_w["o"].view(layer.d_model, H, layer.headdim)
     target = a.float().reshape(-1, layer.d_model)
     tnorm = target.norm().clamp_min(1e-30)
@@ -561,7 +592,7 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
     (n, L); without either, seeded random tokens stand in (enough for the gate statistics, not for choosing
     layers). mamba_options: Mamba-3 hyperparameters (mimo_rank, is_mimo, rope_fraction, chunk_size,
     a_activation, ...); the shape ones (d_state, headdim, expand) come from the attention for init="attention",
-    where ngroups may be any divisor of the head count (default: the head count). dtype: of the result (default:
+    where ngroups may be any divisor of the head count or "kv" (default: the head count). dtype: of the result (default:
     the source's); Mamba-3's sensitive parameters stay fp32.
     """
     from tqdm.auto import tqdm
@@ -583,6 +614,8 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
 
     llama_cfg = llama_config_of(teacher)
     n = llama_cfg.num_hidden_layers
+    if isinstance(mamba_options.get("ngroups"), str):  # "kv" or the CLI's digits: the count
+        mamba_options = {**mamba_options, "ngroups": attention_shapes(llama_cfg, mamba_options["ngroups"])["ngroups"]}
     shapes = attention_shapes(llama_cfg, mamba_options.get("ngroups")) if init == "attention" else {}
     clash = {k: v for k, v in mamba_options.items() if k in SHAPE_OPTIONS and k in shapes and v != shapes[k]}
     if clash:

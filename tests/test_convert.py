@@ -65,14 +65,14 @@ def _rms(x, eps=1e-5):
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
-def _expected_from_llama(attn, layer, u, c, groups=None):
+def _expected_from_llama(attn, layer, u, c, shared=None):
     """Direct computation of the claimed property from the Llama weights (independent of the Mamba-3 ops); with
-    `groups`, each group of neighbouring heads shares the mean of its heads' query rows."""
+    `shared`, head h takes the mean query rows of the heads in shared[h]."""
     H, d, Hkv = attn.config.num_attention_heads, attn.head_dim, attn.config.num_key_value_heads
     B, L, _ = u.shape
     wq = attn.q_proj.weight
-    if groups is not None:
-        wq = wq.view(groups, H // groups, d, -1).mean(1).repeat_interleave(H // groups, dim=0).reshape(H * d, -1)
+    if shared is not None:
+        wq = torch.cat([wq.view(H, d, -1)[heads].mean(0) for heads in shared])
     q = _rms((u @ wq.T).view(B, L, H, d))
     k = _rms((u @ attn.k_proj.weight.T).view(B, L, Hkv, d)).repeat_interleave(H // Hkv, dim=2)
     v = (u @ attn.v_proj.weight.T).view(B, L, Hkv, d).repeat_interleave(H // Hkv, dim=2)
@@ -105,11 +105,12 @@ def test_attention_init_is_gated_decayed_linear_attention(mimo):
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
 
 
-def test_fewer_groups_share_their_heads_mean_queries_and_keep_the_keys():
-    """ngroups = the kv head count: B is exactly the keys, each group's C the mean of its heads' queries, and the
-    layer is the same gated, decayed linear attention with those queries; in_proj loses (H - G) * 2 * R * N rows."""
+def test_fewer_groups_keep_each_heads_keys_and_queries_on_its_own_rank():
+    """ngroups = the kv head count at rank R >= heads per group: B is exactly the keys, rank r of a group holds its
+    r-th head's queries and mimo_o routes each head through its own rank, so the smaller layer (in_proj (H - G) * 2 *
+    R * N rows fewer) computes exactly what one group per head computes: same fit, same logits."""
     src = llama(kv=2).double()
-    full, _ = convert_llama(src, [2], calibration_ids=calib(), progress=False)
+    full, full_report = convert_llama(src, [2], calibration_ids=calib(), progress=False)
     model, report = convert_llama(src, [2], calibration_ids=calib(), progress=False, ngroups=2)
     layer = model.model.layers[2].mamba.double()
     assert layer.num_bc_heads == 2 and model.config.mamba_ngroups == 2
@@ -117,14 +118,50 @@ def test_fewer_groups_share_their_heads_mean_queries_and_keep_the_keys():
     assert rows == (4 - 2) * 2 * 4 * 16
     attn = src.model.layers[2].self_attn
     B = layer.in_proj.weight[2 * 64: 2 * 64 + 4 * 2 * 16].view(4, 2 * 16, 64)
+    C = layer.in_proj.weight[2 * 64 + 4 * 2 * 16: 2 * 64 + 8 * 2 * 16].view(4, 2, 16, 64)
     assert all(torch.equal(B[r], attn.k_proj.weight.to(B.dtype)) for r in range(4))
-    u = torch.randn(2, 21, 64, dtype=torch.float64)
+    wq = attn.q_proj.weight.view(2, 2, 16, 64).to(C.dtype)  # (group, head in group, d, hidden)
+    assert torch.equal(C[0], wq[:, 0]) and torch.equal(C[2], wq[:, 1])  # head j takes rank j * R // Q = 2j
+    assert torch.allclose(C[1], wq.mean(1)) and torch.allclose(C[3], wq.mean(1))  # unowned ranks: the mean query
     c = torch.tensor(report["head_scales"][2], dtype=torch.float64)
+    routed = torch.zeros(4, 4, dtype=torch.float64)
+    routed[[0, 1, 2, 3], [0, 2, 0, 2]] = 1
+    assert torch.allclose(layer.mimo_o[..., 0], c[:, None] * routed)
+    u = torch.randn(2, 21, 64, dtype=torch.float64)
     with torch.no_grad():
-        got, ref = layer(u), _expected_from_llama(attn, layer, u, c, groups=2)
+        got, ref = layer(u), _expected_from_llama(attn, layer, u, c)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
+    assert report["per_layer"][2]["dt"] == full_report["per_layer"][2]["dt"]
+    assert report["head_scales"][2] == pytest.approx(full_report["head_scales"][2], rel=1e-4)
+    with torch.no_grad():  # the gate is fitted on the same statistics, so whole models agree too
+        a, b = model.double()(IDS).logits, full.double()(IDS).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
     with pytest.raises(ValueError, match=r"ngroups 3 does not divide the 4 attention heads: choose one of \[1, 2, 4\]"):
         convert_llama(src, [2], progress=False, ngroups=3)
+
+
+@pytest.mark.parametrize("kv,ngroups,mimo,shared", [
+    (1, 1, dict(mimo_rank=2), [[0, 1], [0, 1], [2, 3], [2, 3]]),  # 4 heads on 2 ranks: neighbours share a rank
+    (2, 2, dict(is_mimo=False), [[0, 1], [0, 1], [2, 3], [2, 3]]),  # SISO: one rank, the group's mean query
+    (2, 1, dict(mimo_rank=4), None),  # a group across kv heads: the mean key (below), each head's own query
+], ids=["rank<heads", "siso", "across-kv"])
+def test_fewer_ranks_than_heads_share_their_mean_query(kv, ngroups, mimo, shared):
+    """Where a group has more heads than ranks, the heads that share a rank share their mean query, and the fit runs
+    on the layer's own shape; a group spanning kv heads takes their mean key."""
+    src = llama(kv=kv).double()
+    model, report = convert_llama(src, [2], calibration_ids=calib(), progress=False, ngroups=ngroups, **mimo)
+    layer = model.model.layers[2].mamba.double()
+    attn = src.model.layers[2].self_attn
+    c = torch.tensor(report["head_scales"][2], dtype=torch.float64)
+    u = torch.randn(2, 21, 64, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(u)
+        if kv == 2 and ngroups == 1:  # compare against a Llama whose kv heads were averaged
+            mean_k = attn.k_proj.weight.view(2, 16, 64).mean(0)
+            attn.k_proj.weight.copy_(mean_k.repeat(2, 1))
+        ref = _expected_from_llama(attn, layer, u, c, shared)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
+    assert report["per_layer"][2]["init_error"] is not None
 
 
 def test_decay_off_rank_one_is_unnormalised_causal_linear_attention():
@@ -279,8 +316,12 @@ def test_save_load_roundtrip_and_cli(tmp_path, capsys):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.mamba_layers == [0, 2] and loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--mamba-layers", "1", "--no-progress",
-               "--overwrite", "--ngroups", "2"])
+               "--overwrite", "--ngroups", "kv"])  # the source's 2 key/value heads
     assert rc == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[1].mamba.num_bc_heads == 2
     rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--mamba-layers", "1", "--no-progress",
-               "--overwrite", "--ngroups", "3"])
-    assert rc == 2 and "choose one of [1, 2, 4]" in capsys.readouterr().err
+               "--overwrite", "--ngroups", "4"])
+    assert rc == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[1].mamba.num_bc_heads == 4
+    for bad, says in (("3", "choose one of [1, 2, 4]"), ("two", "a divisor of the 4 attention heads or 'kv' (2)")):
+        rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--mamba-layers", "1", "--no-progress",
+                   "--overwrite", "--ngroups", bad])
+        assert rc == 2 and says in capsys.readouterr().err
