@@ -23,7 +23,7 @@ def test_targets_pick_the_best_cells_and_judge_them(tmp_path):
         cell("llama", 16, 16384, 9999, error="OutOfMemoryError: ..."),  # a failed cell is no figure
         cell("hybrid-50", 16, 16384, 3700, floor=8000),   # 3700 >= 2 x 1800: met
         cell("hybrid-75", 16, 16384, 4500, floor=5000),   # floor 5000 < 3 x 1800: within 1.25x of it (4000): met
-        cell("hybrid-50", 16, 32768, 1500, floor=4000), cell("llama", 16, 32768, 1000),  # 1.5x < 2x: missed
+        cell("hybrid-50", 16, 32768, 1500, floor=4000), cell("llama", 16, 32768, 1000, floor=2500),  # 1.5x: missed
         cell("llama", 16, 16384, 1, cache="dynamic", peak=20.0), cell("hybrid-50", 16, 16384, 1, cache="dynamic",
                                                                       peak=10.0, chunk=2048),
         cell("llama", 16, 16384, 1, cache="dynamic", peak=14.0, chunk=2048),
@@ -39,6 +39,7 @@ def test_targets_pick_the_best_cells_and_judge_them(tmp_path):
     assert by["16x16384", "hybrid-75"]["needed"] == 5000 / 1.25
     miss = by["16x32768", "hybrid-50"]
     assert not miss["met"] and abs(miss["short_by"] - (2000 / 1500 - 1)) < 1e-9
+    assert miss["floor_ratio"] == 4000 / 2500 and "the floors: 1.60x" in miss["figure"]  # both at their floors
     assert by["16x16384", "hybrid-50"]["figure"].startswith("3700")
     memory = [r for r in rows if r["kind"] == "memory"]
     assert [(round(r["ratio"], 3), r["met"]) for r in memory] == [(0.5, True), (round(10 / 14, 3), False)]
