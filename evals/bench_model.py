@@ -19,7 +19,8 @@ matplotlib is importable to --out (default $OUT, else ./out), and prints a table
 - Caches: "dynamic" (transformers' DynamicCache, eager: what generate() uses by default), "static" (StaticCache,
   eager), "static+compile" (the decode step under torch.compile, mode reduce-overhead: CUDA graphs; prefill eager,
   as generate() does). By default compiled for the Llama only; --compile-hybrid compiles the hybrids' decode too.
-  "train": forward + backward with labels (no optimizer), tokens/s and peak memory.
+  "train": forward + backward with labels (no optimizer), tokens/s and peak memory. --compile-mode max-autotune
+  compiles the decode step with inductor's GEMM autotuning instead (cells labelled "static+max-autotune").
 - The floor beside each decode figure: the bytes a step must move (every parameter read, the attention layers' keys
   and values of the context read, each Mamba-3 state read and written) over the copy bandwidth measured at the start
   (a large device-to-device copy): the tokens/s no implementation of that step can pass, and the share reached.
