@@ -312,9 +312,9 @@ def gate_direction(u: torch.Tensor | None, ridge: float = 1e-3) -> tuple[torch.T
         return None, float("nan")
     x = u.reshape(-1, u.shape[-1]).double()
     m = x.mean(0)
-    cov = torch.cov(x.T) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+    cov = torch.cov(x.T) if x.shape[0] > 1 else x.new_zeros(x.shape[1], x.shape[1])
     lam = ridge * (cov.diagonal().mean() + m.square().mean()).clamp_min(1e-12)
-    w = torch.linalg.solve(cov + lam * torch.eye(len(m), dtype=x.dtype), m)
+    w = torch.linalg.solve(cov + lam * torch.eye(len(m), dtype=x.dtype, device=x.device), m)
     w = w / (m @ w)
     proj = x @ w
     return w.float(), float(proj.std() / proj.mean().abs()) if x.shape[0] > 1 else 0.0
@@ -402,7 +402,8 @@ def _fit_twin(layer: Mamba3, num_kv_heads: int) -> Mamba3:
     H, G, R = layer.nheads, layer.num_bc_heads, layer.mimo_rank
     exact = G % num_kv_heads == 0 and H // G <= R
     shape = dict(ngroups=H, is_mimo=True, mimo_rank=1, chunk_size=64) if exact else dict(is_mimo=True)
-    return Mamba3(layer.d_model, **{**_layer_kwargs(layer), **shape, "backend": "torch"})
+    twin = Mamba3(layer.d_model, **{**_layer_kwargs(layer), **shape, "backend": "torch"})
+    return twin.to(layer.in_proj.weight.device)
 
 
 def fit_attention_init(layer: Mamba3, attn, num_kv_heads: int, u: torch.Tensor | None = None,
@@ -428,7 +429,7 @@ def fit_attention_init(layer: Mamba3, attn, num_kv_heads: int, u: torch.Tensor |
         feats = torch.einsum("thp,dhp->htd", y, wo).reshape(H, -1).double()  # head h's contribution
         gram = feats @ feats.T
         rhs = feats @ target.reshape(-1).double()
-        gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(H, dtype=gram.dtype)
+        gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(H, dtype=gram.dtype, device=gram.device)
         c = torch.linalg.solve(gram, rhs)
         err = float((target.reshape(-1).double() - c @ feats).norm() / tnorm)
         if not math.isfinite(err):
@@ -527,6 +528,7 @@ def build_mamba_layers(teacher, hyb_cfg: HybridMamba3Config, layers: Sequence[in
     kw = hyb_cfg.mamba3_kwargs()
     for i in layers:
         layer = Mamba3(d_model=hyb_cfg.hidden_size, layer_idx=i, n_layer=hyb_cfg.num_hidden_layers, **kw).eval()
+        layer.to(teacher.model.layers[i].self_attn.o_proj.weight.device)  # fitted and scored where the teacher is
         attn = teacher.model.layers[i].self_attn
         u = acts.u[i] if acts is not None else None
         a = acts.a[i] if acts is not None else None
@@ -642,7 +644,7 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
             raise ValueError("a data-driven layer choice ('auto:<fraction>') needs calibration text or token ids")
         calibration_ids = random_calibration(llama_cfg.vocab_size, seed=seed)
         calib_source = "random tokens (no calibration data given)"
-    calibration_ids = torch.as_tensor(calibration_ids).long()
+    calibration_ids = torch.as_tensor(calibration_ids).long().to(next(teacher.parameters()).device)
     if calibration_ids.dim() == 1:
         calibration_ids = calibration_ids[None]
     need_acts = bool(positions) or auto_fraction is not None
@@ -735,7 +737,8 @@ def convert_llama(source, mamba_layers=0.25, placement: str = "even", init: str 
         selection=score_info, per_layer=per_layer,
         head_scales={i: info[i].get("head_scale") for i in positions if "head_scale" in info[i]},
         warnings=warnings, times={k: round(v, 2) for k, v in times.items()},
-        mapping=("attention-init: x<-W_v, B<-W_k (kv heads repeated), C<-W_q, out_proj<-W_o, ranks identical; "
+        mapping=("attention-init: x<-W_v, B<-W_k (kv heads repeated), C<-W_q (fewer groups: a head's queries on "
+                 "each MIMO rank), out_proj<-W_o; "
                  "z = gate direction, dt per layer from a grid, per-head scales fitted (see hybrid_mamba3.convert)")
         if init == "attention" else "random (hybrid model's own init)",
     )

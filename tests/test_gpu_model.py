@@ -114,3 +114,30 @@ def test_row_aligned_in_proj_on_cuda(monkeypatch):
     assert strides == [width + (-width % 8), width]
     for name, want in got[1].items():
         assert rel_err(got[0][name], want) < 2e-2, name
+
+
+def test_conversion_runs_where_the_teacher_is():
+    """A teacher on the GPU converts there (calibration pass, the layers' fit and the KL layer choice on its device;
+    the hybrid is assembled on the CPU as always) to the hybrid a CPU conversion gives: the same layers, fits and
+    logits up to fp32 rounding in other kernels (the GPU's Triton scan against the CPU's torch op; 1e-3, where a
+    misplaced tensor is O(1))."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_mamba3.convert import convert_llama
+
+    def teacher():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+    ids = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(1))
+    runs = [convert_llama(t, "auto:0.5", calibration_ids=ids, progress=False, ngroups="kv")
+            for t in (teacher(), teacher().cuda())]
+    (cpu, cpu_report), (gpu, gpu_report) = runs
+    assert gpu_report["mamba_layers"] == cpu_report["mamba_layers"]
+    for i in cpu_report["mamba_layers"]:
+        assert gpu_report["per_layer"][i]["dt"] == cpu_report["per_layer"][i]["dt"]
+    x = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert next(gpu.parameters()).device.type == "cpu"
+        assert rel_err(gpu(x).logits, cpu(x).logits) < 1e-3
