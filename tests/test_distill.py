@@ -290,3 +290,7 @@ def test_quickstart_recipe_names_its_defaults_and_flags_win():
     o = run_options(build_parser().parse_args(["distill", "--config", "quickstart", "--teacher", "my/llama",
                                                "--data", "texts/", "--tokens", "1000"]), DistillOptions)
     assert (o.teacher, o.data, o.tokens, o.seq_len) == ("my/llama", ["texts/"], 1000, 256)
+    for flag, want in (("kv", "kv"), ("3", "3")):  # passed on to convert_llama, which reads either
+        o = run_options(build_parser().parse_args(["distill", "--config", "quickstart", "--ngroups", flag]),
+                        DistillOptions)
+        assert o.ngroups == want
