@@ -527,9 +527,9 @@ def build_mamba_layers(teacher, hyb_cfg: HybridMamba3Config, layers: Sequence[in
     out, info = {}, {}
     kw = hyb_cfg.mamba3_kwargs()
     for i in layers:
-        layer = Mamba3(d_model=hyb_cfg.hidden_size, layer_idx=i, n_layer=hyb_cfg.num_hidden_layers, **kw).eval()
-        layer.to(teacher.model.layers[i].self_attn.o_proj.weight.device)  # fitted and scored where the teacher is
         attn = teacher.model.layers[i].self_attn
+        layer = Mamba3(d_model=hyb_cfg.hidden_size, layer_idx=i, n_layer=hyb_cfg.num_hidden_layers, **kw).eval()
+        layer.to(attn.o_proj.weight.device)  # fitted and scored where the teacher is
         u = acts.u[i] if acts is not None else None
         a = acts.a[i] if acts is not None else None
         if init == "attention":
