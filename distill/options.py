@@ -48,6 +48,9 @@ class DistillOptions:
     eval_tokens: int = 65536  # held-out tokens scored before and after
     save_steps: int = 200
     deepspeed: str | None = None  # a DeepSpeed JSON (configs/ds_zero2.json, ds_zero3.json) or None
+    # FSDP2 through accelerate (TrainingArguments' fsdp): the student's parameters, gradients and optimizer state
+    # sharded over the ranks, a unit per decoder layer; the teacher whole on every rank (ZeRO-3 partitions it too)
+    fsdp: bool = False
     bf16: bool | None = None  # None: on CUDA
     tf32: bool | None = None  # fp32 matmuls (the loss's student head) on TF32 tensor cores; None: with bf16 on CUDA
     # both models' Llama RMSNorms on the Triton norm kernel (CUDA inputs only: elsewhere the torch formula runs;
@@ -82,6 +85,8 @@ class DistillOptions:
         if self.attn_implementation not in (None,) + ATTENTION:
             raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, got "
                              f"{self.attn_implementation!r}")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("choose one engine: fsdp or deepspeed, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -226,7 +226,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         gradient_accumulation_steps=o.grad_accum, learning_rate=o.align_lr if align else o.lr,
         warmup_steps=max(0, round(o.warmup_ratio * steps)), weight_decay=o.weight_decay, lr_scheduler_type="cosine",
         logging_steps=max(1, min(25, steps // 20)), save_steps=o.save_steps, save_total_limit=2, report_to=[],
-        bf16=trainer_bf16(bf16, o.deepspeed), tf32=_tf32(o.tf32, bf16), deepspeed=o.deepspeed,
+        bf16=trainer_bf16(bf16, o.deepspeed), tf32=_tf32(o.tf32, bf16), deepspeed=o.deepspeed, **fsdp_args(o.fsdp),
         **_checkpointing(o.gradient_checkpointing and not align),
         seed=o.seed, data_seed=o.seed, disable_tqdm=not o.progress, dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(), save_only_model=False,
@@ -242,7 +242,8 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
     curve = [dict(step=h["step"], loss=h["loss"], **{k: h[k] for k in (key, "ce", "tokens_per_s") if k in h})
              for h in trainer.state.log_history if "loss" in h]
     report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
-                  resumed_from=resume_from, train_loss=result.training_loss, curve=curve)
+                  resumed_from=resume_from, train_loss=result.training_loss, ranks=world,
+                  engine=type(trainer.model_wrapped).__name__, curve=curve)
     trained = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under ZeRO-3 (every rank takes part)
     if trained is not None:  # (None on the other ranks under ZeRO-3)
         trained = {k.removeprefix("_orig_mod."): v for k, v in trained.items()}  # (torch_compile's wrapper)
@@ -307,6 +308,12 @@ def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:
     if not bf16 or not deepspeed:
         return bf16
     return not deepspeed_config(deepspeed).get("torch_autocast", {}).get("enabled", False)
+
+
+def fsdp_args(fsdp: bool) -> dict:
+    """TrainingArguments' FSDP flags: FSDP2, a unit per `_no_split_modules` class (the student's decoder layers; stage
+    align's mixers), full state dicts in checkpoints. (accelerate launch with an FSDP config sets it up instead.)"""
+    return dict(fsdp=True, fsdp_config=dict(version=2)) if fsdp else {}
 
 
 def _tf32(tf32: bool | None, bf16: bool) -> bool | None:

@@ -11,7 +11,8 @@ accumulation and checkpointing, bf16, schedulers, logging and resuming stay the 
   The student's forward keeps no logits (an empty `logits_to_keep`): the loss makes them chunk by chunk from the
   final hidden state, which a hook on the base model hands over.
 The teacher is frozen, in eval mode, outside the optimizer, on the training device; under DeepSpeed ZeRO-3 it is
-partitioned across the ranks as the student is (TRL's `prepare_deepspeed`, an inference engine without optimizer).
+partitioned across the ranks as the student is (TRL's `prepare_deepspeed`, an inference engine without optimizer);
+under FSDP every rank holds it whole.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class ReplacedLayers(nn.Module):
     """The student's new mixers, keyed by layer index: stage 1's trainable model. forward(inputs, seq_idx) maps the
     teacher's attention inputs at those layers to the mixers' outputs."""
 
+    _no_split_modules = ["Mamba3"]  # FSDP's default wrap policy: a unit per mixer
+
     def __init__(self, student, layers: list[int]):
         super().__init__()
         self.layers = layers
@@ -102,6 +105,13 @@ class DistillTrainer(Trainer):
         self.kd = dict(temperature=temperature, top_k=top_k, kl_weight=kl_weight, ce_weight=ce_weight,
                        chunk_tokens=chunk_tokens)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        # under FSDP2 bf16 is autocast around the student's forward, as accelerate gives every other engine's forward
+        # (its FSDP2 path gives none, relying on the gather in bf16 this replaces)
+        self._autocast = contextlib.nullcontext
+        if self.is_fsdp_enabled:
+            fsdp_gathers_parameters_as_stored(self.accelerator.state.fsdp_plugin)
+            if self.accelerator.native_amp:
+                self._autocast = self.accelerator.autocast
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             from trl.models.utils import prepare_deepspeed  # the teacher partitioned as the student is, for inference
 
@@ -128,7 +138,8 @@ class DistillTrainer(Trainer):
             with torch.no_grad(), attention_io(self.teacher, core.layers) as (ins, outs):
                 self.teacher.model(**inputs, use_cache=False)
             dtype = next(core.parameters()).dtype  # the student's (the teacher may run in another)
-            preds = model({i: x.to(dtype) for i, x in ins.items()}, seq_idx=seq_idx)
+            with self._autocast():
+                preds = model({i: x.to(dtype) for i, x in ins.items()}, seq_idx=seq_idx)
             loss = alignment_loss(preds, [outs[i] for i in core.layers], None if mask is None else mask.bool())
             self._track(align_mse=float(loss.detach()))
             return (loss, None) if return_outputs else loss
@@ -138,8 +149,8 @@ class DistillTrainer(Trainer):
         stash = {}
         handle = causal_lm.model.register_forward_hook(lambda m, a, out: stash.update(h=out.last_hidden_state))
         try:  # no logits: an empty index keeps none
-            model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
-                                                                          device=labels.device))
+            with self._autocast():
+                model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long, device=labels.device))
         finally:
             handle.remove()
         loss, parts = distillation_loss(stash["h"], causal_lm.lm_head, teacher_hidden, self.teacher.lm_head, labels,
@@ -162,6 +173,19 @@ class DistillTrainer(Trainer):
             logs.update({prefix + k: v / n for k, v in self._sums.items()})
         self._sums = {}
         super().log(logs, *args, **kwargs)
+
+
+def fsdp_gathers_parameters_as_stored(plugin) -> None:
+    """FSDP2 as the DeepSpeed configs' torch_autocast mode: parameters gathered in the dtype they are stored in,
+    gradients reduced in fp32, the matmuls in bf16 by the Trainer's autocast. With bf16 on, accelerate's FSDP policy
+    would gather every parameter in bf16, the Mamba-3 fp32 ones (dt_bias, B/C biases, MIMO, D, norms) included."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("distillation under FSDP needs FSDP2 (TrainingArguments fsdp_config version 2, accelerate's "
+                         "fsdp_version: 2): FSDP1 gathers each unit's parameters as one flat buffer of one dtype, the "
+                         "Mamba-3 fp32 ones with the rest")
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
 def _causal_lm(model) -> nn.Module:

@@ -133,7 +133,8 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
              (["--data", str(root / "text"), "--seq-len", "4096"], "fewer than one batch"),
              (["--data", str(tmp_path / "foreign")], "made with another tokenizer"),
              (["--data", str(root / "text"), "--attn-implementation", "flash"], "attn_implementation must be one of"),
-             (["--data", "teacher:many"], "teacher-sampled data takes a token count")]
+             (["--data", "teacher:many"], "teacher-sampled data takes a token count"),
+             (["--data", str(root / "text"), "--fsdp", "--deepspeed", "configs/ds_zero2.json"], "choose one engine")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
