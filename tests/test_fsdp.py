@@ -62,7 +62,8 @@ def test_fsdp_loss_trajectories_match_one_rank_and_resume(runs):
 
 def test_distill_command_under_fsdp(tmp_path):
     root = make_teacher_and_text(tmp_path)
-    flags = [f if f != "4" else "2" for f in FLAGS]  # (--batch-size 2 a rank: the same rows a step as one rank's 4)
+    flags = list(FLAGS)
+    flags[flags.index("--batch-size") + 1] = "2"  # (2 a rank: the rows of a step of FLAGS' one rank of 4)
     _ranks(tmp_path, LAUNCHER, "distill", "--teacher", root / "teacher", "--data", root / "text", "--output-dir",
            tmp_path / "run", *flags, "--fsdp")
     result = tmp_path / "run" / "model"
