@@ -51,6 +51,9 @@ class DistillOptions:
     # FSDP2 through accelerate (TrainingArguments' fsdp): the student's parameters, gradients and optimizer state
     # sharded over the ranks, a unit per decoder layer; the teacher whole on every rank (ZeRO-3 partitions it too)
     fsdp: bool = False
+    # seconds a rank waits in a collective before the run fails (TrainingArguments' ddp_timeout): a short one ends a
+    # run whose other rank died instead of hanging on it
+    ddp_timeout: int = 1800
     bf16: bool | None = None  # None: on CUDA
     tf32: bool | None = None  # fp32 matmuls (the loss's student head) on TF32 tensor cores; None: with bf16 on CUDA
     # both models' Llama RMSNorms on the Triton norm kernel (CUDA inputs only: elsewhere the torch formula runs;
@@ -87,7 +90,7 @@ class DistillOptions:
                              f"{self.attn_implementation!r}")
         if self.fsdp and self.deepspeed:
             raise ValueError("choose one engine: fsdp or deepspeed, not both")
-        for name in ("seq_len", "batch_size", "grad_accum", "save_steps"):
+        for name in ("seq_len", "batch_size", "grad_accum", "save_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self

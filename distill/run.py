@@ -16,6 +16,7 @@ The options (`DistillOptions`) are the CLI's flags and a YAML recipe's keys (`lo
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import shutil
@@ -69,14 +70,13 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
     """Run the stages `options` asks for; returns the result directory (output_dir/model). In a distributed launch
     (torchrun, deepspeed, accelerate) every rank calls it: the first builds the shards and converts, the others then
     read them; each stage trains on all ranks; the first writes the reports and the result."""
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from ..convert import load_source, save_hybrid
 
     o = options.check()
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state(o)
     out = start_run(o, state)
     bf16 = torch.cuda.is_available() if o.bf16 is None else o.bf16
     teacher, tokenizer, source = load_source(o.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -117,6 +117,14 @@ def distill(options: DistillOptions, callbacks: list | None = None) -> Path:
         (result / "README.md").write_text(_model_card(report))
     state.wait_for_everyone()
     return result
+
+
+def process_state(o: DistillOptions):
+    """accelerate's process state; in a distributed launch it starts the process group, with the run's collective
+    timeout (the Trainer's ddp_timeout reaches only a group that the Trainer starts itself)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=o.ddp_timeout))
 
 
 def start_run(o, state) -> Path:
@@ -229,13 +237,15 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
         bf16=trainer_bf16(bf16, o.deepspeed), tf32=_tf32(o.tf32, bf16), deepspeed=o.deepspeed, **fsdp_args(o.fsdp),
         **_checkpointing(o.gradient_checkpointing and not align),
         seed=o.seed, data_seed=o.seed, disable_tqdm=not o.progress, dataloader_drop_last=True,
-        use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        use_cpu=not torch.cuda.is_available(), save_only_model=False, ddp_timeout=o.ddp_timeout,
         **_compile(o.torch_compile and not align, o.torch_compile_backend))
     trainer = DistillTrainer(model=model, args=args, teacher=teacher, stage=stage, train_dataset=PackedRows(
         shards / "train", o.seq_len), temperature=o.temperature, top_k=o.top_k, kl_weight=o.kl_weight,
         ce_weight=o.ce_weight, chunk_tokens=o.chunk_tokens, fused_norms=o.fused_norms,
         callbacks=[_CompleteMarker(), _TokensPerSecond(per_step)] + list(callbacks or []))
     t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     resume_from = latest_complete_checkpoint(folder) if o.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     key = "align_mse" if align else "kl"
@@ -243,7 +253,7 @@ def _stage(stage: str, o: DistillOptions, student, teacher, tokenizer, shards: P
              for h in trainer.state.log_history if "loss" in h]
     report = dict(steps=steps, tokens=steps * per_step, seconds=round(time.perf_counter() - t0, 1),
                   resumed_from=resume_from, train_loss=result.training_loss, ranks=world,
-                  engine=type(trainer.model_wrapped).__name__, curve=curve)
+                  engine=type(trainer.model_wrapped).__name__, peak_gib=_peak_gib(), curve=curve)
     trained = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under ZeRO-3 (every rank takes part)
     if trained is not None:  # (None on the other ranks under ZeRO-3)
         trained = {k.removeprefix("_orig_mod."): v for k, v in trained.items()}  # (torch_compile's wrapper)
@@ -308,6 +318,18 @@ def trainer_bf16(bf16: bool, deepspeed: str | None) -> bool:
     if not bf16 or not deepspeed:
         return bf16
     return not deepspeed_config(deepspeed).get("torch_autocast", {}).get("enabled", False)
+
+
+def _peak_gib() -> list[float] | None:
+    """Each rank's peak GPU memory since the stage began, GiB (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if not torch.distributed.is_initialized():
+        return [peak]
+    peaks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, peak)
+    return peaks
 
 
 def fsdp_args(fsdp: bool) -> dict:

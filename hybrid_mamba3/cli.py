@@ -264,6 +264,7 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
              "fsdp": "FSDP2 through accelerate: the student sharded over the ranks (torchrun / accelerate launch)",
+             "ddp_timeout": "seconds a rank waits in a collective before the run fails (a dead rank ends the run)",
              "ngroups": "B/C groups of the converted layers: a divisor of the head count, or kv (the key/value head "
                         "count: smaller layers, the same function at init); default one per head",
              "attn_implementation": "attention of teacher and student: sdpa, flex_attention, flash_attention_2 or "

@@ -99,3 +99,19 @@ def test_shipped_accelerate_config_is_fsdp2_with_the_models_own_units():
     config = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp.yaml"))
     assert config.distributed_type == DistributedType.FSDP and config.mixed_precision == "bf16"
     assert config.fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
+
+
+def test_the_collective_timeout_reaches_the_process_group(tmp_path):
+    """--ddp-timeout sets the timeout of the group the run starts (before any Trainer, which would set it only on a
+    group it starts itself): a short one ends a run whose other rank died instead of hanging on it."""
+    script = tmp_path / "timeout.py"
+    script.write_text(
+        "import torch\n"
+        "from hybrid_mamba3.distill.options import DistillOptions\n"
+        "from hybrid_mamba3.distill.run import process_state\n"
+        "process_state(DistillOptions(ddp_timeout=77))\n"
+        "group = torch.distributed.distributed_c10d._get_default_group()\n"
+        "print('timeout', group._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+        "torch.distributed.destroy_process_group()\n")
+    out = _ranks(tmp_path, script).stdout
+    assert out.count("timeout 77.0") == 2, out
