@@ -25,6 +25,7 @@ class DistillOptions:
     mamba_layers: Any = "auto:0.25"
     mimo_rank: int = 4
     ngroups: str | None = None  # B/C groups of the converted layers: a divisor of the heads or "kv" (None: one a head)
+    dt_grid: str | None = None  # comma-separated dt values the conversion's fit chooses from (None: convert.DT_GRID)
     chunk_size: int = 16
     stage: str = "both"  # align, kd or both
     align_tokens: int = 2_000_000
@@ -88,6 +89,10 @@ class DistillOptions:
         if self.attn_implementation not in (None,) + ATTENTION:
             raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, got "
                              f"{self.attn_implementation!r}")
+        if self.dt_grid is not None:
+            from ..convert import dt_grid_values
+
+            dt_grid_values(self.dt_grid)  # (a malformed grid raises here, before anything runs)
         if self.fsdp and self.deepspeed:
             raise ValueError("choose one engine: fsdp or deepspeed, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps", "ddp_timeout"):

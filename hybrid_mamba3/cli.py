@@ -16,6 +16,14 @@ import torch
 
 
 
+def parse_dt_grid(text: str) -> tuple[float, ...]:
+    from .convert import dt_grid_values
+    try:
+        return dt_grid_values(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_layers(text: str):
     """'0.5' -> fraction, '1,5,9' -> indices, 'AAM' -> pattern."""
     text = text.strip()
@@ -76,6 +84,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                   init=args.init, calibration_texts=texts, select=args.select, dtype=args.dtype,
                                   calibration_seq_len=args.calibration_seq_len,
                                   calibration_num_seqs=args.calibration_num_seqs, seed=args.seed,
+                                  **({} if args.dt_grid is None else {"dt_grid": args.dt_grid}),
                                   progress=not args.no_progress, **options)
     tokenizer = None
     if not args.no_tokenizer:
@@ -264,6 +273,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
              "train": "what stage kd trains: mamba, mamba+mlp, all, or lora (the mixers + LoRA on the kept layers)",
              "deepspeed": "a DeepSpeed JSON config (e.g. configs/ds_zero2.json)",
              "fsdp": "FSDP2 through accelerate: the student sharded over the ranks (torchrun / accelerate launch)",
+             "dt_grid": "comma-separated dt values the conversion's attention-init fit chooses from (default: "
+                        "convert.DT_GRID)",
              "ddp_timeout": "seconds a rank waits in a collective before the run fails (a dead rank ends the run)",
              "ngroups": "B/C groups of the converted layers: a divisor of the head count, or kv (the key/value head "
                         "count: smaller layers, the same function at init); default one per head",
@@ -327,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", nargs="+", default=None, help="text files or directories (html is stripped)")
     c.add_argument("--calibration-seq-len", type=int, default=256)
     c.add_argument("--calibration-num-seqs", type=int, default=8)
+    c.add_argument("--dt-grid", type=parse_dt_grid, default=None,
+                   help="comma-separated dt values the attention-init fit chooses from (default: convert.DT_GRID)")
     c.add_argument("--init", default="attention", choices=["attention", "random"])
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved hybrid (auto: the source's); Mamba-3 decay/norm/MIMO params stay fp32")

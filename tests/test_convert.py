@@ -11,8 +11,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 
 import hybrid_mamba3  # noqa: F401  (registers the Auto classes)
 from hybrid_mamba3.cli import main
-from hybrid_mamba3.convert import (attention_shapes, choose_layers, convert_llama, format_summary,
-                                   parse_mamba_layers, save_hybrid)
+from hybrid_mamba3.convert import (DT_GRID, attention_shapes, choose_layers, convert_llama, dt_grid_values,
+                                   format_summary, parse_mamba_layers, save_hybrid)
 from hybrid_mamba3.kernels import mamba3_chunked
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -101,8 +101,22 @@ def test_attention_init_is_gated_decayed_linear_attention(mimo):
         assert torch.allclose(layer.mimo_o.double() * layer.mimo_rank, c[:, None, None].expand_as(layer.mimo_o))
     with torch.no_grad():
         got, ref = layer(u), _expected_from_llama(attn, layer, u, c)
-    assert report["per_layer"][2]["dt"] in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    assert report["per_layer"][2]["dt"] in DT_GRID and report["dt_grid"] == list(DT_GRID)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 weights
+
+
+def test_the_fit_chooses_dt_from_the_grid_given():
+    """dt_grid (CLI --dt-grid) is what the fit chooses from: a one-value grid is that dt everywhere, and as that value
+    is also in the full grid, the full grid's fit is at least as close."""
+    src = llama(kv=2).double()
+    _, full = convert_llama(src, [1, 2], calibration_ids=calib(), progress=False)
+    model, pinned = convert_llama(src, [1, 2], calibration_ids=calib(), progress=False, dt_grid=(0.001,))
+    assert pinned["dt_grid"] == [0.001] and all(pinned["per_layer"][i]["dt"] == 0.001 for i in (1, 2))
+    dt = torch.nn.functional.softplus(model.model.layers[1].mamba.dt_bias.double())
+    assert torch.allclose(dt, torch.full_like(dt, 0.001))
+    assert all(pinned["per_layer"][i]["init_error"] >= full["per_layer"][i]["init_error"] for i in (1, 2))
+    with pytest.raises(ValueError, match="must be positive"):
+        dt_grid_values("0.1,0")
 
 
 def test_fewer_groups_keep_each_heads_keys_and_queries_on_its_own_rank():

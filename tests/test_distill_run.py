@@ -134,7 +134,8 @@ def test_bad_input_is_refused_before_training(teacher_and_text, tmp_path, capsys
              (["--data", str(tmp_path / "foreign")], "made with another tokenizer"),
              (["--data", str(root / "text"), "--attn-implementation", "flash"], "attn_implementation must be one of"),
              (["--data", "teacher:many"], "teacher-sampled data takes a token count"),
-             (["--data", str(root / "text"), "--fsdp", "--deepspeed", "configs/ds_zero2.json"], "choose one engine")]
+             (["--data", str(root / "text"), "--fsdp", "--deepspeed", "configs/ds_zero2.json"], "choose one engine"),
+             (["--data", str(root / "text"), "--dt-grid", "0.1,-1"], "dt grid values must be positive")]
     for i, (extra, message) in enumerate(cases):
         assert main([*base, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 2, message
         assert message in capsys.readouterr().err
