@@ -7,8 +7,8 @@ lift that gate (tests/fsdp_cpu.py); FSDP2 itself shards the student.
   Trainer's autocast around the student, not accelerate's FSDP policy (which gathers every parameter in bf16).
 - Loss trajectories: fp32 FSDP 2 x 2 within 1e-5 of 1 x 4 (the same rows and token counts; the gradient reduction
   adds in another order: 1.5e-6 measured); bf16 within 2e-3 of fp32 (autocast rounding, as under DeepSpeed); a run
-  resumed from its step-2 checkpoint logs exactly the uninterrupted run's steps 3 and 4; the command's stage kd, training
-everything, within 1e-4 of one rank's.
+  resumed from its step-2 checkpoint logs exactly the uninterrupted run's steps 3 and 4; the command's stage kd,
+training everything, within 1e-4 of one rank's.
 """
 
 import json
@@ -106,12 +106,14 @@ def test_the_collective_timeout_reaches_the_process_group(tmp_path):
     group it starts itself): a short one ends a run whose other rank died instead of hanging on it."""
     script = tmp_path / "timeout.py"
     script.write_text(
+        "import sys\n"
         "import torch\n"
         "from hybrid_mamba3.distill.options import DistillOptions\n"
         "from hybrid_mamba3.distill.run import process_state\n"
         "process_state(DistillOptions(ddp_timeout=77))\n"
         "group = torch.distributed.distributed_c10d._get_default_group()\n"
-        "print('timeout', group._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+        "seconds = group._get_backend(torch.device('cpu')).options._timeout.total_seconds()\n"
+        "sys.stdout.write(f'timeout {seconds}\\n')  # (one write a rank: both ranks share the pipe)\n"
         "torch.distributed.destroy_process_group()\n")
     out = _ranks(tmp_path, script).stdout
     assert out.count("timeout 77.0") == 2, out
