@@ -192,7 +192,7 @@ def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
     (and saved, so that a resumed run and the other ranks load it)."""
     from transformers import AutoModelForCausalLM
 
-    from ..convert import convert_llama, dt_grid_values, save_hybrid
+    from ..convert import DT_GRID, convert_llama, dt_grid_values, save_hybrid
 
     path = Path(o.student) if o.student else out / "converted"
     if o.student or (path / "config.json").exists():
@@ -203,11 +203,9 @@ def _student(o: DistillOptions, teacher, tokenizer, shards: Path, out: Path):
     rows = PackedRows(shards / "train", min(o.seq_len, 256))
     calib = torch.stack([rows[i]["input_ids"] for i in range(min(8, len(rows)))])
     shape = {} if o.ngroups is None else {"ngroups": o.ngroups}
-    if o.dt_grid is not None:
-        shape["dt_grid"] = dt_grid_values(o.dt_grid)
     student, report = convert_llama(teacher, mamba_layers=o.mamba_layers, calibration_ids=calib, dtype=torch.float32,
-                                    mimo_rank=o.mimo_rank, chunk_size=o.chunk_size, seed=o.seed,
-                                    progress=o.progress, **shape)
+                                    mimo_rank=o.mimo_rank, chunk_size=o.chunk_size, seed=o.seed, progress=o.progress,
+                                    dt_grid=DT_GRID if o.dt_grid is None else dt_grid_values(o.dt_grid), **shape)
     save_hybrid(student, path, tokenizer=tokenizer, report=report, overwrite=True)
     return student, report
 

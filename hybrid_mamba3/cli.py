@@ -67,7 +67,7 @@ def read_calibration(paths: Sequence[str]) -> list[str]:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .convert import convert_llama, format_summary, save_hybrid
+    from .convert import DT_GRID, convert_llama, format_summary, save_hybrid
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{str(out)!r} exists; pass --overwrite to replace it")
@@ -84,8 +84,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                   init=args.init, calibration_texts=texts, select=args.select, dtype=args.dtype,
                                   calibration_seq_len=args.calibration_seq_len,
                                   calibration_num_seqs=args.calibration_num_seqs, seed=args.seed,
-                                  **({} if args.dt_grid is None else {"dt_grid": args.dt_grid}),
-                                  progress=not args.no_progress, **options)
+                                  dt_grid=args.dt_grid or DT_GRID, progress=not args.no_progress, **options)
     tokenizer = None
     if not args.no_tokenizer:
         from .convert import load_tokenizer

@@ -40,8 +40,9 @@ work.mkdir(parents=True, exist_ok=True)
 rows = _rows(work)
 checkpoints = Path(out).with_suffix("")  # (one folder for all ranks: each writes its part of a sharded checkpoint)
 args = TrainingArguments(output_dir=str(checkpoints), per_device_train_batch_size=batch, max_steps=4,
-                         learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="steps" if "save" in flags else "no", save_steps=2,
-                         logging_steps=1, disable_tqdm=True, seed=0, deepspeed=config, lr_scheduler_type="constant",
+                         learning_rate=1e-3, report_to=[], use_cpu=True,
+                         save_strategy="steps" if "save" in flags else "no", save_steps=2, logging_steps=1,
+                         disable_tqdm=True, seed=0, deepspeed=config, lr_scheduler_type="constant",
                          bf16="bf16" in flags, **fsdp_args(ds == "fsdp"))
 trainer = DistillTrainer(model=student, args=args, teacher=teacher, stage="kd", train_dataset=rows)
 trainer.train(resume_from_checkpoint=str(checkpoints / "checkpoint-2") if "resume" in flags else None)
