@@ -25,7 +25,8 @@ class DistillOptions:
     mamba_layers: Any = "auto:0.25"
     mimo_rank: int = 4
     ngroups: str | None = None  # B/C groups of the converted layers: a divisor of the heads or "kv" (None: one a head)
-    dt_grid: str | None = None  # comma-separated dt values the conversion's fit chooses from (None: convert.DT_GRID)
+    dt_grid: str | None = None  # comma-separated dt values the conversion's fit chooses from (a YAML list too; None:
+    # convert.DT_GRID)
     chunk_size: int = 16
     stage: str = "both"  # align, kd or both
     align_tokens: int = 2_000_000
@@ -89,6 +90,8 @@ class DistillOptions:
         if self.attn_implementation not in (None,) + ATTENTION:
             raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, got "
                              f"{self.attn_implementation!r}")
+        if isinstance(self.dt_grid, (list, tuple)):  # a YAML recipe's list: the flag's text form, as the report keeps
+            self.dt_grid = ",".join(str(x) for x in self.dt_grid)
         if self.dt_grid is not None:
             from ..convert import dt_grid_values
 

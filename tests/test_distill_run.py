@@ -178,6 +178,12 @@ def test_recipe_keys_are_the_flags_and_flags_win(tmp_path):
     mine.write_text("sequence_length: 64\n")
     with pytest.raises(ValueError, match="unknown recipe keys"):
         load_recipe(str(mine))
+    base = dict(teacher="t", output_dir="o", data=["d"])
+    mine.write_text("dt-grid: [0.01, 0.1, 3]\n")  # a YAML list, or the flag's comma-separated text
+    assert DistillOptions(**base, **load_recipe(str(mine))).check().dt_grid == "0.01,0.1,3"
+    mine.write_text("dt-grid: [0.01, fast]\n")
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        DistillOptions(**base, **load_recipe(str(mine))).check()
 
 
 def test_shards_command_writes_shards_once_and_keeps_what_exists(teacher_and_text, tmp_path, capsys):
