@@ -332,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction (0.25), indices (1,5,9), A/M pattern (AAM), or auto:<fraction> to replace the "
                         "layers that matter least on the calibration text; default 0.25")
     c.add_argument("--placement", default="even", choices=["even", "first", "last"], help="for a fraction")
-    c.add_argument("--select", default="kl", choices=["kl", "layer_output"],
-                   help="auto: score by the model's output KL to the teacher, or by the layer's output change")
+    c.add_argument("--select", default="kl", choices=["kl", "ce", "layer_output"],
+                   help="auto: score by the model's output KL to the teacher, by the increase in next-token "
+                        "cross-entropy on the calibration text, or by the layer's output change")
     c.add_argument("--calibration", nargs="+", default=None, help="text files or directories (html is stripped)")
     c.add_argument("--calibration-seq-len", type=int, default=256)
     c.add_argument("--calibration-num-seqs", type=int, default=8)

@@ -535,6 +535,11 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean cross-entropy of each position's next-token distribution against the token that follows."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+
+
 def build_mamba_layers(teacher, hyb_cfg: HybridMamba3Config, layers: Sequence[int], init: str,
                        acts: Activations | None, seed: int = 0, progress=None,
                        dt_grid: Sequence[float] = DT_GRID) -> tuple[dict, dict]:
@@ -558,15 +563,22 @@ def build_mamba_layers(teacher, hyb_cfg: HybridMamba3Config, layers: Sequence[in
     return out, info
 
 
+SELECT = ("kl", "ce", "layer_output")  # the data-driven layer choice's scores (score_layers)
+
+
 def score_layers(teacher, mambas: dict, acts: Activations, method: str = "kl", progress=None) -> dict:
     """Per-layer score: how much replacing that one attention layer by its Mamba-3 layer changes things.
 
     "kl": mean KL(teacher || model with only that layer replaced) of next-token distributions on the
-    calibration tokens. "layer_output": relative change of that decoder layer's output
+    calibration tokens. "ce": the increase in next-token cross-entropy on the calibration tokens themselves (what
+    the layer costs on the text's actual next tokens, where KL weighs every token of the distribution: on SmolLM2
+    it tells apart layers that KL scores alike and keeps in-context recall, evals/results/
+    lambada_layer_choice_smollm2_cpu.json). "layer_output": relative change of that decoder layer's output
     ||out' - out|| / ||out||. Lower = matters less = replaced first. Deterministic for fixed inputs.
     """
-    if method not in ("kl", "layer_output"):
-        raise ValueError(f"select must be 'kl' or 'layer_output', got {method!r}")
+    if method not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {method!r}")
+    base_ce = _next_token_ce(acts.logits, acts.ids) if method == "ce" else None
     layers = teacher.model.layers
     scores = {}
     with torch.no_grad():
@@ -580,7 +592,8 @@ def score_layers(teacher, mambas: dict, acts: Activations, method: str = "kl", p
                     for j in range(i + 1, len(layers)):
                         h = _call_layer(layers[j], h, acts.layer_kwargs)
                     logits = teacher.lm_head(teacher.model.norm(h))
-                    scores[i] = _kl(acts.logits, logits)
+                    scores[i] = _kl(acts.logits, logits) if method == "kl" else \
+                        _next_token_ce(logits, acts.ids) - base_ce
             if progress is not None:
                 progress.update(1)
     return scores

@@ -220,6 +220,13 @@ def test_data_driven_choice_is_deterministic_and_picks_lowest_scores():
     assert max(scores[i] for i in a["mamba_layers"]) <= min(scores[i] for i in a["attention_layers"])
     assert c["selection"]["method"] == "layer_output" and len(c["mamba_layers"]) == 3
     assert choose_layers({0: 1.0, 1: 0.5, 2: 0.5, 3: 2.0}, 2) == [1, 2]
+    # "ce": what replacing the one layer adds to the next-token cross-entropy on the calibration tokens
+    ce = convert_llama(src, "auto:0.5", calibration_ids=calib(), select="ce", progress=False)[1]["selection"]["scores"]
+    i = max(ce, key=ce.get)
+    one, _ = convert_llama(src, [i], calibration_ids=calib(), progress=False)
+    nll = lambda m: torch.nn.functional.cross_entropy(m(calib()).logits[:, :-1].flatten(0, 1), calib()[:, 1:].flatten())
+    with torch.no_grad():
+        assert abs((nll(one) - nll(src)).item() - ce[i]) < 1e-4  # (the layer alone, as the hybrid computes it)
     # precomputed scores skip the scoring pass and give the same choice
     again = convert_llama(src, "auto:0.5", calibration_ids=calib(), scores=scores, progress=False)[1]
     assert again["mamba_layers"] == a["mamba_layers"]
